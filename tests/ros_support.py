@@ -1,0 +1,71 @@
+"""Running real ROS 2 processes from tests: a private domain id, loopback only, our DDS profile."""
+
+import fcntl
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = Path(__file__).resolve().parent / "ros_programs"
+FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_loopback.xml"
+# Domain ids 1..100 keep Fast DDS ports below the ephemeral range.
+DOMAIN_IDS = range(1, 101)
+LOCK_DIR = Path(tempfile.gettempdir()) / "csref_ros_test_domains"
+
+
+@pytest.fixture
+def ros_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for ROS child processes on a domain id no other test run holds."""
+    LOCK_DIR.mkdir(exist_ok=True)
+    candidates = list(DOMAIN_IDS)
+    random.shuffle(candidates)
+    for domain_id in candidates:
+        lock_file = open(LOCK_DIR / f"{domain_id}.lock", "w")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            continue
+        break
+    else:
+        raise RuntimeError(f"all ROS domain ids {DOMAIN_IDS} are held by other test runs (locks in {LOCK_DIR})")
+    env = dict(os.environ)
+    env.update(
+        ROS_DOMAIN_ID=str(domain_id),
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
+        FASTDDS_DEFAULT_PROFILES_FILE=str(FASTDDS_PROFILE),
+        ROS_LOG_DIR=str(tmp_path / "ros_log"),
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    try:
+        yield env
+    finally:
+        lock_file.close()
+
+
+def start_program(name: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start tests/ros_programs/<name>.py with its output in log_path."""
+    log = open(log_path, "w")
+    return subprocess.Popen(
+        [sys.executable, str(PROGRAMS / f"{name}.py"), *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+    )
+
+
+def stop(process: subprocess.Popen, timeout: float = 10.0) -> int:
+    """Ask a ROS process to stop (SIGINT, like Ctrl-C), kill it if it does not."""
+    if process.poll() is None:
+        process.send_signal(2)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
