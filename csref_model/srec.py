@@ -1,0 +1,85 @@
+"""SREC: speech referring expression comprehension (CSRef's grounding model).
+
+image -> CSPDarknet maps (s8, s16, s32); speech -> wav2vec2 + layer fusion + AttFlat vector;
+each map x speech -> SimpleFusion; MultiScaleFusion -> top map; GARAN(speech, top) -> head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from csref_model.backbone import CSPDarknet
+from csref_model.checkpoint import load_visual_backbone
+from csref_model.config import ModelConfig, resolve_pretrained_path
+from csref_model.fusion import GaranAttention, MultiScaleFusion, SimpleFusion
+from csref_model.head import SRECHead
+from csref_model.speech_encoder import SpeechEncoder, freeze_speech_encoder
+
+
+class SREC(nn.Module):
+    """Attribute names are the reference state_dict prefixes, so official checkpoints load strictly."""
+
+    def __init__(self, cfg: ModelConfig, load_pretrained: bool = True):
+        super().__init__()
+        self.image_size = cfg.image_size
+        hidden = cfg.fusion.hidden_size
+        speech_dim = cfg.speech_encoder.output_dim
+        self.visual_encoder = CSPDarknet(cfg.visual_backbone)
+        self.speech_encoder = SpeechEncoder(cfg.speech_encoder, cfg.speech_encoder.layer_fusion, load_pretrained)
+        self.multi_scale_manner = MultiScaleFusion(hidden)
+        self.fusion_manner = nn.ModuleList(
+            [SimpleFusion(channels, speech_dim, hidden) for channels in self.visual_encoder.out_channels])
+        self.attention_manner = GaranAttention(speech_dim, hidden, cfg.fusion.garan_heads)
+        self.head = SRECHead(hidden, cfg.head.hidden_size)
+
+    def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) RGB in [0, 1] -> [(B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]."""
+        if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
+            raise ValueError(f"image must be a float (B, 3, S, S) tensor, got {image.dtype} {tuple(image.shape)}")
+        height, width = image.shape[-2:]
+        if height != width or height % 32:
+            raise ValueError(f"image must be square with a side that is a multiple of 32 (letterbox it), "
+                             f"got {height}x{width}")
+        return self.visual_encoder(image)
+
+    def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) normalised 16 kHz audio + (B, L) mask (None = all valid) -> (B, D) speech vector."""
+        return self.speech_encoder(input_values, attention_mask)
+
+    def ground_features(self, image_maps: list[torch.Tensor], speech_feat: torch.Tensor,
+                        targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion + MultiScaleFusion + GARAN + head. Boxes (B, 5), or the loss when targets are given.
+
+        A batch of 1 on either side broadcasts against the other (one frame, several utterances).
+        `image_maps` is not modified, so cached image features can be reused.
+        """
+        image_batch, speech_batch = image_maps[0].shape[0], speech_feat.shape[0]
+        if image_batch != speech_batch and 1 not in (image_batch, speech_batch):
+            raise ValueError(f"image batch {image_batch} and speech batch {speech_batch} differ "
+                             f"(one of them may be 1)")
+        fused = [fusion(visual, speech_feat) for fusion, visual in zip(self.fusion_manner, image_maps)]
+        top = self.multi_scale_manner(fused)  # (B, C, G, G)
+        top = self.attention_manner(speech_feat, top)  # (B, C, G, G)
+        return self.head(top, targets)
+
+    def forward(self, image: torch.Tensor, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Boxes (B, 5) = x1, y1, x2, y2, score in letterboxed-input pixels; with targets
+        (B, 4) normalised (cx, cy, w, h), the training loss (scalar)."""
+        return self.ground_features(self.encode_image(image), self.encode_speech(input_values, attention_mask),
+                                    targets)
+
+
+def build_srec(cfg: ModelConfig, load_pretrained: bool = True) -> SREC:
+    """SREC with pretrained encoders from the config's local paths and the reference's freezing.
+
+    `load_pretrained=False` skips pretrained weights (use when a full checkpoint is loaded next).
+    """
+    model = SREC(cfg, load_pretrained)
+    if load_pretrained and cfg.visual_backbone.pretrained_path is not None:
+        load_visual_backbone(model.visual_encoder, resolve_pretrained_path(cfg.visual_backbone.pretrained_path))
+    freeze_speech_encoder(model.speech_encoder, cfg.freeze.srec_speech_encoder)
+    if cfg.freeze.srec_backbone:
+        model.visual_encoder.freeze_stem()
+    return model
