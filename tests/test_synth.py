@@ -1,0 +1,261 @@
+"""Spoken Shapes generator: layout, determinism, expressions, drawing and audio."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+
+from csref_training import synth
+from csref_training.synth import Expression, SceneObject, SynthConfig
+
+COUNTS = {"train": 6, "val": 2, "test": 3}
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every generated file's bytes, keyed by relative path (the provenance file excluded)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith("_generator.json")
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("shapes")
+    cfg = SynthConfig(out=out, seed=3, noise_prob=0.0)
+    annotations = synth.generate_dataset(cfg, COUNTS, workers=1)
+    return out, annotations
+
+
+def test_layout_matches_refcoco_speech(dataset):
+    out, annotations = dataset
+    on_disk = json.loads((out / "anns" / "spoken_shapes.json").read_text())
+    assert on_disk == annotations
+    assert {k: len(v) for k, v in on_disk.items()} == COUNTS
+    iids = [e["iid"] for split in synth.SPLITS for e in on_disk[split]]
+    assert len(set(iids)) == len(iids)
+    for split in synth.SPLITS:
+        for entry in on_disk[split]:
+            assert set(entry) == {"iid", "bbox", "sent_ids", "refs"}
+            assert [r["sent_id"] for r in entry["refs"]] == entry["sent_ids"]
+            image = cv2.imread(str(out / "images" / f"{entry['iid']:012d}.jpg"))
+            assert image is not None
+            height, width = image.shape[:2]
+            assert 320 <= width <= 640 and 320 <= height <= 640
+            x, y, w, h = entry["bbox"]
+            assert all(isinstance(v, float) for v in entry["bbox"])
+            assert x >= synth.BOX_MARGIN_PX and y >= synth.BOX_MARGIN_PX
+            assert x + w <= width - synth.BOX_MARGIN_PX and y + h <= height - synth.BOX_MARGIN_PX
+            assert w >= 0.09 * min(width, height) * 0.85 and h >= 0.09 * min(width, height) * 0.85
+            for ref in entry["refs"]:
+                assert ref["speaker"] in {synth.speaker_dir_name(v) for v in synth.TRAIN_VOICES}
+                assert (out / "audios" / "spoken_shapes" / ref["speaker"] / f"{ref['sent_id']}.wav").is_file()
+                words = ref["sent"].split()
+                assert ref["sent"] == ref["sent"].lower() and "the" in words
+                assert any(shape in words for shape in synth.SHAPES)
+
+
+def test_audio_format_and_silence_padding(dataset):
+    out, annotations = dataset
+    wavs = sorted((out / "audios" / "spoken_shapes").rglob("*.wav"))
+    assert len(wavs) == sum(COUNTS.values())
+    for path in wavs:
+        info = sf.info(path)
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        samples, _ = sf.read(path, dtype="int16")
+        voiced = np.flatnonzero(samples != 0)
+        lead, trail = voiced[0], len(samples) - 1 - voiced[-1]
+        # Without noise the padding is digital silence of 0.1-0.5 s on each side.
+        assert 0.1 * 16000 <= lead <= 0.5 * 16000, path
+        assert 0.1 * 16000 <= trail <= 0.5 * 16000, path
+        assert 0.3 <= np.abs(samples).max() / 32768 <= 0.9 + 1e-3
+        assert voiced[-1] - voiced[0] > 0.4 * 16000  # at least a spoken expression's length
+
+
+def test_same_seed_same_bytes_for_any_worker_count(tmp_path):
+    counts = {"train": 5, "val": 1, "test": 2}
+    runs = []
+    for name, workers in (("a", 1), ("b", 2)):
+        cfg = SynthConfig(out=tmp_path / name, seed=11, backgrounds=("photo", "gradient"))
+        synth.generate_dataset(cfg, counts, workers=workers)
+        runs.append(_tree_bytes(tmp_path / name))
+    assert runs[0] == runs[1]
+    other = SynthConfig(out=tmp_path / "c", seed=12, backgrounds=("photo", "gradient"))
+    synth.generate_dataset(other, counts, workers=1)
+    assert _tree_bytes(tmp_path / "c")["anns/spoken_shapes.json"] != runs[0]["anns/spoken_shapes.json"]
+
+
+def test_noise_is_added_at_the_requested_snr(tmp_path):
+    cfg = SynthConfig(out=tmp_path, seed=5, noise_prob=1.0, snr_db_range=(15.0, 15.0))
+    annotations = synth.generate_dataset(cfg, {"train": 4}, workers=1)
+    for entry in annotations["train"]:
+        ref = entry["refs"][0]
+        assert ref["snr_db"] == 15.0
+        wave, _ = sf.read(tmp_path / "audios" / "spoken_shapes" / ref["speaker"] / f"{ref['sent_id']}.wav")
+        # Noise alone is in the first 0.1 s; speech + noise fills the middle.
+        noise_power = np.mean(wave[:1600] ** 2)
+        assert noise_power > 0
+        middle = wave[len(wave) // 2 - 2000:len(wave) // 2 + 2000]
+        assert np.mean(middle ** 2) > 3 * noise_power
+
+
+def test_existing_dataset_is_not_overwritten(dataset):
+    out, _ = dataset
+    with pytest.raises(FileExistsError, match="spoken_shapes.json"):
+        synth.generate_dataset(SynthConfig(out=out), {"train": 1}, workers=1)
+
+
+def test_cli_writes_dataset_and_rejects_unknown_voice(tmp_path):
+    cmd = [sys.executable, "-m", "csref_training.synth", "--out", str(tmp_path / "d"), "--train", "3",
+           "--val", "1", "--test", "1", "--voices", "en-gb+f2,en-us+m3", "--no-noise", "--workers", "1",
+           "--dataset-name", "tiny_shapes", "--backgrounds", "plain"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "samples/s" in done.stdout
+    annotations = json.loads((tmp_path / "d" / "anns" / "tiny_shapes.json").read_text())
+    speakers = {r["speaker"] for split in annotations.values() for e in split for r in e["refs"]}
+    assert speakers <= {"en-gb+f2", "en-us+m3"}
+    assert all(r["snr_db"] is None for split in annotations.values() for e in split for r in e["refs"])
+    info = json.loads((tmp_path / "d" / "tiny_shapes_generator.json").read_text())
+    assert info["counts"] == {"train": 3, "val": 1, "test": 1} and "espeak" in info["espeak_ng"].lower()
+
+    bad = cmd[:-6] + ["--voices", "en-us+nosuchvariant", "--out", str(tmp_path / "e")]
+    done = subprocess.run(bad, capture_output=True, text=True)
+    assert done.returncode == 2 and "en-us+nosuchvariant" in done.stderr
+
+
+def test_voice_lists_are_valid_and_disjoint():
+    synth.check_voices(list(synth.TRAIN_VOICES) + list(synth.HELDOUT_VOICES))
+    assert not set(synth.TRAIN_VARIANTS) & set(synth.HELDOUT_VARIANTS)
+    assert not set(synth.TRAIN_VOICES) & set(synth.HELDOUT_VOICES)
+    assert len(synth.TRAIN_VOICES) >= 8 * 20
+    with pytest.raises(ValueError, match="xx-nolang"):
+        synth.check_voices(["en-us+m3", "xx-nolang"])
+    assert synth.speaker_dir_name("en-us+Mr serious") == "en-us+Mr_serious"
+
+
+# --------------------------------------------------------------------------------------
+# Referring expressions
+# --------------------------------------------------------------------------------------
+def _obj(cx: float, cy: float, shape="circle", colour="red", size="small", r=20.0) -> SceneObject:
+    return SceneObject(shape, colour, size, (cx - r, cy - r, cx + r, cy + r))
+
+
+def _all_expressions(target: SceneObject):
+    for colour, size, horizontal, vertical in itertools.product(
+        (None, target.colour), (None, target.size), (None, "left", "right", "middle"), (None, "top", "bottom")
+    ):
+        yield Expression(target.shape, colour, size, horizontal, vertical)
+
+
+def test_place_words_pick_the_extreme_candidate_with_margin():
+    w, h = 640, 480
+    pair = [_obj(100, 200), _obj(300, 200)]
+    assert synth.referents(Expression("circle", horizontal="left"), pair, w, h) == [0]
+    assert synth.referents(Expression("circle", horizontal="right"), pair, w, h) == [1]
+    assert synth.referents(Expression("circle", vertical="top"), pair, w, h) == []
+    rng = np.random.default_rng(0)
+    assert synth.describe(0, pair, w, h, rng) == Expression("circle", horizontal="left")
+    # Exactly 10% of the width apart still counts; just under it does not.
+    assert synth.referents(Expression("circle", horizontal="left"), [_obj(100, 200), _obj(164, 200)], w, h) == [0]
+    close = [_obj(100, 200), _obj(163.9, 200)]
+    assert synth.referents(Expression("circle", horizontal="left"), close, w, h) == []
+    assert synth.describe(0, close, w, h, rng) is None
+    # Objects of another shape or colour are not candidates.
+    mixed = [_obj(300, 200), _obj(100, 200, colour="blue"), _obj(50, 200, shape="star")]
+    assert synth.referents(Expression("circle", horizontal="left"), mixed, w, h) == [1]
+    assert synth.referents(Expression("circle", "red", horizontal="left"), mixed, w, h) == [0]
+
+
+def test_two_place_words_and_middle():
+    w, h = 600, 600
+    grid = [_obj(100, 100), _obj(500, 100), _obj(100, 400), _obj(500, 400)]
+    assert synth.referents(Expression("circle", horizontal="left", vertical="top"), grid, w, h) == [0]
+    assert synth.referents(Expression("circle", horizontal="left"), grid, w, h) == []
+    assert synth.describe(3, grid, w, h, np.random.default_rng(0)) == Expression(
+        "circle", horizontal="right", vertical="bottom")
+    # Anti-diagonal: each is left-or-top of the other, so "on the left at the top" is ambiguous.
+    diagonal = [_obj(100, 400), _obj(400, 100)]
+    assert synth.referents(Expression("circle", horizontal="left", vertical="top"), diagonal, w, h) == [0, 1]
+    row = [_obj(60, 300), _obj(300, 300), _obj(540, 300)]
+    assert synth.referents(Expression("circle", horizontal="middle"), row, w, h) == [1]
+    # The nearest to the centre line must still lie in the central quarter of the width.
+    assert synth.referents(Expression("circle", horizontal="middle"), [_obj(60, 300), _obj(374, 300)], w, h) == [1]
+    assert synth.referents(Expression("circle", horizontal="middle"), [_obj(60, 300), _obj(376, 300)], w, h) == []
+
+
+def test_colour_and_size_are_preferred_over_place_words():
+    w, h = 640, 480
+    rng = np.random.default_rng(0)
+    colours = [_obj(100, 200), _obj(400, 200, colour="blue")]
+    assert synth.describe(0, colours, w, h, rng) == Expression("circle", colour="red")
+    sizes = [_obj(100, 200, size="big", r=60), _obj(400, 200)]
+    assert synth.describe(1, sizes, w, h, rng) == Expression("circle", size="small")
+    alone = [_obj(100, 200), _obj(400, 200, shape="square")]
+    assert synth.describe(0, alone, w, h, rng).text == "the circle"
+    assert Expression("star", "yellow", "big", "left", "top").text == "the big yellow star on the left at the top"
+
+
+def test_expressions_are_unique_and_shortest_on_random_scenes():
+    for i in range(300):
+        rng = np.random.default_rng([42, i])
+        width, height = (int(rng.integers(320, 641)) for _ in range(2))
+        background = synth.make_background(rng, width, height, synth.BACKGROUNDS[i % 3])
+        objects, target, expression = synth.sample_layout(rng, background)
+        assert synth.referents(expression, objects, width, height) == [target]
+        t = objects[target]
+        assert expression.shape == t.shape
+        assert expression.colour in (None, t.colour) and expression.size in (None, t.size)
+        unique = [e for e in _all_expressions(t) if synth.referents(e, objects, width, height) == [target]]
+        assert min(e.num_optional for e in unique) == expression.num_optional
+        same_length = [e for e in unique if e.num_optional == expression.num_optional]
+        assert min(e.num_place for e in same_length) == expression.num_place
+
+
+def test_random_layouts_respect_counts_margins_and_sizes():
+    for i in range(200):
+        rng = np.random.default_rng([7, i])
+        width, height = (int(rng.integers(320, 641)) for _ in range(2))
+        objects, _, _ = synth.sample_layout(rng, synth.make_background(rng, width, height, "plain"))
+        assert 3 <= len(objects) <= 6
+        for o in objects:
+            x0, y0, x1, y1 = o.box
+            m = synth.BOX_MARGIN_PX
+            assert m <= x0 < x1 <= width - m and m <= y0 < y1 <= height - m
+        for a, b in itertools.combinations(objects, 2):
+            gap_x = max(b.box[0] - a.box[2], a.box[0] - b.box[2])
+            gap_y = max(b.box[1] - a.box[3], a.box[1] - b.box[3])
+            assert max(gap_x, gap_y) >= synth.BOX_MARGIN_PX
+        areas = {s: [(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for o in objects if o.size == s]
+                 for s in synth.SIZES}
+        if areas["big"] and areas["small"]:
+            assert min(areas["big"]) >= 2.5 * max(areas["small"])
+
+
+@pytest.mark.parametrize("shape", synth.SHAPES)
+def test_drawn_shape_fills_its_tight_box(shape):
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        w, h = synth.shape_box_size(shape, rng.uniform(30, 120))
+        x0, y0 = rng.uniform(10, 60, size=2)
+        obj = SceneObject(shape, "white", "big", (x0, y0, x0 + w, y0 + h))
+        canvas = np.zeros((240, 240, 3), np.uint8)
+        synth.draw_object(canvas, obj, np.array([255.0, 255.0, 255.0]))
+        alpha = canvas[:, :, 0].astype(np.float64) / 255
+        cols, rows = np.flatnonzero(alpha.max(0) > 0), np.flatnonzero(alpha.max(1) > 0)
+        assert abs(cols[0] - np.floor(x0)) <= 1 and abs(cols[-1] - (np.ceil(x0 + w) - 1)) <= 1
+        assert abs(rows[0] - np.floor(y0)) <= 1 and abs(rows[-1] - (np.ceil(y0 + h) - 1)) <= 1
+        # Anti-aliased: edge pixels take intermediate values.
+        assert np.any((alpha > 0.1) & (alpha < 0.9))
+        coverage = alpha.sum() / (w * h)
+        expected = {"circle": np.pi / 4, "square": 1.0, "diamond": 0.5, "triangle": 0.5,
+                    "cross": 5 / 9, "star": None}[shape]
+        if expected is not None:
+            assert coverage == pytest.approx(expected, abs=0.03)
