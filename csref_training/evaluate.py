@@ -1,0 +1,269 @@
+"""Offline evaluation of SREC and CSA checkpoints (official `.pth` or our directories).
+
+    python -m csref_training.evaluate --config config/train/srec_refcoco_speech.yaml \\
+        --checkpoint data/weights/csref_refcoco_speech.pth --splits val,testA,testB --json out.json
+
+SREC: Acc@0.5 exactly as the reference (IoU > 0.5, strictly, between the predicted and the
+ground-truth box in original-image x1,y1,x2,y2 pixels, no clipping), plus Acc@0.75 and the mean
+IoU, per split. Batches of `--batch-size` (8, as the reference) in dataset order: wav2vec2's
+first GroupNorm normalises over the padded batch, so results depend slightly on batch
+composition (REFERENCE_FACTS §14.14). JSON: {"splits": {split: {count, acc_50, acc_75, mean_iou}}}.
+
+CSA (the checkpoint holds `text_encoder.*`): mean contrastive loss over batches, and
+speech->text / text->speech retrieval R@1/5/10 over the whole split. Identical sentences count
+as the same text: speech->text is a hit when a top-k text has the utterance's sentence,
+text->speech when a top-k utterance says the text.
+
+With torchrun each process evaluates every world_size-th sample and the counts are summed, so
+multi-process numbers equal single-process ones up to batch composition (the reference
+averages per-rank accuracies of a padded sampler instead, §11).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from csref_model.checkpoint import load_into, read_config, read_state_dict
+from csref_model.config import ModelConfig
+from csref_training import engine
+from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
+
+logger = logging.getLogger("csref_training.evaluate")
+
+RECALL_AT = (1, 5, 10)
+
+
+def box_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of matching rows of two (N, 4) x1,y1,x2,y2 arrays (continuous coordinates, no +1)."""
+    ix1 = np.maximum(pred[:, 0], gt[:, 0])
+    iy1 = np.maximum(pred[:, 1], gt[:, 1])
+    ix2 = np.minimum(pred[:, 2], gt[:, 2])
+    iy2 = np.minimum(pred[:, 3], gt[:, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_pred = np.clip(pred[:, 2] - pred[:, 0], 0, None) * np.clip(pred[:, 3] - pred[:, 1], 0, None)
+    area_gt = np.clip(gt[:, 2] - gt[:, 0], 0, None) * np.clip(gt[:, 3] - gt[:, 1], 0, None)
+    union = area_pred + area_gt - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _eval_subset(dataset: Dataset, rank: int, world_size: int) -> Subset:
+    """This rank's share, each item loaded with a fixed seed (speaker/sentence choice is stable)."""
+    keys = [(i, engine.derive_seed(0, i)) for i in engine.eval_indices(len(dataset), rank, world_size)]
+    return Subset(engine.SeededItems(dataset), keys)
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate_srec(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    vis_dir: Path | None = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Acc@0.5, Acc@0.75 and mean IoU of `model` (put in eval mode) on `dataset`."""
+    model.eval()
+    loader = DataLoader(_eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_srec)
+    count, hits_50, hits_75, iou_sum = 0, 0, 0, 0.0
+    for batch in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
+        pred = model(batch["image"].to(device), batch["input_values"].to(device), batch["attention_mask"].to(device))
+        pred = pred.float().cpu().numpy()  # (B, 5) x1, y1, x2, y2, score in letterboxed-input pixels
+        pred_original = np.stack([lb.box_to_original(p[:4]) for lb, p in zip(batch["letterbox"], pred)])
+        gt = batch["gt_xyxy"].numpy().astype(np.float64)  # (B, 4) original pixels
+        iou = box_iou(pred_original, gt)
+        count += len(iou)
+        hits_50 += int((iou > 0.5).sum())
+        hits_75 += int((iou > 0.75).sum())
+        iou_sum += float(iou.sum())
+        if vis_dir is not None:
+            save_visualisations(vis_dir, batch, pred_original, iou)
+    count, hits_50, hits_75, iou_sum = _sum_over_ranks([count, hits_50, hits_75, iou_sum], device)
+    if count == 0:
+        raise ValueError("the evaluation split is empty")
+    return {"count": int(count), "acc_50": hits_50 / count, "acc_75": hits_75 / count, "mean_iou": iou_sum / count}
+
+
+def save_visualisations(vis_dir: Path, batch: dict[str, Any], pred: np.ndarray, iou: np.ndarray) -> None:
+    """Original image with the ground truth (green) and the prediction (red, IoU in its label)."""
+    vis_dir.mkdir(parents=True, exist_ok=True)
+    for i, image_path in enumerate(batch["image_path"]):
+        image = cv2.imread(str(image_path))
+        if image is None:
+            raise FileNotFoundError(f"cannot read {image_path} for --save-vis")
+        gx1, gy1, gx2, gy2 = batch["gt_xyxy"][i].round().int().tolist()
+        px1, py1, px2, py2 = np.round(pred[i]).astype(int).tolist()
+        cv2.rectangle(image, (gx1, gy1), (gx2, gy2), (0, 200, 0), 2)
+        cv2.rectangle(image, (px1, py1), (px2, py2), (0, 0, 230), 2)
+        cv2.putText(image, f"IoU {iou[i]:.2f}", (max(px1, 0), max(py1 - 5, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 0, 230), 1, cv2.LINE_AA)
+        cv2.putText(image, str(batch["sentence"][i])[:80], (5, image.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.imwrite(str(vis_dir / f"{batch['sent_id'][i]}_{'ok' if iou[i] > 0.5 else 'miss'}.jpg"), image)
+
+
+def _recall(similarity: torch.Tensor, query_keys: list[str], item_keys: list[str]) -> dict[int, float]:
+    """R@k: fraction of queries whose top-k items include one with the same key."""
+    k_max = min(max(RECALL_AT), similarity.shape[1])
+    top = similarity.topk(k_max, dim=1).indices  # (Q, k_max)
+    hits = {k: 0 for k in RECALL_AT}
+    for q, row in enumerate(top.tolist()):
+        matches = [item_keys[i] == query_keys[q] for i in row]
+        for k in RECALL_AT:
+            hits[k] += any(matches[:k])
+    return {k: hits[k] / len(query_keys) for k in RECALL_AT}
+
+
+@torch.no_grad()
+def evaluate_csa(
+    model: nn.Module,
+    dataset: Dataset,
+    tokenizer: Any,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Mean contrastive loss per batch and speech<->text retrieval recall over the split."""
+    model.eval()
+    loader = DataLoader(_eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_csa)
+    loss_sum, batches = 0.0, 0
+    speech_feats, text_feats, sentences = [], [], []
+    for batch in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
+        tokens = tokenizer(batch["text"], padding=True, truncation=True, return_tensors="pt")
+        input_values = batch["input_values"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        text_ids, text_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        if len(batch["text"]) > 1:
+            loss_sum += model(input_values, attention_mask, text_ids, text_mask).item()
+            batches += 1
+        speech_feats.append(nn.functional.normalize(model.encode_speech(input_values, attention_mask).float(), dim=-1).cpu())
+        text_feats.append(nn.functional.normalize(model.encode_text(text_ids, text_mask).float(), dim=-1).cpu())
+        sentences.extend(batch["text"])
+    speech, text = torch.cat(speech_feats), torch.cat(text_feats)  # (N, D) each
+    loss_sum, batches = _sum_over_ranks([loss_sum, batches], device)
+    if dist.is_initialized():
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (speech, text, sentences))
+        speech = torch.cat([g[0] for g in gathered])
+        text = torch.cat([g[1] for g in gathered])
+        sentences = [s for g in gathered for s in g[2]]
+    if not sentences:
+        raise ValueError("the evaluation split is empty")
+    keys = [s.strip().lower() for s in sentences]
+    unique_texts = sorted(set(keys))
+    first_of = {key: keys.index(key) for key in unique_texts}
+    unique_text_feats = text[[first_of[key] for key in unique_texts]]  # (U, D)
+    speech_to_text = _recall(speech @ unique_text_feats.T, keys, unique_texts)
+    text_to_speech = _recall(unique_text_feats @ speech.T, unique_texts, keys)
+    metrics: dict[str, float] = {"count": len(keys), "loss": loss_sum / max(batches, 1)}
+    metrics.update({f"speech_to_text_r{k}": v for k, v in speech_to_text.items()})
+    metrics.update({f"text_to_speech_r{k}": v for k, v in text_to_speech.items()})
+    return metrics
+
+
+def _model_config(cfg: engine.TrainConfig, checkpoint: Path) -> ModelConfig:
+    """Our checkpoint directories carry their config; official files use the training config's."""
+    if checkpoint.is_dir():
+        return read_config(checkpoint)
+    return engine.build_model_config(cfg)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Evaluate an SREC or CSA checkpoint on dataset splits.")
+    parser.add_argument("--config", required=True, help="training YAML naming the model and the data")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth or our checkpoint directory")
+    parser.add_argument("--data-root", help="override data.root")
+    parser.add_argument("--dataset", help="override data.dataset (e.g. refcoco+_speech)")
+    parser.add_argument("--splits", default=None, help="comma-separated splits (default: data.val_split)")
+    parser.add_argument("--speakers", help="comma-separated speaker directories (default: every one present)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: eval_batch_size of the config")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--save-vis", type=Path, help="SREC: write images with GT/predicted boxes here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for the trainers")
+    args = parser.parse_args(argv)
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.dataset:
+        overrides.append(f"data.dataset={args.dataset}")
+    cfg = engine.load_train_config(args.config, overrides)
+    if args.speakers:
+        cfg.data.speakers = [s.strip() for s in args.speakers.split(",") if s.strip()]
+    dist_info = engine.setup_distributed()
+    device = dist_info.device if dist_info.world_size > 1 else torch.device(args.device)
+    logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    batch_size = args.batch_size or cfg.eval_batch_size
+    num_workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
+    splits = [s.strip() for s in (args.splits or cfg.data.val_split).split(",") if s.strip()]
+
+    model_cfg = _model_config(cfg, args.checkpoint)
+    state_dict = read_state_dict(args.checkpoint)
+    is_csa = any(key.startswith("text_encoder.") for key in state_dict)
+    results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "config": args.config,
+                               "model": "csa" if is_csa else "srec", "splits": {}}
+    if is_csa:
+        from csref_model.csa import build_csa
+        from csref_model.text_encoder import load_tokenizer
+
+        model = build_csa(model_cfg, load_pretrained=False)
+        tokenizer = load_tokenizer(model_cfg.text_encoder)
+    else:
+        from csref_model.srec import build_srec
+
+        model = build_srec(model_cfg, load_pretrained=False)
+    load_into(model, state_dict, str(args.checkpoint))
+    model.to(device).eval()
+
+    for split in splits:
+        if is_csa:
+            dataset = build_csa_dataset(cfg.data, split=split, train=False)
+            metrics = evaluate_csa(model, dataset, tokenizer, batch_size, device, dist_info.rank, dist_info.world_size,
+                                   num_workers, show_progress=dist_info.is_main)
+        else:
+            dataset = build_srec_dataset(cfg.data, split=split, image_size=model_cfg.image_size, train=False)
+            vis_dir = args.save_vis / split if args.save_vis and dist_info.is_main else None
+            metrics = evaluate_srec(model, dataset, batch_size, device, dist_info.rank, dist_info.world_size,
+                                    num_workers, vis_dir=vis_dir, show_progress=dist_info.is_main)
+        results["splits"][split] = metrics
+        if dist_info.is_main:
+            print(f"{split}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in metrics.items()))
+    if dist_info.is_main and args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    engine.cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
