@@ -29,6 +29,7 @@ setup(
         "transformers>=4.40",
         "soundfile>=0.12",
         "librosa>=0.10",
+        "soxr>=0.3",
         "opencv-python-headless>=4.8",
         "setuptools",
     ],

@@ -1,0 +1,302 @@
+"""Speech segmentation with webrtcvad: a stream of 16 kHz audio in, utterances out.
+
+webrtcvad labels each 10/20/30 ms frame as speech or not; a frame counts as voiced when
+webrtcvad says so and its energy is `energy_margin_db` above the noise floor (a low percentile
+of the last `noise_window_s` of frame energies), which keeps steady noise such as fans from
+being taken for speech. Single frames are noisy, so the segmenter works on windows of frames
+(the ring-buffer scheme of webrtcvad's example):
+
+- speech starts when at least `start_ratio` of the frames in the last `start_window_ms` are
+  voiced; the utterance begins at the first voiced frame of that window,
+- speech ends when at least `end_ratio` of the frames in the last `hangover_ms` are unvoiced;
+  the utterance ends after its last voiced frame, so short pauses between words never split it,
+- utterances with less than `min_utterance_s` of speech are dropped (clicks, coughs), and one
+  reaching `max_utterance_s` is cut there (a monologue is not buffered forever).
+
+Each Utterance carries the speech interval (start_s, end_s, in seconds of the stream) and the
+audio to recognise: `preroll_ms` before the start (soft onsets the VAD misses) through the end
+of the hangover.
+
+CLI (the same segmenter the node uses):
+    python -m csref_ros.vad FILE.wav [--aggressiveness N] [--json]
+prints the speech segments [[start_s, end_s], ...] of any WAV/FLAC (any sample rate, stereo
+mixed to mono).
+"""
+
+import argparse
+import json
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+import webrtcvad
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+FRAME_MS_CHOICES = (10, 20, 30)
+NOISE_FLOOR_PERCENTILE = 10  # pauses between words keep this low even in fluent speech
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    aggressiveness: int = 2  # webrtcvad mode 0 (permissive) .. 3 (strict)
+    frame_ms: int = 30
+    start_window_ms: int = 300
+    start_ratio: float = 0.6
+    hangover_ms: int = 500
+    end_ratio: float = 0.9
+    preroll_ms: int = 300
+    min_utterance_s: float = 0.3
+    max_utterance_s: float = 10.0
+    energy_margin_db: float = 5.0  # a voiced frame must also be this far above the noise floor
+    noise_window_s: float = 5.0  # the noise floor is a low percentile of this much recent audio
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.aggressiveness not in (0, 1, 2, 3):
+            problems.append(f"aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness}")
+        if self.frame_ms not in FRAME_MS_CHOICES:
+            problems.append(f"frame_ms must be one of {FRAME_MS_CHOICES} (webrtcvad), got {self.frame_ms}")
+        for name in ("start_window_ms", "hangover_ms"):
+            if getattr(self, name) < self.frame_ms:
+                problems.append(f"{name} must be at least one frame ({self.frame_ms} ms), got {getattr(self, name)}")
+        if self.preroll_ms < 0:
+            problems.append(f"preroll_ms must be >= 0, got {self.preroll_ms}")
+        for name in ("start_ratio", "end_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.min_utterance_s < 0:
+            problems.append(f"min_utterance_s must be >= 0, got {self.min_utterance_s}")
+        if self.max_utterance_s <= max(self.min_utterance_s, self.frame_ms / 1000):
+            problems.append(
+                f"max_utterance_s ({self.max_utterance_s}) must exceed min_utterance_s ({self.min_utterance_s}) and one frame"
+            )
+        if self.energy_margin_db < 0:
+            problems.append(f"energy_margin_db must be >= 0, got {self.energy_margin_db}")
+        if self.noise_window_s * 1000 < self.frame_ms:
+            problems.append(f"noise_window_s must cover at least one frame, got {self.noise_window_s}")
+        if problems:
+            raise ValueError("invalid VAD settings: " + "; ".join(problems))
+
+    @property
+    def frame_samples(self) -> int:
+        return SAMPLE_RATE * self.frame_ms // 1000
+
+    def frames(self, milliseconds: float) -> int:
+        """Whole frames covering `milliseconds` (at least one)."""
+        return max(1, math.ceil(milliseconds / self.frame_ms))
+
+
+@dataclass
+class Utterance:
+    start_s: float  # first voiced frame, seconds since the first sample fed
+    end_s: float  # end of the last voiced frame
+    samples: np.ndarray = field(repr=False)  # (N,) float32 in [-1, 1] at 16 kHz, with pre-roll and hangover
+    samples_start_s: float  # stream time of samples[0]
+    cut: bool = False  # True when max_utterance_s cut the speech short
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+def to_int16(chunk: np.ndarray) -> np.ndarray:
+    """int16 passes through; float in [-1, 1] is scaled and clipped."""
+    if chunk.dtype == np.int16:
+        return chunk
+    if not np.issubdtype(chunk.dtype, np.floating):
+        raise TypeError(f"audio must be int16 or float in [-1, 1], got dtype {chunk.dtype}")
+    if not np.all(np.isfinite(chunk)):
+        raise ValueError("audio contains NaN or infinite samples; replace them (e.g. with 0) before segmenting")
+    return np.clip(np.round(chunk * 32767.0), -32768, 32767).astype(np.int16)
+
+
+class SpeechSegmenter:
+    """Streaming VAD segmenter: feed() 16 kHz mono chunks of any size, get finished Utterances."""
+
+    def __init__(self, config: VadConfig | None = None) -> None:
+        self.config = config or VadConfig()
+        self.vad = webrtcvad.Vad(self.config.aggressiveness)
+        cfg = self.config
+        self.start_window_frames = cfg.frames(cfg.start_window_ms)
+        self.hangover_frames = cfg.frames(cfg.hangover_ms)
+        self.preroll_frames = cfg.frames(cfg.preroll_ms) if cfg.preroll_ms > 0 else 0
+        self.max_frames = max(1, int(cfg.max_utterance_s * 1000 / cfg.frame_ms))
+        self.pending = np.zeros(0, dtype=np.int16)  # samples not yet making a whole frame
+        self.frame_index = 0  # index of the next frame
+        # Recent frames (index, int16 audio, voiced) while waiting for speech: pre-roll + start window.
+        self.recent: deque[tuple[int, np.ndarray, bool]] = deque(maxlen=self.preroll_frames + self.start_window_frames)
+        self.in_speech = False
+        self.speech_start_frame = 0
+        self.last_voiced_frame = 0
+        self.audio_start_frame = 0
+        self.utterance_audio: list[np.ndarray] = []
+        self.end_window: deque[bool] = deque(maxlen=self.hangover_frames)
+        self.recent_energies_db: deque[float] = deque(maxlen=cfg.frames(cfg.noise_window_s * 1000))
+        self.dropped_short = 0  # utterances shorter than min_utterance_s
+
+    @property
+    def stream_time_s(self) -> float:
+        """Seconds of audio consumed (whole frames)."""
+        return self.frame_index * self.config.frame_samples / SAMPLE_RATE
+
+    @property
+    def speech_start_s(self) -> float | None:
+        """Start of the utterance in progress, None when no one is speaking."""
+        return self.frame_time(self.speech_start_frame) if self.in_speech else None
+
+    def frame_time(self, frame_index: int) -> float:
+        return frame_index * self.config.frame_samples / SAMPLE_RATE
+
+    def feed(self, chunk: np.ndarray) -> list[Utterance]:
+        """Add 16 kHz mono audio (int16, or float in [-1, 1]); return the utterances it completes."""
+        audio = np.concatenate([self.pending, to_int16(np.asarray(chunk).reshape(-1))])
+        frame_samples = self.config.frame_samples
+        whole = len(audio) // frame_samples * frame_samples
+        self.pending = audio[whole:]
+        utterances = []
+        for frame in audio[:whole].reshape(-1, frame_samples):
+            utterance = self.process_frame(frame)
+            if utterance is not None:
+                utterances.append(utterance)
+        return utterances
+
+    def flush(self) -> list[Utterance]:
+        """End of stream: close the utterance in progress, if any."""
+        if not self.in_speech:
+            return []
+        utterance = self.finish(end_frame=self.last_voiced_frame + 1, cut=False)
+        return [utterance] if utterance is not None else []
+
+    def process_frame(self, frame: np.ndarray) -> Utterance | None:
+        index = self.frame_index
+        self.frame_index += 1
+        loud_enough = self.above_noise_floor(frame)  # first: every frame must update the noise floor
+        voiced = self.vad.is_speech(frame.tobytes(), SAMPLE_RATE) and loud_enough
+        if not self.in_speech:
+            self.recent.append((index, frame, voiced))
+            window = list(self.recent)[-self.start_window_frames :]
+            voiced_count = sum(is_voiced for _, _, is_voiced in window)
+            if voiced_count >= self.config.start_ratio * self.start_window_frames:
+                self.start_speech(window)
+            return None
+
+        self.utterance_audio.append(frame)
+        self.end_window.append(voiced)
+        if voiced:
+            self.last_voiced_frame = index
+        if index + 1 - self.speech_start_frame >= self.max_frames:
+            return self.finish(end_frame=index + 1, cut=True)
+        unvoiced_count = self.end_window.count(False)
+        if len(self.end_window) == self.hangover_frames and unvoiced_count >= self.config.end_ratio * self.hangover_frames:
+            return self.finish(end_frame=self.last_voiced_frame + 1, cut=False)
+        return None
+
+    def above_noise_floor(self, frame: np.ndarray) -> bool:
+        """Energy gate: webrtcvad alone takes loud stationary noise (fans, hum) for speech."""
+        energy_db = 10.0 * math.log10(float(np.mean(np.square(frame, dtype=np.float64))) / 32768.0**2 + 1e-12)
+        self.recent_energies_db.append(energy_db)
+        noise_floor_db = float(np.percentile(self.recent_energies_db, NOISE_FLOOR_PERCENTILE))
+        return energy_db >= noise_floor_db + self.config.energy_margin_db
+
+    def start_speech(self, window: list[tuple[int, np.ndarray, bool]]) -> None:
+        voiced_indices = [index for index, _, is_voiced in window if is_voiced]
+        self.in_speech = True
+        self.speech_start_frame = voiced_indices[0]
+        self.last_voiced_frame = voiced_indices[-1]
+        first_kept = self.speech_start_frame - self.preroll_frames
+        kept = [(index, frame) for index, frame, _ in self.recent if index >= first_kept]
+        self.audio_start_frame = kept[0][0]
+        self.utterance_audio = [frame for _, frame in kept]
+        self.end_window.clear()
+        self.end_window.extend(is_voiced for index, _, is_voiced in window if index >= self.speech_start_frame)
+        self.recent.clear()
+
+    def finish(self, end_frame: int, cut: bool) -> Utterance | None:
+        start_s, end_s = self.frame_time(self.speech_start_frame), self.frame_time(end_frame)
+        audio = np.concatenate(self.utterance_audio)
+        self.in_speech = False
+        self.utterance_audio = []
+        self.end_window.clear()
+        if end_s - start_s < self.config.min_utterance_s:
+            self.dropped_short += 1
+            logger.debug("dropped %.2f s of speech at %.2f s (shorter than min_utterance_s)", end_s - start_s, start_s)
+            return None
+        return Utterance(
+            start_s=start_s,
+            end_s=end_s,
+            samples=audio.astype(np.float32) / 32768.0,
+            samples_start_s=self.frame_time(self.audio_start_frame),
+            cut=cut,
+        )
+
+
+def load_wav_16k(path: str) -> np.ndarray:
+    """Any soundfile-readable file -> float32 mono 16 kHz (channels averaged, soxr resampling)."""
+    wave, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (N, channels)
+    mono = wave.mean(axis=1)
+    if sample_rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ")  # librosa's default resampler
+    return np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0).astype(np.float32)
+
+
+def segment_wave(wave_16k: np.ndarray, config: VadConfig | None = None, chunk_s: float = 0.1) -> list[Utterance]:
+    """Run the streaming segmenter over a whole waveform, fed in chunks as a microphone would."""
+    segmenter = SpeechSegmenter(config)
+    chunk = max(1, int(chunk_s * SAMPLE_RATE))
+    utterances = []
+    for begin in range(0, len(wave_16k), chunk):
+        utterances += segmenter.feed(wave_16k[begin : begin + chunk])
+    return utterances + segmenter.flush()
+
+
+def main() -> None:
+    defaults = VadConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m csref_ros.vad", description="Print the speech segments of an audio file, as the grounding node finds them."
+    )
+    parser.add_argument("file", help="WAV/FLAC file, any sample rate, mono or stereo")
+    parser.add_argument("--aggressiveness", type=int, default=defaults.aggressiveness, help="webrtcvad mode 0..3")
+    parser.add_argument("--frame-ms", type=int, default=defaults.frame_ms, choices=FRAME_MS_CHOICES)
+    parser.add_argument("--start-window-ms", type=int, default=defaults.start_window_ms)
+    parser.add_argument("--start-ratio", type=float, default=defaults.start_ratio)
+    parser.add_argument("--hangover-ms", type=int, default=defaults.hangover_ms)
+    parser.add_argument("--end-ratio", type=float, default=defaults.end_ratio)
+    parser.add_argument("--preroll-ms", type=int, default=defaults.preroll_ms)
+    parser.add_argument("--min-utterance-s", type=float, default=defaults.min_utterance_s)
+    parser.add_argument("--max-utterance-s", type=float, default=defaults.max_utterance_s)
+    parser.add_argument("--json", action="store_true", help="print [[start_s, end_s], ...] as JSON")
+    args = parser.parse_args()
+    try:
+        config = VadConfig(
+            aggressiveness=args.aggressiveness,
+            frame_ms=args.frame_ms,
+            start_window_ms=args.start_window_ms,
+            start_ratio=args.start_ratio,
+            hangover_ms=args.hangover_ms,
+            end_ratio=args.end_ratio,
+            preroll_ms=args.preroll_ms,
+            min_utterance_s=args.min_utterance_s,
+            max_utterance_s=args.max_utterance_s,
+        )
+        if not Path(args.file).is_file():
+            raise ValueError(f"audio file not found: {args.file}")
+        wave = load_wav_16k(args.file)
+    except (ValueError, RuntimeError) as error:  # bad settings; soundfile's errors are RuntimeErrors
+        parser.exit(2, f"error: {error}\n")
+    segments = [[round(u.start_s, 3), round(u.end_s, 3)] for u in segment_wave(wave, config)]
+    if args.json:
+        print(json.dumps(segments))
+    else:
+        for start_s, end_s in segments:
+            print(f"{start_s:8.3f} {end_s:8.3f}  ({end_s - start_s:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
