@@ -1,0 +1,136 @@
+"""Inference API: an RGB image and a spoken referring expression in, the box meant out.
+
+    grounder = Grounder.from_checkpoint("csref_refcoco_speech.pth", config="base")
+    result = grounder.ground(image_rgb_uint8, waveform_float32, sample_rate=16000)
+    result.box_xyxy, result.score          # original-image pixels, sigmoid objectness
+
+For a robot the two encoders run separately: the image once per camera frame, the speech once
+per utterance, then `ground_features` fuses them; the result is identical to `ground`.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from csref_model.checkpoint import build_srec_from_checkpoint
+from csref_model.config import ModelConfig, load_model_config
+from csref_model.preprocessing import Letterbox, letterbox, min_num_samples, prepare_waveform, speech_batch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroundingResult:
+    box_xyxy: np.ndarray  # (4,) float32 x1, y1, x2, y2 in original-image pixels, not clipped
+    score: float  # sigmoid objectness of the chosen cell
+    image_size: tuple[int, int]  # (width, height) of the original image
+
+    def to_dict(self) -> dict:
+        return {"box_xyxy": [float(v) for v in self.box_xyxy], "score": self.score, "image_size": list(self.image_size)}
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    maps: list[torch.Tensor]  # backbone outputs at strides 8, 16, 32, each (1, C, H, W)
+    letterbox: Letterbox
+
+
+@dataclass(frozen=True)
+class SpeechFeatures:
+    feature: torch.Tensor  # (1, D) pooled utterance feature
+
+
+class Grounder:
+    def __init__(self, model: nn.Module, config: ModelConfig, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        architecture = config.speech_encoder.architecture
+        self.min_samples = min_num_samples(architecture.conv_kernel, architecture.conv_stride)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        config: str | Path | ModelConfig | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "Grounder":
+        """Official `.pth` (needs `config`, e.g. "base") or our checkpoint directory.
+
+        `config` is "base", "tiny", a YAML path or a ModelConfig; None reads it from our directory.
+        """
+        if config is None and Path(path).is_file():
+            raise ValueError(f"{path} is an official-format file, which stores no model config: "
+                             "pass config='base' (the paper's model) or a YAML path")
+        if config is not None and not isinstance(config, ModelConfig):
+            config = load_model_config(config)
+        model, config = build_srec_from_checkpoint(path, config)
+        return cls(model, config, device)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: ModelConfig, device: str | torch.device = "cpu") -> "Grounder":
+        return cls(model, config, device)
+
+    @torch.inference_mode()
+    def ground(self, image: np.ndarray, audio: np.ndarray, sample_rate: int = 16000) -> GroundingResult:
+        """One H x W x 3 uint8 RGB image and one mono float waveform -> the box meant."""
+        image_tensor, geometry = letterbox(image, self.config.image_size)
+        input_values, attention_mask = self._speech_inputs([audio], sample_rate)
+        boxes = self.model(image_tensor[None].to(self.device), input_values, attention_mask)  # (1, 5)
+        return _result(boxes[0], geometry)
+
+    @torch.inference_mode()
+    def ground_batch(
+        self, images: Sequence[np.ndarray], audios: Sequence[np.ndarray], sample_rate: int = 16000
+    ) -> list[GroundingResult]:
+        """Pairs of images and utterances, images encoded as one batch.
+
+        Each utterance is encoded on its own, so every result equals `ground` on its pair up to
+        float rounding (padded wav2vec2 batches change the features of shorter utterances).
+        """
+        if len(images) != len(audios):
+            raise ValueError(f"ground_batch needs as many images as utterances, got {len(images)} and {len(audios)}")
+        if not images:
+            return []
+        letterboxed = [letterbox(image, self.config.image_size) for image in images]
+        image_batch = torch.stack([tensor for tensor, _ in letterboxed]).to(self.device)  # (B, 3, S, S)
+        speech = torch.cat([self._encode_speech(audio, sample_rate) for audio in audios])  # (B, D)
+        boxes = self.model.ground_features(self.model.encode_image(image_batch), speech)  # (B, 5)
+        return [_result(box, geometry) for box, (_, geometry) in zip(boxes, letterboxed)]
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        image_tensor, geometry = letterbox(image, self.config.image_size)
+        return ImageFeatures(maps=self.model.encode_image(image_tensor[None].to(self.device)), letterbox=geometry)
+
+    @torch.inference_mode()
+    def encode_speech(self, audio: np.ndarray, sample_rate: int = 16000) -> SpeechFeatures:
+        return SpeechFeatures(feature=self._encode_speech(audio, sample_rate))
+
+    @torch.inference_mode()
+    def ground_features(self, image_features: ImageFeatures, speech_features: SpeechFeatures) -> GroundingResult:
+        boxes = self.model.ground_features(image_features.maps, speech_features.feature)  # (1, 5)
+        return _result(boxes[0], image_features.letterbox)
+
+    def _speech_inputs(self, audios: Sequence[np.ndarray], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        waves = [prepare_waveform(audio, sample_rate, min_samples=self.min_samples) for audio in audios]
+        input_values, attention_mask = speech_batch(waves)  # (B, L), (B, L)
+        return input_values.to(self.device), attention_mask.to(self.device)
+
+    def _encode_speech(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        return self.model.encode_speech(*self._speech_inputs([audio], sample_rate))  # (1, D)
+
+
+def _result(box: torch.Tensor, geometry: Letterbox) -> GroundingResult:
+    """(5,) letterboxed-input x1, y1, x2, y2, score -> result in original-image pixels."""
+    box = box.double().cpu().numpy()
+    return GroundingResult(
+        box_xyxy=geometry.box_to_original(box[:4]).astype(np.float32),
+        score=float(box[4]),
+        image_size=(geometry.w, geometry.h),
+    )
