@@ -54,6 +54,9 @@ class SREC(nn.Module):
         A batch of 1 on either side broadcasts against the other (one frame, several utterances).
         `image_maps` is not modified, so cached image features can be reused.
         """
+        if len(image_maps) != len(self.fusion_manner):
+            raise ValueError(f"ground_features needs the {len(self.fusion_manner)} image maps of encode_image "
+                             f"(strides 8, 16, 32), got {len(image_maps)}")
         image_batch, speech_batch = image_maps[0].shape[0], speech_feat.shape[0]
         if image_batch != speech_batch and 1 not in (image_batch, speech_batch):
             raise ValueError(f"image batch {image_batch} and speech batch {speech_batch} differ "
