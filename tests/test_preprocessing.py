@@ -1,7 +1,5 @@
 """Preprocessing against the reference's maths, the parity oracle's stored inputs and HF."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import soundfile
@@ -17,16 +15,15 @@ from csref_model.preprocessing import (
     prepare_waveform,
     speech_batch,
 )
+from oracle_weights import oracle_dir
 
-ORACLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "oracle" / "srec_seeded.pt"
-if not ORACLE.exists():
-    ORACLE = Path("/work/shared/reference/oracle/srec_seeded.pt")
+ORACLE = oracle_dir() / "srec_seeded.pt"
 
 
 @pytest.fixture(scope="module")
 def oracle_inputs():
     if not ORACLE.exists():
-        pytest.skip(f"parity oracle not found at {ORACLE}")
+        pytest.skip(f"parity oracle not found at {ORACLE} (set CSREF_ORACLE_DIR)")
     return torch.load(ORACLE, map_location="cpu", weights_only=True)["inputs"]
 
 
