@@ -89,3 +89,24 @@ def test_tiny_csa_with_minilm_text_encoder():
     assert text_feat.shape == (2, 384) and torch.isfinite(loss)
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     assert all(p.requires_grad for p in model.speech_encoder.parameters())
+
+
+def test_pretrained_wav2vec2_directory_is_loaded_and_checked(tmp_path):
+    cfg = load_model_config("tiny")
+    source = build_srec(cfg, load_pretrained=False).speech_encoder.model
+    source.save_pretrained(tmp_path / "wav2vec2-tiny")
+    cfg.speech_encoder.pretrained_path = str(tmp_path / "wav2vec2-tiny")
+    loaded = build_srec(cfg).speech_encoder.model
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    cfg.speech_encoder.architecture.num_hidden_layers = 3
+    with pytest.raises(ValueError, match="num_hidden_layers: config 3"):
+        build_srec(cfg)
+
+
+def test_text_encoder_architecture_must_match_pretrained():
+    cfg = load_model_config("tiny")
+    cfg.text_encoder.architecture.hidden_size = 768
+    cfg.speech_encoder.output_dim = 768
+    with pytest.raises(ValueError, match="hidden_size: config 768"):
+        build_csa(cfg)
