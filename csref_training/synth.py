@@ -618,7 +618,7 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
 
 
-def _generate_star(args: tuple[SynthConfig, str, int, int]) -> dict:
+def _generate_job(args: tuple[SynthConfig, str, int, int]) -> dict:
     return generate_sample(*args)
 
 
@@ -640,12 +640,12 @@ def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1,
         # forkserver: workers never inherit a parent's thread pools (torch, OpenCV), which fork can deadlock.
         ctx = multiprocessing.get_context("forkserver")
         with ctx.Pool(workers, initializer=_init_worker) as pool:
-            results = pool.imap(_generate_star, jobs, chunksize=8)
+            results = pool.imap(_generate_job, jobs, chunksize=8)
             results = _with_progress(results, len(jobs), progress)
             for (_, split, _, _), entry in zip(jobs, results):
                 annotations[split].append(entry)
     else:
-        for job, entry in zip(jobs, _with_progress(map(_generate_star, jobs), len(jobs), progress)):
+        for job, entry in zip(jobs, _with_progress(map(_generate_job, jobs), len(jobs), progress)):
             annotations[job[1]].append(entry)
     tmp = ann_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(annotations))
