@@ -1,0 +1,288 @@
+"""Trainers, resumption, DDP and evaluation on a small generated Spoken Shapes set.
+
+Real data (espeak-ng speech, drawn images, the official on-disk layout), real models (a shrunk
+tiny config), real processes (torchrun with gloo, SIGKILL).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from csref_model.checkpoint import save_checkpoint
+from csref_model.csa import build_csa
+from csref_model.srec import build_srec
+from csref_model.text_encoder import load_tokenizer
+from csref_training import engine, evaluate
+from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
+from csref_training.synth import SynthConfig, generate_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+# Small enough for a few seconds per run on 2 CPU cores; same code paths as the tiny model.
+TEST_MODEL = {
+    "image_size": 64,
+    "speech_encoder": {
+        "architecture": {
+            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "conv_dim": [16, 16, 16, 16, 16, 16, 16], "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 2, "layerdrop": 0.0,
+        },
+    },
+    "visual_backbone": {"depth_multiple": 0.33, "width_multiple": 0.125},
+    "fusion": {"hidden_size": 32},
+    "head": {"hidden_size": 16},
+}
+SPLIT_SIZES = {"train": 16, "val": 6, "test": 5}
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("spoken_shapes")
+    generate_dataset(SynthConfig(out=root, seed=3, voices=("en-us+m3", "en-gb+f2", "en-029")), SPLIT_SIZES)
+    return root
+
+
+def write_config(path: Path, data_root: Path, output_dir: Path, **overrides) -> Path:
+    config = {
+        "model": "tiny",
+        "model_overrides": TEST_MODEL,
+        "output_dir": str(output_dir),
+        "seed": 7,
+        "epochs": 2,
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "log_every": 1,
+        "optim": {"lr": 1.0e-3, "warmup_epochs": 0.5, "min_lr": 1.0e-4},
+        "ema": {"enabled": True, "alpha": 0.99},
+        "multi_scale": {"enabled": True, "sizes": [64, 96]},
+        "data": {"format": "refcoco", "dataset": "spoken_shapes", "root": str(data_root), "num_workers": 0},
+    }
+    for key, value in overrides.items():
+        engine._set_dotted(config, key, value)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    # One thread per process: identical arithmetic in every run (exact resumption check).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def run_module(module: str, config: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", module, "--config", str(config), *overrides],
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# Config and schedule
+
+
+def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "out")
+    cfg = engine.load_train_config(path, ["optim.lr=2e-4", "multi_scale.enabled=false", "data.speakers=[a, b]"])
+    assert cfg.optim.lr == 2e-4 and cfg.multi_scale.enabled is False and cfg.data.speakers == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'"):
+        engine.load_train_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="epochs: expected an integer"):
+        engine.load_train_config(path, ["epochs=many"])
+
+
+def test_schedule_matches_reference_formula(tmp_path: Path) -> None:
+    cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "o"),
+                                   ["epochs=10", "optim.warmup_epochs=3", "optim.lr=1e-4",
+                                    "optim.warmup_lr=1e-7", "optim.min_lr=1e-6"])
+    iters = 7
+    t, total = 3 * iters, 10 * iters
+    assert engine.warmup_cosine_lr(0, iters, cfg) == pytest.approx(1e-7)
+    assert engine.warmup_cosine_lr(5, iters, cfg) == pytest.approx(1e-7 + 5 * (1e-4 - 1e-7) / t)
+    assert engine.warmup_cosine_lr(t, iters, cfg) == pytest.approx(1e-4)
+    s = 50
+    expected = 1e-6 + 0.5 * (1e-4 - 1e-6) * (1 + np.cos(np.pi * (s - t) / (total - t)))
+    assert engine.warmup_cosine_lr(s, iters, cfg) == pytest.approx(expected)
+
+
+def test_ema_decay_and_int_buffers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = engine.EMA(model, alpha=0.9997, buffers=True)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model.train()(torch.randn(4, 2))
+    ema.update(model)
+    decay = min(0.9997, 1 / 10)
+    assert torch.allclose(ema.model[0].weight, decay * start + (1 - decay) * model[0].weight)
+    assert ema.model[1].num_batches_tracked.item() == 1
+
+
+# ----------------------------------------------------------------------------------------
+# One optimisation step on a fixed batch lowers the loss
+
+
+def _seeded(compute_loss, seed: int) -> torch.Tensor:
+    # Same dropout / SpecAugment masks before and after the step; BatchNorm uses batch statistics.
+    engine.seed_all(seed)
+    return compute_loss()
+
+
+def test_srec_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
+    cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o"),
+                                   ["optim.warmup_epochs=0"])
+    model_cfg = engine.build_model_config(cfg)
+    dataset = build_srec_dataset(cfg.data, split="train", image_size=model_cfg.image_size, train=True)
+    batch = collate_srec([dataset[i] for i in range(4)])
+    model = build_srec(model_cfg).train()
+    optimizer, _ = engine.build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
+
+    def compute_loss() -> torch.Tensor:
+        return model(batch["image"], batch["input_values"], batch["attention_mask"], targets=batch["label"])
+
+    before = _seeded(compute_loss, seed=1)
+    optimizer.zero_grad()
+    before.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+    optimizer.step()
+    after = _seeded(compute_loss, seed=1)
+    assert torch.isfinite(before) and after.item() < before.item()
+
+
+def test_csa_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
+    cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o"),
+                                   ["optim.warmup_epochs=0", "ema.enabled=false"])
+    model_cfg = engine.build_model_config(cfg)
+    dataset = build_csa_dataset(cfg.data, split="train", train=True)
+    batch = collate_csa([dataset[i] for i in range(6)])
+    model = build_csa(model_cfg)
+    engine.set_train_mode(model, frozen_modules_train_mode=False)
+    tokens = load_tokenizer(model_cfg.text_encoder)(batch["text"], padding=True, return_tensors="pt")
+    inputs = (batch["input_values"], batch["attention_mask"], tokens["input_ids"], tokens["attention_mask"])
+    optimizer, _ = engine.build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
+    before = _seeded(lambda: model(*inputs), seed=1)
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    after = _seeded(lambda: model(*inputs), seed=1)
+    assert torch.isfinite(before) and after.item() < before.item()
+
+
+# ----------------------------------------------------------------------------------------
+# Whole runs: DDP through torchrun, SIGKILL + automatic resume
+
+
+def _final_weights(output_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    last = (output_dir / "last").resolve()
+    state = torch.load(last / engine.TRAINER_STATE, map_location="cpu", weights_only=True)
+    return load_file(str(last / "model.safetensors")), state["raw_model"]
+
+
+def test_ddp_two_processes_gloo(shapes_root: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "ddp"
+    config = write_config(tmp_path / "c.yaml", shapes_root, output_dir, epochs=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "csref_training.srec", "--config", str(config)],
+        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (output_dir / "srec.log").read_text()
+    assert "world size 2, 2 samples per process per step" in log
+    last = (output_dir / "last").resolve()
+    state = torch.load(last / engine.TRAINER_STATE, map_location="cpu", weights_only=True)
+    # 16 samples / (2 processes x 2 per process) = 4 steps, validation on all 6 val samples.
+    assert state["world_size"] == 2 and state["progress"]["global_step"] == 4
+    metrics = json.loads((last / "metrics.json").read_text())
+    assert metrics["count"] == SPLIT_SIZES["val"]
+    assert (output_dir / "best").resolve() == last
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shapes_root: Path, tmp_path: Path) -> None:
+    overrides = {"epochs": 2, "save_every": 1, "batch_size": 2}  # 8 steps per epoch, a checkpoint after each
+    reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    reference_cfg = write_config(tmp_path / "a.yaml", shapes_root, reference_dir, **overrides)
+    killed_cfg = write_config(tmp_path / "b.yaml", shapes_root, killed_dir, **overrides)
+    run_module("csref_training.srec", reference_cfg)
+
+    process = subprocess.Popen([sys.executable, "-m", "csref_training.srec", "--config", str(killed_cfg)],
+                               env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    killed_at = None
+    while time.monotonic() < deadline and process.poll() is None:
+        last = killed_dir / "last"
+        if last.is_symlink() and os.readlink(last) >= "checkpoints/step_00000003":
+            process.send_signal(signal.SIGKILL)
+            killed_at = os.readlink(last)
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    assert killed_at is not None, "the run finished or stalled before a mid-epoch checkpoint could be killed"
+    assert process.returncode == -signal.SIGKILL
+
+    result = run_module("csref_training.srec", killed_cfg)
+    assert "resumed from" in result.stderr
+    (ref_weights, ref_raw), (resumed_weights, resumed_raw) = _final_weights(reference_dir), _final_weights(killed_dir)
+    assert ref_weights.keys() == resumed_weights.keys()
+    # Exact: same data order, per-item seeds and per-step RNG, one thread in both runs.
+    for key in ref_weights:
+        assert torch.equal(ref_weights[key], resumed_weights[key]), key
+    for key in ref_raw:
+        assert torch.equal(ref_raw[key], resumed_raw[key]), key
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_box_iou_and_strict_threshold() -> None:
+    pred = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], dtype=np.float64)
+    gt = np.array([[0, 0, 10, 10], [0, 0, 10, 20], [5, 0, 15, 10], [0, 0, 10, 10]], dtype=np.float64)
+    iou = evaluate.box_iou(pred, gt)
+    assert iou == pytest.approx([1.0, 0.5, 50 / 150, 0.0])
+    assert list(iou > 0.5) == [True, False, False, False]  # IoU exactly 0.5 is a miss, as the reference
+
+
+def test_evaluate_official_pth_matches_our_format(shapes_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
+    cfg = engine.load_train_config(config)
+    model_cfg = engine.build_model_config(cfg)
+    engine.seed_all(5)
+    model = build_srec(model_cfg)
+    official = tmp_path / "csref_official.pth"
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "optimizer": {}, "scheduler": {}, "lr": 1e-4}, official)
+    ours = save_checkpoint(tmp_path / "ours", model, model_cfg)
+
+    out_official, out_ours = tmp_path / "official.json", tmp_path / "ours.json"
+    evaluate.main(["--config", str(config), "--checkpoint", str(official), "--splits", "val,test",
+                   "--json", str(out_official), "--save-vis", str(tmp_path / "vis")])
+    evaluate.main(["--config", str(config), "--checkpoint", str(ours), "--splits", "val,test", "--json", str(out_ours)])
+    official_result = json.loads(out_official.read_text())
+    assert json.loads(out_ours.read_text())["splits"] == official_result["splits"]
+    for split in ("val", "test"):
+        metrics = official_result["splits"][split]
+        assert metrics["count"] == SPLIT_SIZES[split]
+        for key in ("acc_50", "acc_75", "mean_iou"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert metrics["acc_75"] <= metrics["acc_50"]
+    assert len(list((tmp_path / "vis" / "val").glob("*.jpg"))) == SPLIT_SIZES["val"]
+
+
+def test_evaluate_csa_checkpoint_reports_retrieval(shapes_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
+    model_cfg = engine.build_model_config(engine.load_train_config(config))
+    csa_dir = save_checkpoint(tmp_path / "csa", build_csa(model_cfg), model_cfg)
+    out = tmp_path / "csa.json"
+    evaluate.main(["--config", str(config), "--checkpoint", str(csa_dir), "--splits", "val", "--json", str(out)])
+    metrics = json.loads(out.read_text())["splits"]["val"]
+    assert metrics["count"] == SPLIT_SIZES["val"]
+    assert metrics["loss"] > 0
+    for direction in ("speech_to_text", "text_to_speech"):
+        recalls = [metrics[f"{direction}_r{k}"] for k in (1, 5, 10)]
+        assert all(0.0 <= r <= 1.0 for r in recalls) and recalls == sorted(recalls)
