@@ -29,16 +29,14 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 import webrtcvad
+
+from csref_ros.audio import SAMPLE_RATE, AudioSourceError, load_audio_16k
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 FRAME_MS_CHOICES = (10, 20, 30)
 NOISE_FLOOR_PERCENTILE = 10  # pauses between words keep this low even in fluent speech
 
@@ -237,15 +235,6 @@ class SpeechSegmenter:
         )
 
 
-def load_wav_16k(path: str) -> np.ndarray:
-    """Any soundfile-readable file -> float32 mono 16 kHz (channels averaged, soxr resampling)."""
-    wave, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (N, channels)
-    mono = wave.mean(axis=1)
-    if sample_rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ")  # librosa's default resampler
-    return np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0).astype(np.float32)
-
-
 def segment_wave(wave_16k: np.ndarray, config: VadConfig | None = None, chunk_s: float = 0.1) -> list[Utterance]:
     """Run the streaming segmenter over a whole waveform, fed in chunks as a microphone would."""
     segmenter = SpeechSegmenter(config)
@@ -285,10 +274,8 @@ def main() -> None:
             min_utterance_s=args.min_utterance_s,
             max_utterance_s=args.max_utterance_s,
         )
-        if not Path(args.file).is_file():
-            raise ValueError(f"audio file not found: {args.file}")
-        wave = load_wav_16k(args.file)
-    except (ValueError, RuntimeError) as error:  # bad settings; soundfile's errors are RuntimeErrors
+        wave = load_audio_16k(args.file)
+    except (ValueError, AudioSourceError) as error:
         parser.exit(2, f"error: {error}\n")
     segments = [[round(u.start_s, 3), round(u.end_s, 3)] for u in segment_wave(wave, config)]
     if args.json:

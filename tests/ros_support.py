@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROGRAMS = Path(__file__).resolve().parent / "ros_programs"
+PROGRAMS = Path(__file__).resolve().parent / "programs"
 FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_loopback.xml"
 # Domain ids 1..100 keep Fast DDS ports below the ephemeral range.
 DOMAIN_IDS = range(1, 101)
@@ -52,7 +52,7 @@ def ros_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def start_program(name: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start tests/ros_programs/<name>.py with its output in log_path."""
+    """Start tests/programs/<name>.py with its output in log_path."""
     log = open(log_path, "w")
     return subprocess.Popen(
         [sys.executable, str(PROGRAMS / f"{name}.py"), *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT

@@ -1,0 +1,59 @@
+"""FrameBuffer: picking the frame for an utterance, ages, waiting for a frame from another thread."""
+
+import threading
+import time
+
+import pytest
+
+from csref_ros.frame_buffer import FrameBuffer
+
+
+@pytest.fixture
+def buffer() -> FrameBuffer:
+    frames = FrameBuffer(capacity=5)
+    for stamp_s in (10.0, 10.1, 10.2, 10.3):
+        frames.add(stamp_s, f"frame@{stamp_s}")
+    return frames
+
+
+def test_frame_on_screen_at_a_time(buffer):
+    assert buffer.at(10.25, max_age_s=0.5).frame == "frame@10.2"
+    assert buffer.at(10.3, max_age_s=0.5).frame == "frame@10.3"
+    assert buffer.at(11.0, max_age_s=0.5) is None  # newest frame is 0.7 s old by then
+    assert buffer.at(9.95, max_age_s=0.1).frame == "frame@10.0"  # before all frames: the first one
+    assert buffer.at(9.0, max_age_s=0.5) is None
+
+
+def test_pick_modes(buffer):
+    assert buffer.pick("end", start_s=10.05, end_s=10.22, now_s=10.5, max_age_s=1).frame == "frame@10.2"
+    assert buffer.pick("start", start_s=10.05, end_s=10.22, now_s=10.5, max_age_s=1).frame == "frame@10.0"
+    assert buffer.pick("latest", start_s=10.05, end_s=10.22, now_s=10.5, max_age_s=1).frame == "frame@10.3"
+    assert buffer.pick("latest", start_s=10.05, end_s=10.22, now_s=12.0, max_age_s=1) is None
+    with pytest.raises(ValueError, match="must be one of"):
+        buffer.pick("middle", 0, 0, 0, 1)
+
+
+def test_capacity_keeps_newest(buffer):
+    buffer.add(10.4, "a")
+    buffer.add(10.5, "b")
+    assert buffer.received == 6
+    assert [f.stamp_s for f in buffer.frames] == [10.1, 10.2, 10.3, 10.4, 10.5]
+
+
+def test_wait_for_next_frame_from_another_thread():
+    frames = FrameBuffer()
+    threading.Timer(0.2, frames.add, args=(5.1, "late frame")).start()
+    started = time.monotonic()
+    frame = frames.wait_for_frame_after(5.0, max_age_s=0.5, timeout_s=3.0)
+    assert frame.frame == "late frame" and time.monotonic() - started < 1.5
+
+
+def test_wait_gives_up_on_timeout_or_too_old():
+    frames = FrameBuffer()
+    started = time.monotonic()
+    assert frames.wait_for_frame_after(5.0, max_age_s=0.5, timeout_s=0.2) is None
+    assert 0.15 <= time.monotonic() - started < 1.0
+    frames.add(7.0, "much later")
+    assert frames.wait_for_frame_after(5.0, max_age_s=0.5, timeout_s=0.2) is None
+    frames.add(4.0, "earlier")  # stamps before the utterance do not count
+    assert frames.wait_for_frame_after(5.0, max_age_s=5.0, timeout_s=0.1).frame == "much later"
