@@ -15,6 +15,7 @@ nothing in the file may go unused, unless a loader says otherwise. Errors name t
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -82,11 +83,10 @@ def read_torch_file(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        if "WeightsUnpickler error:" in message:
-            reason = next(line for line in message.split("WeightsUnpickler error:", 1)[1].splitlines() + ["?"]
-                          if line.strip())
+        refusal = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+        if refusal:
             raise ValueError(
-                f"refused to load {path}: it needs arbitrary unpickling ({reason.split('. Please')[0].strip()}), "
+                f"refused to load {path}: it needs arbitrary unpickling ({refusal.group(1).split('. Please')[0]}), "
                 "which could run code; nothing in it was executed. Only checkpoints of plain tensors, dicts, "
                 "lists and numbers are accepted (torch.save of a state_dict)."
             ) from error
