@@ -112,16 +112,12 @@ class SpeechEncoder(nn.Module):
     def __init__(self, cfg: SpeechEncoderConfig, layer_fusion: bool, load_pretrained: bool = True):
         super().__init__()
         self.model = build_wav2vec2(cfg, load_pretrained)
-        hidden_size = cfg.architecture.hidden_size
+        self.layer_fusion = layer_fusion
         # All hidden states: the transformer input plus the output of every layer (13 for base).
         self.num_states = cfg.architecture.num_hidden_layers + 1 if layer_fusion else 1
         if layer_fusion:
             self.fusion_modules = GELUConv(self.num_states)
-        self.att_flat = AttFlat(hidden_size, cfg.output_dim, cfg.att_flat_dropout)
-
-    @property
-    def layer_fusion(self) -> bool:
-        return self.num_states > 1
+        self.att_flat = AttFlat(cfg.architecture.hidden_size, cfg.output_dim, cfg.att_flat_dropout)
 
     def frame_valid_mask(self, num_frames: int, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) sample mask -> (B, T) bool frame mask, True = frame computed from real samples."""
