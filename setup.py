@@ -52,6 +52,7 @@ setup(
     entry_points={
         "console_scripts": [
             "grounding_node = csref_ros.grounding_node:main",
+            "csref_ground = csref_model.ground:main",
         ],
     },
 )
