@@ -205,6 +205,10 @@ def test_from_checkpoint_our_directory_and_errors(tmp_path, tiny_model, tiny_con
         Grounder.from_checkpoint(tmp_path / "nope.pth", config="tiny")
     with pytest.raises(ValueError, match="shape mismatches"):
         Grounder.from_checkpoint(tmp_path / "tiny.pth", config="base")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text((REPO / "config" / "models" / "tiny.yaml").read_text().replace("garan_heads:", "garan_head:"))
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown key 'garan_head' in section 'fusion'"):
+        Grounder.from_checkpoint(tmp_path / "tiny.pth", config=bad_yaml)
 
 
 # ----------------------------------------------------------------------------------------
