@@ -6,6 +6,10 @@
 
 For a robot the two encoders run separately: the image once per camera frame, the speech once
 per utterance, then `ground_features` fuses them; the result is identical to `ground`.
+
+`backend` picks what runs the model (csref_model.backends): "torch" (default), "onnxruntime",
+"tensorrt" or "auto" (the fastest available here); the API and the results (within the parity
+tolerance, or the precision asked for) are the same for all.
 """
 
 import logging
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from csref_model.backends import create_backend
 from csref_model.checkpoint import build_srec_from_checkpoint
 from csref_model.config import ModelConfig, load_model_config
 from csref_model.preprocessing import Letterbox, letterbox, min_num_samples, prepare_waveform, speech_batch
@@ -46,10 +51,15 @@ class SpeechFeatures:
 
 
 class Grounder:
-    def __init__(self, model: nn.Module, config: ModelConfig, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, config: ModelConfig, device: str | torch.device = "cpu",
+                 backend: str = "torch", precision: str = "fp32", onnx_dir: str | Path | None = None,
+                 threads: int | None = None):
+        """`precision` is fp32, fp16 or bf16 (reduced precision on CUDA only); `onnx_dir` holds (or
+        receives) the exported graphs for onnxruntime/tensorrt; `threads` sets ONNX Runtime's."""
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         self.config = config
+        self.backend = create_backend(backend, self.model, config, self.device, precision, onnx_dir, threads)
         architecture = config.speech_encoder.architecture
         self.min_samples = min_num_samples(architecture.conv_kernel, architecture.conv_stride)
 
@@ -59,10 +69,12 @@ class Grounder:
         path: str | Path,
         config: str | Path | ModelConfig | None = None,
         device: str | torch.device = "cpu",
+        **backend_options,
     ) -> "Grounder":
         """Official `.pth` (needs `config`, e.g. "base") or our checkpoint directory.
 
         `config` is "base", "tiny", a YAML path or a ModelConfig; None reads it from our directory.
+        `backend_options`: backend, precision, onnx_dir, threads (see `__init__`).
         """
         if config is None and Path(path).is_file():
             raise ValueError(f"{path} is an official-format file, which stores no model config: "
@@ -70,19 +82,21 @@ class Grounder:
         if config is not None and not isinstance(config, ModelConfig):
             config = load_model_config(config)
         model, config = build_srec_from_checkpoint(path, config)
-        return cls(model, config, device)
+        return cls(model, config, device, **backend_options)
 
     @classmethod
-    def from_model(cls, model: nn.Module, config: ModelConfig, device: str | torch.device = "cpu") -> "Grounder":
-        return cls(model, config, device)
+    def from_model(cls, model: nn.Module, config: ModelConfig, device: str | torch.device = "cpu",
+                   **backend_options) -> "Grounder":
+        return cls(model, config, device, **backend_options)
 
     @torch.inference_mode()
     def ground(self, image: np.ndarray, audio: np.ndarray, sample_rate: int = 16000) -> GroundingResult:
         """One H x W x 3 uint8 RGB image and one mono float waveform -> the box meant."""
         image_tensor, geometry = letterbox(image, self.config.image_size)
         input_values, attention_mask = self._speech_inputs([audio], sample_rate)
-        boxes = self.model(image_tensor[None].to(self.device), input_values, attention_mask)  # (1, 5)
-        return _result(boxes[0], geometry)
+        image_maps = self.backend.encode_image(image_tensor[None])
+        boxes = self.backend.ground_features(image_maps, self.backend.encode_speech(input_values, attention_mask))
+        return _result(boxes[0], geometry)  # boxes: (1, 5)
 
     @torch.inference_mode()
     def ground_batch(
@@ -98,15 +112,15 @@ class Grounder:
         if not images:
             return []
         letterboxed = [letterbox(image, self.config.image_size) for image in images]
-        image_batch = torch.stack([tensor for tensor, _ in letterboxed]).to(self.device)  # (B, 3, S, S)
+        image_batch = torch.stack([tensor for tensor, _ in letterboxed])  # (B, 3, S, S)
         speech = torch.cat([self._encode_speech(audio, sample_rate) for audio in audios])  # (B, D)
-        boxes = self.model.ground_features(self.model.encode_image(image_batch), speech)  # (B, 5)
+        boxes = self.backend.ground_features(self.backend.encode_image(image_batch), speech)  # (B, 5)
         return [_result(box, geometry) for box, (_, geometry) in zip(boxes, letterboxed)]
 
     @torch.inference_mode()
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         image_tensor, geometry = letterbox(image, self.config.image_size)
-        return ImageFeatures(maps=self.model.encode_image(image_tensor[None].to(self.device)), letterbox=geometry)
+        return ImageFeatures(maps=self.backend.encode_image(image_tensor[None]), letterbox=geometry)
 
     @torch.inference_mode()
     def encode_speech(self, audio: np.ndarray, sample_rate: int = 16000) -> SpeechFeatures:
@@ -114,16 +128,15 @@ class Grounder:
 
     @torch.inference_mode()
     def ground_features(self, image_features: ImageFeatures, speech_features: SpeechFeatures) -> GroundingResult:
-        boxes = self.model.ground_features(image_features.maps, speech_features.feature)  # (1, 5)
+        boxes = self.backend.ground_features(image_features.maps, speech_features.feature)  # (1, 5)
         return _result(boxes[0], image_features.letterbox)
 
     def _speech_inputs(self, audios: Sequence[np.ndarray], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
         waves = [prepare_waveform(audio, sample_rate, min_samples=self.min_samples) for audio in audios]
-        input_values, attention_mask = speech_batch(waves)  # (B, L), (B, L)
-        return input_values.to(self.device), attention_mask.to(self.device)
+        return speech_batch(waves)  # (B, L), (B, L) on the CPU; the backend moves them
 
     def _encode_speech(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
-        return self.model.encode_speech(*self._speech_inputs([audio], sample_rate))  # (1, D)
+        return self.backend.encode_speech(*self._speech_inputs([audio], sample_rate))  # (1, D)
 
 
 def _result(box: torch.Tensor, geometry: Letterbox) -> GroundingResult:
