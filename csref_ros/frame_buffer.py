@@ -18,18 +18,30 @@ class StampedFrame:
 
 
 class FrameBuffer:
-    def __init__(self, capacity: int = 30) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+    """The newest frame always, older ones thinned to one per `min_interval_s`, `capacity` in all."""
+
+    def __init__(self, capacity: int = 30, min_interval_s: float = 0.0) -> None:
+        if capacity < 2:
+            raise ValueError(f"capacity must be >= 2, got {capacity}")
         self.frames: deque[StampedFrame] = deque(maxlen=capacity)
+        self.min_interval_s = min_interval_s
         self.changed = threading.Condition()
         self.received = 0
 
     def add(self, stamp_s: float, frame: Any) -> None:
         with self.changed:
-            self.frames.append(StampedFrame(stamp_s, frame))
+            if self.frames and stamp_s < self.frames[-1].stamp_s:
+                self.frames.clear()  # time went backwards (camera restart, replayed log)
+            if len(self.frames) >= 2 and stamp_s - self.frames[-2].stamp_s < self.min_interval_s:
+                self.frames[-1] = StampedFrame(stamp_s, frame)
+            else:
+                self.frames.append(StampedFrame(stamp_s, frame))
             self.received += 1
             self.changed.notify_all()
+
+    def clear(self) -> None:
+        with self.changed:
+            self.frames.clear()
 
     def latest(self) -> StampedFrame | None:
         with self.changed:

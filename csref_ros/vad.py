@@ -131,6 +131,7 @@ class SpeechSegmenter:
         # Recent frames (index, int16 audio, voiced) while waiting for speech: pre-roll + start window.
         self.recent: deque[tuple[int, np.ndarray, bool]] = deque(maxlen=self.preroll_frames + self.start_window_frames)
         self.in_speech = False
+        self.last_frame_voiced = False
         self.speech_start_frame = 0
         self.last_voiced_frame = 0
         self.audio_start_frame = 0
@@ -148,6 +149,11 @@ class SpeechSegmenter:
     def speech_start_s(self) -> float | None:
         """Start of the utterance in progress, None when no one is speaking."""
         return self.frame_time(self.speech_start_frame) if self.in_speech else None
+
+    @property
+    def voice_active(self) -> bool:
+        """Inside an utterance and the newest frame is voiced (not in a pause or the hangover)."""
+        return self.in_speech and self.last_frame_voiced
 
     def frame_time(self, frame_index: int) -> float:
         return frame_index * self.config.frame_samples / SAMPLE_RATE
@@ -177,6 +183,7 @@ class SpeechSegmenter:
         self.frame_index += 1
         loud_enough = self.above_noise_floor(frame)  # first: every frame must update the noise floor
         voiced = self.vad.is_speech(frame.tobytes(), SAMPLE_RATE) and loud_enough
+        self.last_frame_voiced = voiced
         if not self.in_speech:
             self.recent.append((index, frame, voiced))
             window = list(self.recent)[-self.start_window_frames :]

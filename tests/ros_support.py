@@ -1,6 +1,7 @@
 """Running real ROS 2 processes from tests: a private domain id, loopback only, our DDS profile."""
 
 import fcntl
+import json
 import os
 import random
 import subprocess
@@ -69,3 +70,25 @@ def stop(process: subprocess.Popen, timeout: float = 10.0) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def ros_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def start_node(parameters: dict, env: dict[str, str], log_path: Path, name: str = "grounding_node") -> subprocess.Popen:
+    """`python -m csref_ros.grounding_node --ros-args -p k:=v ...`, exactly as a user starts it."""
+    command = [sys.executable, "-m", "csref_ros.grounding_node", "--ros-args", "-r", f"__node:={name}"]
+    for key, value in parameters.items():
+        command += ["-p", f"{key}:={ros_value(value)}"]
+    log = open(log_path, "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+
+
+def json_lines(log_path: Path) -> list[dict]:
+    """The JSON objects a test program printed, one per line (other lines skipped)."""
+    objects = []
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{"):
+            objects.append(json.loads(line))
+    return objects

@@ -40,6 +40,20 @@ def test_capacity_keeps_newest(buffer):
     assert [f.stamp_s for f in buffer.frames] == [10.1, 10.2, 10.3, 10.4, 10.5]
 
 
+def test_history_is_thinned_but_newest_is_kept():
+    frames = FrameBuffer(capacity=100, min_interval_s=0.1)
+    for index in range(61):  # one second at 60 Hz
+        frames.add(index / 60, index)
+    stamps = [f.stamp_s for f in frames.frames]
+    assert stamps[-1] == 1.0 and 9 <= len(stamps) <= 13
+    assert all(0.08 <= later - earlier <= 0.1 + 1e-9 for earlier, later in zip(stamps[:-2], stamps[1:-1]))
+
+
+def test_time_going_backwards_restarts_history(buffer):
+    buffer.add(3.0, "after restart")
+    assert [f.frame for f in buffer.frames] == ["after restart"]
+
+
 def test_wait_for_next_frame_from_another_thread():
     frames = FrameBuffer()
     threading.Timer(0.2, frames.add, args=(5.1, "late frame")).start()
@@ -48,12 +62,12 @@ def test_wait_for_next_frame_from_another_thread():
     assert frame.frame == "late frame" and time.monotonic() - started < 1.5
 
 
-def test_wait_gives_up_on_timeout_or_too_old():
+def test_wait_gives_up_on_timeout_or_too_late():
     frames = FrameBuffer()
+    frames.add(4.0, "earlier")  # stamped before the utterance: does not count
     started = time.monotonic()
     assert frames.wait_for_frame_after(5.0, max_age_s=0.5, timeout_s=0.2) is None
     assert 0.15 <= time.monotonic() - started < 1.0
     frames.add(7.0, "much later")
     assert frames.wait_for_frame_after(5.0, max_age_s=0.5, timeout_s=0.2) is None
-    frames.add(4.0, "earlier")  # stamps before the utterance do not count
     assert frames.wait_for_frame_after(5.0, max_age_s=5.0, timeout_s=0.1).frame == "much later"

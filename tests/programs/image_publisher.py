@@ -11,7 +11,7 @@ import time
 import cv2
 import numpy as np
 import rclpy
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
 from csref_ros.image_conversion import fill_image
@@ -40,6 +40,19 @@ def in_encoding(rgb: np.ndarray, encoding: str) -> np.ndarray:
     sys.exit(f"image_publisher does not produce {encoding}")
 
 
+def broken(msg: Image, index: int) -> None:
+    """Spoil a frame the ways cameras and bridges do: wrong encoding, cut data, bad step, no pixels."""
+    kind = index % 4
+    if kind == 0:
+        msg.encoding = "yuv422"
+    elif kind == 1:
+        msg.data = bytes(msg.data)[: len(msg.data) // 2]
+    elif kind == 2:
+        msg.step = msg.step - 1
+    else:
+        msg.height, msg.width, msg.step, msg.data = 0, 0, 0, b""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--topic", default="/camera/image_raw")
@@ -51,13 +64,20 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--count", type=int, default=0, help="frames to publish; 0 = until stopped")
     parser.add_argument("--reliability", choices=["best_effort", "reliable"], default="best_effort")
+    parser.add_argument("--durability", choices=["volatile", "transient_local"], default="volatile")
     parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--bad-frames", type=int, default=0, help="first publish this many broken frames")
+    parser.add_argument("--linger", type=float, default=0.0, help="stay alive this long after the last frame")
     parser.add_argument("--wait-subscribers", type=int, default=1)
     args = parser.parse_args()
 
     rclpy.init()
     node = rclpy.create_node("test_image_publisher")
-    qos = QoSProfile(depth=args.depth, reliability=getattr(ReliabilityPolicy, args.reliability.upper()))
+    qos = QoSProfile(
+        depth=args.depth,
+        reliability=getattr(ReliabilityPolicy, args.reliability.upper()),
+        durability=getattr(DurabilityPolicy, args.durability.upper()),
+    )
     publisher = node.create_publisher(Image, args.topic, qos)
     deadline = time.monotonic() + 30.0
     while publisher.get_subscription_count() < args.wait_subscribers:
@@ -74,12 +94,15 @@ def main() -> None:
         while args.count == 0 or published < args.count:
             msg = Image()
             fill_image(msg, pixels, args.encoding)
+            if published < args.bad_frames:
+                broken(msg, published)
             msg.header.frame_id = args.frame_id
             msg.header.stamp = node.get_clock().now().to_msg()
             publisher.publish(msg)
             published += 1
             next_time += period
             time.sleep(max(0.0, next_time - time.monotonic()))
+        time.sleep(args.linger)
     except KeyboardInterrupt:
         pass
     print(json.dumps({"published": published}), flush=True)

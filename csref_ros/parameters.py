@@ -1,0 +1,94 @@
+"""The grounding node's parameters: names, defaults, descriptions, ranges, and their checks.
+
+config/grounding.yaml holds the same defaults (tests keep the two equal). Parameters marked
+`runtime` take effect as soon as they are set; the others at the next configure/activate.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from csref_ros.frame_buffer import FRAME_CHOICES
+from csref_ros.image_conversion import DEFAULT_MAX_PIXELS
+from csref_ros.vad import FRAME_MS_CHOICES, VadConfig
+
+BACKENDS = ("pytorch",)
+VAD_DEFAULTS = VadConfig()
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    default: Any
+    description: str
+    range: tuple[float, float, float] | None = None  # (low, high, step) for numbers; step 0 = any
+    choices: tuple[Any, ...] = ()
+    runtime: bool = False
+
+
+PARAMETERS = (
+    # Model
+    Parameter("model_checkpoint", "", "Checkpoint: our directory (model.safetensors + config.yaml) or an official CSRef .pth"),
+    Parameter("model_config", "", "Model config: 'base', 'tiny' or a YAML path; empty = the one stored in the checkpoint directory"),
+    Parameter("backend", "pytorch", "Inference backend", choices=BACKENDS),
+    Parameter("device", "cpu", "Torch device for the pytorch backend, e.g. cpu or cuda:0"),
+    Parameter("num_threads", 0, "CPU threads for inference; 0 = library default", range=(0, 256, 1)),
+    Parameter("score_threshold", 0.0, "Publish a box only if its confidence is at least this", range=(0.0, 1.0, 0.0), runtime=True),
+    # Camera
+    Parameter("image_topic", "/camera/image_raw", "sensor_msgs/Image topic (with image_transport=compressed: <topic>/compressed)"),
+    Parameter("image_transport", "raw", "raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage (jpeg/png)", choices=("raw", "compressed")),
+    Parameter("image_qos_reliability", "best_effort", "Image subscription reliability (best_effort = sensor data QoS)", choices=("best_effort", "reliable")),
+    Parameter("image_qos_depth", 5, "Image subscription queue depth", range=(1, 100, 1)),
+    Parameter("max_image_pixels", DEFAULT_MAX_PIXELS, "Larger images are rejected (counted in diagnostics)", range=(1, 1_000_000_000, 1), runtime=True),
+    Parameter("image_timeout_s", 2.0, "If no image arrives for this long, diagnose the topic (publishers, their QoS) and warn", range=(0.1, 600.0, 0.0)),
+    Parameter("image_qos_adapt", True, "When no image arrives, resubscribe with the publishers' reliability and durability"),
+    Parameter("frame_history_s", 3.0, "How far back camera frames are kept for pairing with utterances", range=(0.1, 60.0, 0.0)),
+    Parameter("frame_history_rate_hz", 10.0, "Frames kept per second of history (the newest frame is always kept)", range=(0.5, 240.0, 0.0)),
+    # Audio
+    Parameter("audio_source", "microphone", "Where speech comes from", choices=("microphone", "file")),
+    Parameter("audio_file", "", "WAV/FLAC file for audio_source=file, played in real time once images arrive"),
+    Parameter("audio_loop", False, "Play audio_file again and again"),
+    Parameter("audio_device", "", "Microphone: PortAudio device index or part of its name; empty = system default"),
+    Parameter("audio_sample_rate", 0, "Microphone capture rate in Hz; 0 = the device default (resampled to 16 kHz)", range=(0, 384_000, 1)),
+    Parameter("audio_channels", 1, "Microphone channels (averaged to mono)", range=(1, 64, 1)),
+    # Voice activity detection (see csref_ros.vad)
+    Parameter("vad_aggressiveness", VAD_DEFAULTS.aggressiveness, "webrtcvad mode: 0 permissive .. 3 strict", range=(0, 3, 1), runtime=True),
+    Parameter("vad_frame_ms", VAD_DEFAULTS.frame_ms, "VAD frame length in ms", choices=FRAME_MS_CHOICES, runtime=True),
+    Parameter("vad_start_window_ms", VAD_DEFAULTS.start_window_ms, "Window in which start_ratio of frames must be voiced to start an utterance", range=(10, 5000, 1), runtime=True),
+    Parameter("vad_start_ratio", VAD_DEFAULTS.start_ratio, "Voiced fraction of the start window that starts an utterance", range=(0.05, 1.0, 0.0), runtime=True),
+    Parameter("vad_hangover_ms", VAD_DEFAULTS.hangover_ms, "Silence that ends an utterance (end_ratio of its frames unvoiced)", range=(10, 5000, 1), runtime=True),
+    Parameter("vad_end_ratio", VAD_DEFAULTS.end_ratio, "Unvoiced fraction of the hangover window that ends an utterance", range=(0.05, 1.0, 0.0), runtime=True),
+    Parameter("vad_preroll_ms", VAD_DEFAULTS.preroll_ms, "Audio kept before the detected start of speech", range=(0, 5000, 1), runtime=True),
+    Parameter("vad_min_utterance_s", VAD_DEFAULTS.min_utterance_s, "Shorter speech is ignored (clicks, coughs)", range=(0.0, 10.0, 0.0), runtime=True),
+    Parameter("vad_max_utterance_s", VAD_DEFAULTS.max_utterance_s, "Longer speech is cut here and grounded", range=(0.5, 120.0, 0.0), runtime=True),
+    Parameter("vad_energy_margin_db", VAD_DEFAULTS.energy_margin_db, "Voiced frames must be this far above the noise floor", range=(0.0, 60.0, 0.0), runtime=True),
+    # Pairing speech with a frame
+    Parameter("frame_selection", "end", "Frame paired with an utterance: at its end, at its start, or the latest", choices=FRAME_CHOICES, runtime=True),
+    Parameter("max_frame_age_s", 5.0, "A frame farther than this from the chosen time is not used (the utterance waits for a new one)", range=(0.01, 60.0, 0.0), runtime=True),
+    Parameter("precomputed_frame_tolerance_s", 0.3, "Use image features computed during speech if their frame is this close to the chosen one", range=(0.0, 10.0, 0.0), runtime=True),
+    # Output and operation
+    Parameter("publish_debug_image", False, "Publish the image with the box drawn on csref/debug_image", runtime=True),
+    Parameter("max_pending_utterances", 2, "Utterances waiting for inference; when full the oldest is dropped (counted)", range=(1, 64, 1)),
+    Parameter("diagnostics_period_s", 1.0, "Period of /diagnostics messages", range=(0.1, 60.0, 0.0)),
+    Parameter("autostart", True, "Configure and activate on start-up (otherwise wait for lifecycle transitions)"),
+)
+PARAMETERS_BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}
+
+
+def check_value(name: str, value: Any) -> str | None:
+    """Why `value` is not acceptable for parameter `name`, or None. (Ranges are also enforced by rclpy.)"""
+    parameter = PARAMETERS_BY_NAME.get(name)
+    if parameter is None:
+        return None
+    if isinstance(parameter.default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"{name} must be a number; got {value!r}"
+    if parameter.choices and value not in parameter.choices:
+        return f"{name} must be one of {', '.join(map(str, parameter.choices))}; got {value!r}"
+    if parameter.range is not None and not parameter.range[0] <= value <= parameter.range[1]:
+        return f"{name} must be in [{parameter.range[0]}, {parameter.range[1]}]; got {value!r}"
+    return None
+
+
+def vad_config_from(values: dict[str, Any]) -> VadConfig:
+    """VadConfig from vad_* parameter values (ValueError with the reason if inconsistent)."""
+    return VadConfig(**{name[len("vad_"):]: value for name, value in values.items() if name.startswith("vad_")})
+

@@ -1,0 +1,79 @@
+"""Print each vision_msgs/Detection2D arriving on a topic (and the last /diagnostics) as JSON lines.
+
+A test program (run as a separate process):
+python detection_listener.py --topic /csref/target_box --count 1 --timeout 60
+"""
+
+import argparse
+import json
+import time
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from sensor_msgs.msg import Image
+from vision_msgs.msg import Detection2D
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--topic", default="/csref/target_box")
+    parser.add_argument("--count", type=int, default=1, help="stop after this many detections")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--debug-image-topic", help="also count annotated images on this topic")
+    parser.add_argument("--until", metavar="KEY=VALUE", help="also stop once the diagnostics show this value")
+    parser.add_argument("--until-at-least", metavar="KEY=N", help="also stop once this diagnostics counter is >= N")
+    args = parser.parse_args()
+
+    rclpy.init()
+    node = rclpy.create_node("test_detection_listener")
+    received = []
+    diagnostics: dict[str, str] = {}
+
+    def on_detection(msg: Detection2D) -> None:
+        received.append(msg)
+        print(json.dumps({
+            "received_s": time.time(),
+            "stamp_s": msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9,
+            "frame_id": msg.header.frame_id,
+            "id": msg.id,
+            "center": [msg.bbox.center.position.x, msg.bbox.center.position.y],
+            "size": [msg.bbox.size_x, msg.bbox.size_y],
+            "score": msg.results[0].hypothesis.score if msg.results else None,
+        }), flush=True)
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if "speech grounding" in status.name:
+                diagnostics.clear()
+                diagnostics.update({kv.key: kv.value for kv in status.values})
+                diagnostics["level"] = int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else int(status.level)
+                diagnostics["message"] = status.message
+
+    debug_images: list[list[int]] = []
+    if args.debug_image_topic:
+        node.create_subscription(Image, args.debug_image_topic, lambda m: debug_images.append([m.height, m.width]), 2)
+    node.create_subscription(Detection2D, args.topic, on_detection, 10)
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    def condition_met() -> bool:
+        if args.until:
+            key, value = args.until.split("=", 1)
+            if str(diagnostics.get(key)) == value:
+                return True
+        if args.until_at_least:
+            key, count = args.until_at_least.split("=", 1)
+            return int(diagnostics.get(key, 0)) >= int(count)
+        return False
+
+    deadline = time.monotonic() + args.timeout
+    while len(received) < args.count and not condition_met() and time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.1)
+    settle = time.monotonic() + 1.5  # one more diagnostics message after the last detection
+    while time.monotonic() < settle:
+        rclpy.spin_once(node, timeout_sec=0.1)
+    print(json.dumps({"diagnostics": diagnostics, "debug_images": debug_images}), flush=True)
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
