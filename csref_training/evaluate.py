@@ -110,6 +110,9 @@ def save_visualisations(vis_dir: Path, batch: dict[str, Any], pred: np.ndarray, 
     """Original image with the ground truth (green) and the prediction (red, IoU in its label)."""
     vis_dir.mkdir(parents=True, exist_ok=True)
     for i, image_path in enumerate(batch["image_path"]):
+        if image_path is None:
+            logger.warning("--save-vis needs image files; this dataset (Hugging Face variant) has none")
+            return
         image = cv2.imread(str(image_path))
         if image is None:
             raise FileNotFoundError(f"cannot read {image_path} for --save-vis")
