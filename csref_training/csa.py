@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=progress.epoch_step,
                    total=iters_per_epoch, disable=not dist_info.is_main, dynamic_ncols=True)
         window_start, window_samples, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+        epoch_start, epoch_start_step = time.perf_counter(), progress.epoch_step
         for batch in bar:
             # Dropout and SpecAugment masks depend only on (seed, rank, step): resumption is exact.
             engine.seed_all(engine.derive_seed(cfg.seed, dist_info.rank, progress.global_step))
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if stop:
                 break
         bar.close()
+        epoch_samples = (progress.epoch_step - epoch_start_step) * cfg.batch_size
+        epoch_seconds = time.perf_counter() - epoch_start
+        logger.info("epoch %d: trained on %d pairs in %.0f s (%.2f pairs/s)", epoch + 1, epoch_samples,
+                    epoch_seconds, epoch_samples / max(epoch_seconds, 1e-9))
         if stop and progress.epoch_step < iters_per_epoch:
             break
 
