@@ -233,15 +233,24 @@ class GroundingNode(LifecycleNode):
             raise ValueError("model_checkpoint is empty; set it to a checkpoint directory or official .pth file")
         if not Path(checkpoint).exists():
             raise FileNotFoundError(f"model_checkpoint {checkpoint} does not exist")
-        if self.param("num_threads") > 0:
-            torch.set_num_threads(self.param("num_threads"))
+        threads = self.param("num_threads") or None
+        if threads:
+            torch.set_num_threads(threads)
         started = time.monotonic()
-        grounder = Grounder.from_checkpoint(checkpoint, config=self.param("model_config") or None, device=self.param("device"))
+        grounder = Grounder.from_checkpoint(
+            checkpoint,
+            config=self.param("model_config") or None,
+            device=self.param("device"),
+            backend=self.param("backend"),
+            precision=self.param("precision"),
+            onnx_dir=self.param("onnx_dir") or None,
+            threads=threads,
+        )
         # Warm-up: the first call of a model is several times slower than the next ones.
         warmup_audio = np.random.default_rng(0).uniform(-0.3, 0.3, SAMPLE_RATE // 2).astype(np.float32)
         grounder.ground(np.full((64, 64, 3), 127, dtype=np.uint8), warmup_audio)
         self.model_description = (
-            f"{checkpoint} (backend {self.param('backend')}, device {self.param('device')}, "
+            f"{checkpoint} (backend {type(grounder.backend).__name__}, device {self.param('device')}, "
             f"image size {grounder.config.image_size}, loaded in {time.monotonic() - started:.1f} s)"
         )
         return grounder
@@ -659,7 +668,7 @@ class GroundingNode(LifecycleNode):
         values = {
             "state": "active" if self.active else ("configured" if self.grounder is not None else "unconfigured"),
             "model": self.model_description,
-            "backend": self.param("backend"),
+            "backend": type(self.grounder.backend).__name__ if self.grounder is not None else self.param("backend"),
             "image_topic": self.image_topic(),
             "image_rate_hz": f"{image_rate:.1f}",
             "audio_source": self.param("audio_source"),

@@ -7,11 +7,11 @@ config/grounding.yaml holds the same defaults (tests keep the two equal). Parame
 from dataclasses import dataclass
 from typing import Any
 
+from csref_model.backends import BACKENDS, PRECISIONS
 from csref_ros.frame_buffer import FRAME_CHOICES
 from csref_ros.image_conversion import DEFAULT_MAX_PIXELS
 from csref_ros.vad import FRAME_MS_CHOICES, VadConfig
 
-BACKENDS = ("pytorch",)
 VAD_DEFAULTS = VadConfig()
 
 
@@ -29,8 +29,10 @@ PARAMETERS = (
     # Model
     Parameter("model_checkpoint", "", "Checkpoint: our directory (model.safetensors + config.yaml) or an official CSRef .pth"),
     Parameter("model_config", "", "Model config: 'base', 'tiny' or a YAML path; empty = the one stored in the checkpoint directory"),
-    Parameter("backend", "pytorch", "Inference backend", choices=BACKENDS),
-    Parameter("device", "cpu", "Torch device for the pytorch backend, e.g. cpu or cuda:0"),
+    Parameter("backend", "torch", "Inference backend (auto = the fastest available on device)", choices=BACKENDS),
+    Parameter("device", "cpu", "Device, e.g. cpu or cuda:0"),
+    Parameter("precision", "fp32", "Inference precision (fp16/bf16 on CUDA only)", choices=tuple(PRECISIONS)),
+    Parameter("onnx_dir", "", "Exported ONNX graphs for onnxruntime/tensorrt; empty = a per-model cache folder (exported on first use)"),
     Parameter("num_threads", 0, "CPU threads for inference; 0 = library default", range=(0, 256, 1)),
     Parameter("score_threshold", 0.0, "Publish a box only if its confidence is at least this", range=(0.0, 1.0, 0.0), runtime=True),
     # Camera

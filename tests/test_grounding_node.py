@@ -67,13 +67,16 @@ def assert_box_inside_image(detection: dict, width: int = WIDTH, height: int = H
     assert 0.0 <= detection["score"] <= 1.0
 
 
-def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkpoint, command):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkpoint, command, backend):
     wav, _ = command
     detections, diagnostics, report, node_log = run_scenario(
         tmp_path,
         ros_env,
         {
             "model_checkpoint": tiny_checkpoint,
+            "backend": backend,
+            "onnx_dir": tmp_path / "onnx",
             "audio_source": "file",
             "audio_file": wav,
             "image_topic": "/test_camera/image",
@@ -92,6 +95,7 @@ def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkp
     assert diagnostics["level"] == 0, diagnostics
     assert int(diagnostics["images_rejected"]) == 4 and int(diagnostics["detections"]) == 1
     assert int(diagnostics["inference_errors"]) == 0
+    assert diagnostics["backend"] == {"torch": "TorchBackend", "onnxruntime": "OnnxRuntimeBackend"}[backend]
     assert "image encoding 'yuv422' is not supported" in node_log and "image data is truncated" in node_log
     assert "image is empty (0x0 pixels)" in node_log
 
