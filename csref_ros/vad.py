@@ -28,7 +28,7 @@ import json
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import webrtcvad
@@ -253,34 +253,16 @@ def segment_wave(wave_16k: np.ndarray, config: VadConfig | None = None, chunk_s:
 
 
 def main() -> None:
-    defaults = VadConfig()
     parser = argparse.ArgumentParser(
         prog="python -m csref_ros.vad", description="Print the speech segments of an audio file, as the grounding node finds them."
     )
     parser.add_argument("file", help="WAV/FLAC file, any sample rate, mono or stereo")
-    parser.add_argument("--aggressiveness", type=int, default=defaults.aggressiveness, help="webrtcvad mode 0..3")
-    parser.add_argument("--frame-ms", type=int, default=defaults.frame_ms, choices=FRAME_MS_CHOICES)
-    parser.add_argument("--start-window-ms", type=int, default=defaults.start_window_ms)
-    parser.add_argument("--start-ratio", type=float, default=defaults.start_ratio)
-    parser.add_argument("--hangover-ms", type=int, default=defaults.hangover_ms)
-    parser.add_argument("--end-ratio", type=float, default=defaults.end_ratio)
-    parser.add_argument("--preroll-ms", type=int, default=defaults.preroll_ms)
-    parser.add_argument("--min-utterance-s", type=float, default=defaults.min_utterance_s)
-    parser.add_argument("--max-utterance-s", type=float, default=defaults.max_utterance_s)
+    for setting in fields(VadConfig):  # --aggressiveness, --frame-ms, ...: the node's vad_* parameters
+        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
     parser.add_argument("--json", action="store_true", help="print [[start_s, end_s], ...] as JSON")
     args = parser.parse_args()
     try:
-        config = VadConfig(
-            aggressiveness=args.aggressiveness,
-            frame_ms=args.frame_ms,
-            start_window_ms=args.start_window_ms,
-            start_ratio=args.start_ratio,
-            hangover_ms=args.hangover_ms,
-            end_ratio=args.end_ratio,
-            preroll_ms=args.preroll_ms,
-            min_utterance_s=args.min_utterance_s,
-            max_utterance_s=args.max_utterance_s,
-        )
+        config = VadConfig(**{setting.name: getattr(args, setting.name) for setting in fields(VadConfig)})
         wave = load_audio_16k(args.file)
     except (ValueError, AudioSourceError) as error:
         parser.exit(2, f"error: {error}\n")

@@ -54,3 +54,9 @@ def test_launch_file_matches_the_node_and_the_package():
     package = (REPO_ROOT / "package.xml").read_text()
     for dependency in ("rclpy", "launch_ros", "vision_msgs", "sensor_msgs", "diagnostic_msgs", "lifecycle_msgs"):
         assert f"<exec_depend>{dependency}</exec_depend>" in package
+
+
+def test_ros_doc_lists_every_parameter():
+    doc = (REPO_ROOT / "docs" / "ROS.md").read_text()
+    missing = [spec.name for spec in PARAMETERS if f"`{spec.name}`" not in doc]
+    assert missing == [], f"docs/ROS.md does not describe {missing}"
