@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,9 +190,15 @@ def export_onnx(model: nn.Module, config: ModelConfig, out_dir: str | Path,
         wrapper = wrappers[name].eval()
         # dynamo=False: the TorchScript exporter handles HF wav2vec2's dynamic length and mask
         # directly, and folds eval-mode BatchNorms into the convolutions.
-        torch.onnx.export(wrapper, inputs[name], str(path), input_names=spec.inputs, output_names=spec.outputs,
-                          dynamic_axes=spec.dynamic_axes, opset_version=opset, do_constant_folding=True,
-                          dynamo=False)
+        with warnings.catch_warnings():
+            # The model's Python shape checks are constants for a trace; the graphs' own shapes are checked
+            # by the backends before running.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # The head's best-cell gather indexes with arange and argmax, never with negative indices.
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+            torch.onnx.export(wrapper, inputs[name], str(path), input_names=spec.inputs, output_names=spec.outputs,
+                              dynamic_axes=spec.dynamic_axes, opset_version=opset, do_constant_folding=True,
+                              dynamo=False)
         graphs[name], hashes[name] = path.name, file_sha256(path)
         logger.info("exported %s in %.1f s (%.1f MB)", path, time.perf_counter() - started,
                     path.stat().st_size / 1e6)

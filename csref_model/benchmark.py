@@ -1,0 +1,236 @@
+"""Latency of the Grounder's calls on one backend, and of the reference-style eager forward.
+
+    python -m csref_model.benchmark --config base --device cpu --backend onnxruntime --threads 2 --json cpu.json
+
+Measured (milliseconds, median and p95 over `--iterations` calls after `--warmup` calls):
+* `speech_1s_ms`, `speech_3s_ms`, `speech_5s_ms`: `encode_speech` of 1, 3, 5 s of audio;
+* `image_ms`: `encode_image` of a 416x416 frame (the config's input size is what the model sees);
+* `fusion_head_ms`: `ground_features` (fusion, MultiScaleFusion, GARAN, head);
+* `end_to_end_ms`: one `ground()` call on the 416x416 image with 3 s of audio;
+* `end_of_speech_ms`: `encode_speech` (3 s) + `ground_features` with the image features precomputed,
+  the latency the node has after the end of a sentence;
+* `reference_eager.end_to_end_ms`: our model run as the reference runs it (plain eager fp32,
+  BatchNorms not folded, one full forward; cuDNN off on CUDA as in the reference), preprocessing included.
+All timings include preprocessing (letterbox, resampling check, trimming, normalisation). Weights
+are random (seeded) unless `--checkpoint` is given; latency does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from csref_model.backends import BACKENDS, PRECISIONS
+from csref_model.config import load_model_config
+from csref_model.grounder import Grounder
+from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
+
+SPEECH_SECONDS = (1.0, 3.0, 5.0)
+END_TO_END_AUDIO_SECONDS = 3.0
+FRAME_SIZE = 416
+SCHEMA_VERSION = 1
+METRICS = ("speech_1s_ms", "speech_3s_ms", "speech_5s_ms", "image_ms", "fusion_head_ms", "end_to_end_ms",
+           "end_of_speech_ms")
+
+
+def voiced_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Speech-like 16 kHz signal without leading/trailing silence, so trimming keeps all of it."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    audio = 0.2 * np.sin(2 * np.pi * 140 * t) * (1.2 + np.sin(2 * np.pi * 3 * t))
+    return (audio + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def time_calls(function: Callable[[], object], iterations: int, warmup: int, synchronize: Callable[[], None]
+               ) -> dict[str, float]:
+    for _ in range(warmup):
+        function()
+    synchronize()
+    milliseconds = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        function()
+        synchronize()
+        milliseconds.append(1000 * (time.perf_counter() - started))
+    return {"median": statistics.median(milliseconds), "p95": float(np.percentile(milliseconds, 95)),
+            "min": min(milliseconds)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m csref_model.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="base", help="base, tiny or a YAML path")
+    parser.add_argument("--checkpoint", default=None, help="official .pth or our directory (default: random weights)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--onnx-dir", default=None, help="exported graphs to use or create (default: cache)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference-style eager forward")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.iterations < 1 or args.warmup < 0:
+        raise ValueError(f"--iterations must be >= 1 and --warmup >= 0, got {args.iterations} and {args.warmup}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    config = load_model_config(args.config)
+    options = {"backend": args.backend, "precision": args.precision, "onnx_dir": args.onnx_dir, "threads": threads}
+    if args.checkpoint:
+        grounder = Grounder.from_checkpoint(args.checkpoint, config, device, **options)
+    else:
+        from csref_model.srec import build_srec
+
+        torch.manual_seed(0)
+        grounder = Grounder.from_model(build_srec(config, load_pretrained=False), config, device, **options)
+
+    image = np.random.default_rng(0).integers(0, 256, size=(FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
+    audio = {seconds: voiced_audio(seconds, seed=int(seconds)) for seconds in SPEECH_SECONDS}
+    end_audio = audio[END_TO_END_AUDIO_SECONDS]
+    image_features = grounder.encode_image(image)
+    speech_features = grounder.encode_speech(end_audio)
+    calls = {
+        **{f"speech_{seconds:.0f}s_ms": (lambda a=audio[seconds]: grounder.encode_speech(a)) for seconds in SPEECH_SECONDS},
+        "image_ms": lambda: grounder.encode_image(image),
+        "fusion_head_ms": lambda: grounder.ground_features(image_features, speech_features),
+        "end_to_end_ms": lambda: grounder.ground(image, end_audio),
+        "end_of_speech_ms": lambda: grounder.ground_features(image_features, grounder.encode_speech(end_audio)),
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    metrics = {name: time_calls(call, args.iterations, args.warmup, synchronize) for name, call in calls.items()}
+    memory = {"peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        memory["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    reference = None
+    if not args.no_reference:
+        reference = {"end_to_end_ms": reference_eager(grounder, image, end_audio, device, args, synchronize)}
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": args.config,
+        "device": str(device),
+        "backend_requested": args.backend,
+        "backend": grounder.backend.name,
+        "precision": args.precision,
+        "threads": threads,
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "frame_size": [FRAME_SIZE, FRAME_SIZE],
+        "model_input_size": config.image_size,
+        "end_to_end_audio_seconds": END_TO_END_AUDIO_SECONDS,
+        "weights": args.checkpoint or "random (seed 0)",
+        "metrics": metrics,
+        "reference_eager": reference,
+        "memory": memory,
+        "environment": {
+            "cpu": cpu_model(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average_1min": os.getloadavg()[0],
+            "torch": torch.__version__,
+            "onnxruntime": _version("onnxruntime"),
+            "tensorrt": _version("tensorrt"),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def reference_eager(grounder: Grounder, image: np.ndarray, audio: np.ndarray, device: torch.device,
+                    args: argparse.Namespace, synchronize: Callable[[], None]) -> dict[str, float]:
+    """Our unfolded model as the reference runs it: one eager fp32 forward, cuDNN off on CUDA."""
+    model = grounder.model.to(device).float().eval()
+    size = grounder.config.image_size
+
+    @torch.no_grad()
+    def forward() -> torch.Tensor:
+        tensor, _ = letterbox(image, size)
+        input_values, attention_mask = speech_batch([prepare_waveform(audio, 16000, min_samples=grounder.min_samples)])
+        return model(tensor[None].to(device), input_values.to(device), attention_mask.to(device)).cpu()
+
+    cudnn_enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = device.type != "cuda"
+    try:
+        return time_calls(forward, args.iterations, args.warmup, synchronize)
+    finally:
+        torch.backends.cudnn.enabled = cudnn_enabled
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def format_table(result: dict) -> str:
+    lines = [f"config={result['config']} device={result['device']} backend={result['backend']} "
+             f"(requested {result['backend_requested']}) precision={result['precision']} threads={result['threads']} "
+             f"iterations={result['iterations']} warmup={result['warmup']} "
+             f"load={result['environment']['load_average_1min']:.2f}",
+             f"{'metric':28s} {'median ms':>10s} {'p95 ms':>10s}"]
+    rows = list(result["metrics"].items())
+    if result["reference_eager"]:
+        rows += [(f"reference_eager.{name}", value) for name, value in result["reference_eager"].items()]
+    for name, value in rows:
+        lines.append(f"{name:28s} {value['median']:10.1f} {value['p95']:10.1f}")
+    lines.append("memory: " + ", ".join(f"{k}={v:.0f}" for k, v in result["memory"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("csref_model").setLevel(logging.INFO)
+    try:
+        result = run(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

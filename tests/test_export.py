@@ -1,0 +1,213 @@
+"""ONNX export of the three node graphs: files, opset, dynamic axes, ONNX Runtime parity (tiny random
+weights and the base oracle), the model-hash cache, the CLI, and the TensorRT build where it exists."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from csref_model.backends import OnnxRuntimeBackend
+from csref_model.checkpoint import save_checkpoint
+from csref_model.config import load_model_config
+from csref_model.export import GRAPHS, OPSET, ensure_onnx, export_onnx, model_hash, read_manifest
+from csref_model.srec import build_srec
+from oracle_weights import load_oracle, oracle_dir, oracle_state_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = load_model_config("tiny")
+    torch.manual_seed(0)
+    return build_srec(config, load_pretrained=False).eval(), config
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny, tmp_path_factory):
+    model, config = tiny
+    directory = tmp_path_factory.mktemp("tiny_onnx")
+    return directory, export_onnx(model, config, directory)
+
+
+def session(path: Path) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_graph_files_opset_and_axes(tiny_export, tiny):
+    directory, manifest = tiny_export
+    _, config = tiny
+    assert manifest.opset >= 17 and manifest.model_hash == model_hash(*tiny)
+    assert read_manifest(directory) == manifest
+    graphs = {name: onnx.load(str(directory / manifest.graphs[name]), load_external_data=False) for name in GRAPHS}
+    for graph in graphs.values():
+        onnx.checker.check_model(graph)
+        assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= OPSET
+    speech = graphs["speech_encoder"].graph
+    assert [i.name for i in speech.input] == ["input_values", "attention_mask"]
+    assert dims(speech.input[0]) == ["speech_batch", "samples"] and dims(speech.input[1]) == ["speech_batch", "samples"]
+    assert speech.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT32
+    assert dims(speech.output[0]) == ["speech_batch", config.speech_encoder.output_dim]
+    image = graphs["image_encoder"].graph
+    size = config.image_size
+    assert dims(image.input[0]) == ["image_batch", 3, size, size]  # fixed input size
+    assert [o.name for o in image.output] == ["s8", "s16", "s32"]
+    head = graphs["grounding_head"].graph
+    assert [i.name for i in head.input] == ["s8", "s16", "s32", "speech_feat"]
+    assert dims(head.output[0])[1] == 5
+
+
+def test_onnxruntime_matches_torch_tiny(tiny_export, tiny):
+    directory, manifest = tiny_export
+    model, config = tiny
+    size = config.image_size
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, size, size, generator=generator)
+    # A padded batch of three utterances (2.0 s, 1.3 s, 0.5 s), then each one alone.
+    lengths = [32000, 20800, 8000]
+    input_values = torch.zeros(3, max(lengths))
+    attention_mask = torch.zeros(3, max(lengths), dtype=torch.int32)
+    for row, length in enumerate(lengths):
+        input_values[row, :length] = torch.randn(length, generator=generator)
+        attention_mask[row, :length] = 1
+    sessions = {name: session(directory / manifest.graphs[name]) for name in GRAPHS}
+    with torch.no_grad():
+        maps = model.encode_image(image)
+        speech = model.encode_speech(input_values, attention_mask)
+        boxes_broadcast = model.ground_features([m[:1] for m in maps], speech)  # one frame, three utterances
+        boxes_paired = model.ground_features(maps, speech[:2])
+    onnx_maps = sessions["image_encoder"].run(None, {"image": image.numpy()})
+    for mine, expected in zip(onnx_maps, maps):
+        np.testing.assert_allclose(mine, expected.numpy(), rtol=0, atol=1e-4)
+    onnx_speech = sessions["speech_encoder"].run(None, {"input_values": input_values.numpy(),
+                                                        "attention_mask": attention_mask.numpy()})[0]
+    np.testing.assert_allclose(onnx_speech, speech.numpy(), rtol=0, atol=1e-5)
+    for row, length in enumerate(lengths):
+        alone = sessions["speech_encoder"].run(None, {"input_values": input_values[row:row + 1, :length].numpy(),
+                                                      "attention_mask": np.ones((1, length), np.int32)})[0]
+        with torch.no_grad():
+            expected = model.encode_speech(input_values[row:row + 1, :length], torch.ones(1, length, dtype=torch.int32))
+        np.testing.assert_allclose(alone, expected.numpy(), rtol=0, atol=1e-5)
+    head = sessions["grounding_head"]
+    feeds = {"s8": maps[0][:1].numpy(), "s16": maps[1][:1].numpy(), "s32": maps[2][:1].numpy(),
+             "speech_feat": speech.numpy()}
+    np.testing.assert_allclose(head.run(None, feeds)[0], boxes_broadcast.numpy(), rtol=0, atol=1e-3)
+    feeds = {"s8": maps[0].numpy(), "s16": maps[1].numpy(), "s32": maps[2].numpy(), "speech_feat": speech[:2].numpy()}
+    np.testing.assert_allclose(head.run(None, feeds)[0], boxes_paired.numpy(), rtol=0, atol=1e-3)
+
+
+def test_ensure_onnx_reuses_matching_graphs_and_reexports_stale_ones(tiny, tmp_path, caplog):
+    model, config = tiny
+    directory, manifest = ensure_onnx(model, config, tmp_path / "graphs")
+    first_mtime = (directory / "speech_encoder.onnx").stat().st_mtime_ns
+    again, _ = ensure_onnx(model, config, directory)
+    assert (again / "speech_encoder.onnx").stat().st_mtime_ns == first_mtime  # reused, not rewritten
+
+    changed = build_srec(config, load_pretrained=False).eval()
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.head.obj_preds[0].bias.add_(1.0)
+    with caplog.at_level("WARNING", logger="csref_model.export"):
+        _, new_manifest = ensure_onnx(changed, config, directory)
+    assert new_manifest.model_hash != manifest.model_hash and "re-exporting" in caplog.text
+
+    (directory / "grounding_head.onnx").write_bytes(b"truncated")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="csref_model.export"):
+        _, repaired = ensure_onnx(changed, config, directory)
+    assert "re-exporting" in caplog.text and onnx.load(str(directory / "grounding_head.onnx")) is not None
+    assert repaired.model_hash == new_manifest.model_hash
+
+
+@pytest.fixture(scope="module")
+def base_oracle():
+    if not (oracle_dir() / "srec_seeded.pt").is_file():
+        pytest.skip(f"parity oracle not found in {oracle_dir()} (set CSREF_ORACLE_DIR)")
+    oracle = load_oracle("srec")
+    state_dict, fingerprint_ratio = oracle_state_dict(oracle)
+    assert fingerprint_ratio <= 1.0
+    config = load_model_config("base")
+    model = build_srec(config, load_pretrained=False)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval(), config, oracle
+
+
+def test_onnxruntime_base_matches_the_oracle(base_oracle, tmp_path):
+    model, config, oracle = base_oracle
+    manifest = export_onnx(model, config, tmp_path)
+    backend = OnnxRuntimeBackend(tmp_path, "cpu", threads=2)
+    x, tolerances = oracle["inputs"], oracle["tolerances"]
+    speech = backend.encode_speech(x["input_values"], x["attention_mask"])
+    boxes = backend.ground_features(backend.encode_image(x["image"]), speech)
+    reference = oracle["outputs"]["boxes"]
+    assert manifest.opset >= 17
+    assert (speech - oracle["intermediates"]["speech_flat_feat"]).abs().max() <= tolerances["speech_flat_feat"]
+    assert (boxes[:, :4] - reference[:, :4]).abs().max() <= tolerances["boxes_xyxy_px"]  # 0.1 px
+    assert (boxes[:, 4] - reference[:, 4]).abs().max() <= tolerances["boxes_score"]
+
+
+def run_export_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "csref_model.export", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_export_cli_onnx_and_user_errors(tiny, tmp_path):
+    model, config = tiny
+    checkpoint = save_checkpoint(tmp_path / "tiny", model, config)
+    completed = run_export_cli("--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "out"))
+    assert completed.returncode == 0, completed.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model_hash"] == model_hash(model, config) and set(manifest["graphs"]) == set(GRAPHS)
+    for name in GRAPHS:
+        assert (tmp_path / "out" / f"{name}.onnx").is_file() and f"{name}.onnx" in completed.stdout
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "checkpoint not found"),
+        (["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--fp16"], "--fp16 applies to --format tensorrt"),
+        (["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--opset", "13"], "opset 13 is too old"),
+    ]
+    for args, message in cases:
+        completed = run_export_cli(*args)
+        assert completed.returncode == 2 and message in completed.stderr and "Traceback" not in completed.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="tensorrt is not importable here (the TensorRT builder is not installable on these machines)")
+def test_tensorrt_engines_match_onnxruntime(tiny_export, tiny, tmp_path):
+    from csref_model.tensorrt_engine import EngineSettings, TensorRTBackend, build_engines
+
+    directory, manifest = tiny_export
+    model, config = tiny
+    settings = EngineSettings(fp16=False, max_audio_seconds=4.0, max_batch=2)
+    engines = build_engines(directory, manifest, settings, cache_dir=tmp_path)
+    assert set(engines) == set(GRAPHS)
+    backend = TensorRTBackend(directory, manifest, settings, "cuda", cache_dir=tmp_path)
+    reference = OnnxRuntimeBackend(directory, "cpu")
+    generator = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 3, config.image_size, config.image_size, generator=generator)
+    input_values = torch.randn(1, 24000, generator=generator)
+    attention_mask = torch.ones(1, 24000, dtype=torch.int32)
+    speech = backend.encode_speech(input_values, attention_mask)
+    expected_speech = reference.encode_speech(input_values, attention_mask)
+    torch.testing.assert_close(speech.cpu(), expected_speech, rtol=0, atol=1e-3)
+    boxes = backend.ground_features(backend.encode_image(image), speech).cpu()
+    expected = reference.ground_features(reference.encode_image(image), expected_speech)
+    torch.testing.assert_close(boxes, expected, rtol=0, atol=0.1)
+    # A stale cache entry (another ONNX hash) is rebuilt, not loaded.
+    again = TensorRTBackend(directory, manifest, settings, "cuda", cache_dir=tmp_path)
+    assert again.rebuilt == [] and backend.rebuilt == []
