@@ -367,11 +367,14 @@ def _build(name: str, model: nn.Module, config: ModelConfig, device: torch.devic
         if not tensorrt_importable():
             raise BackendUnavailable("backend 'tensorrt' needs the TensorRT 10 Python package "
                                      "(pip install tensorrt-cu12 or tensorrt-cu13, or JetPack's python3-libnvinfer)")
-        from csref_model.tensorrt_engine import EngineSettings, TensorRTBackend
-
-        directory, manifest = ensure_onnx(model, config, onnx_dir, max_audio_seconds)
-        settings = EngineSettings(fp16=precision == "fp16", max_audio_seconds=max_audio_seconds)
         if precision == "bf16":
             raise BackendUnavailable("backend 'tensorrt' builds fp32 or fp16 engines; use precision fp16")
+        from csref_model.preprocessing import min_num_samples
+        from csref_model.tensorrt_engine import EngineSettings, TensorRTBackend
+
+        architecture = config.speech_encoder.architecture
+        settings = EngineSettings(fp16=precision == "fp16", max_audio_seconds=max_audio_seconds,
+                                  min_samples=min_num_samples(architecture.conv_kernel, architecture.conv_stride))
+        directory, manifest = ensure_onnx(model, config, onnx_dir, max_audio_seconds)
         return TensorRTBackend(directory, manifest, settings, device)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")

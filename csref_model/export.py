@@ -274,12 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         model, config = build_srec_from_checkpoint(args.checkpoint, config)
         manifest = export_onnx(model, config, args.out, args.max_audio_seconds, args.opset)
         if args.format == "tensorrt":
+            from csref_model.preprocessing import min_num_samples
             from csref_model.tensorrt_engine import EngineSettings, build_engines
 
+            architecture = config.speech_encoder.architecture
             settings = EngineSettings(fp16=args.fp16, max_audio_seconds=args.max_audio_seconds,
-                                      max_batch=args.max_batch)
+                                      max_batch=args.max_batch,
+                                      min_samples=min_num_samples(architecture.conv_kernel, architecture.conv_stride))
             build_engines(Path(args.out), manifest, settings)
-    except (ValueError, OSError, ImportError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
     for name in GRAPHS:

@@ -208,6 +208,37 @@ def test_tensorrt_engines_match_onnxruntime(tiny_export, tiny, tmp_path):
     boxes = backend.ground_features(backend.encode_image(image), speech).cpu()
     expected = reference.ground_features(reference.encode_image(image), expected_speech)
     torch.testing.assert_close(boxes, expected, rtol=0, atol=0.1)
-    # A stale cache entry (another ONNX hash) is rebuilt, not loaded.
+    assert backend.rebuilt == []  # build_engines left up-to-date engines in the cache
+    # An engine whose key says another TensorRT version built it is rebuilt, not run.
+    key_path = tmp_path / "speech_encoder.engine.json"
+    key = json.loads(key_path.read_text())
+    key["tensorrt"] = "9.0.0"
+    key_path.write_text(json.dumps(key))
     again = TensorRTBackend(directory, manifest, settings, "cuda", cache_dir=tmp_path)
-    assert again.rebuilt == [] and backend.rebuilt == []
+    assert again.rebuilt == ["speech_encoder"]
+    torch.testing.assert_close(again.encode_speech(input_values, attention_mask), speech, rtol=0, atol=1e-4)
+
+
+def test_tensorrt_profiles_cover_the_audio_range_and_batch():
+    from csref_model.tensorrt_engine import EngineSettings, profile_shapes
+
+    settings = EngineSettings(max_audio_seconds=5.0, max_batch=3, min_samples=400)
+    speech = profile_shapes("speech_encoder", {"input_values": (-1, -1), "attention_mask": (-1, -1)}, settings)
+    assert speech["input_values"] == ((1, 400), (1, 48000), (3, 80000)) == speech["attention_mask"]
+    head = profile_shapes("grounding_head", {"s32": (-1, 1024, 13, 13), "speech_feat": (-1, 768)}, settings)
+    assert head["s32"] == ((1, 1024, 13, 13), (1, 1024, 13, 13), (3, 1024, 13, 13))
+    short = profile_shapes("speech_encoder", {"input_values": (-1, -1)}, EngineSettings(max_audio_seconds=1.0))
+    assert short["input_values"][1] == (1, 16000)  # opt never exceeds max
+    with pytest.raises(ValueError, match="shorter than the shortest utterance"):
+        profile_shapes("speech_encoder", {"input_values": (-1, -1)}, EngineSettings(max_audio_seconds=0.01))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_export_cli_tensorrt_without_gpu_says_why(tiny, tmp_path):
+    model, config = tiny
+    checkpoint = save_checkpoint(tmp_path / "tiny", model, config)
+    completed = run_export_cli("--checkpoint", str(checkpoint), "--format", "tensorrt", "--fp16",
+                               "--out", str(tmp_path / "out"))
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "TensorRT is not installed" in completed.stderr or "needs a CUDA GPU" in completed.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()  # the ONNX graphs it builds from are kept
