@@ -2,12 +2,14 @@
 
     .venv/bin/python scripts/time_ground.py --config base --threads 2 --repeats 10
 
-Prints median / min / max wall seconds after warm-up. Preprocessing (letterbox, resampling,
+Prints median / min / max wall seconds and the median process CPU seconds (summed over threads)
+after warm-up, with the load average, since other processes on a shared machine inflate wall time. Preprocessing (letterbox, resampling,
 trimming, normalisation) is included in `ground` and in the split parts.
 """
 
 import argparse
 import logging
+import os
 import statistics
 import time
 
@@ -19,15 +21,17 @@ from csref_model.config import load_model_config
 from csref_model.srec import build_srec
 
 
-def timed(function, repeats: int, warmup: int) -> list[float]:
+def timed(function, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall seconds and process CPU seconds (all threads) of each call."""
     for _ in range(warmup):
         function()
-    seconds = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
         function()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def main() -> None:
@@ -62,9 +66,12 @@ def main() -> None:
     }
     print(f"config={args.config} image={args.image_size[0]}x{args.image_size[1]} audio={args.audio_seconds:.1f}s "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup}")
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on this machine inflate wall time)")
     for name, function in parts.items():
-        seconds = timed(function, args.repeats, args.warmup)
-        print(f"{name:18s} median {statistics.median(seconds):.3f} s  min {min(seconds):.3f}  max {max(seconds):.3f}")
+        wall, cpu = timed(function, args.repeats, args.warmup)
+        print(f"{name:18s} wall median {statistics.median(wall):.3f} s  min {min(wall):.3f}  max {max(wall):.3f}"
+              f"  | CPU median {statistics.median(cpu):.3f} s")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
