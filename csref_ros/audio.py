@@ -52,7 +52,7 @@ def sanitize_chunk(chunk: np.ndarray) -> tuple[np.ndarray, list[str]]:
     problems = []
     finite = np.isfinite(chunk)
     if not finite.all():
-        problems.append(f"{int((~finite).sum())} NaN/infinite audio samples replaced by 0")
+        problems.append(f"NaN/infinite audio samples replaced by 0: {int((~finite).sum())} of {chunk.size} in a chunk")
         chunk = np.where(finite, chunk, 0.0).astype(np.float32)
     clipped = float(np.mean(np.abs(chunk) >= CLIPPING_LEVEL))
     if clipped > CLIPPING_FRACTION:

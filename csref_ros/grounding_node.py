@@ -68,6 +68,8 @@ class CameraFrame:
 
 @dataclass
 class UtteranceJob:
+    key: tuple[int, float, float]  # (segmenter generation, start, end in stream seconds): the same for
+    # the provisional utterance seen during the hangover and the final one
     number: int
     start_s: float  # node-clock seconds of the first voiced frame
     end_s: float  # node-clock seconds of the end of speech
@@ -89,6 +91,8 @@ class Counters:
     detections: int = 0
     precomputed_images: int = 0
     precomputed_used: int = 0
+    speech_encoded_ahead: int = 0
+    speech_ahead_used: int = 0
     audio_errors: int = 0
     audio_problems: int = 0
     inference_errors: int = 0
@@ -139,7 +143,6 @@ class GroundingNode(LifecycleNode):
             self.declare_parameter(spec.name, spec.default, descriptor_for(spec.name))
 
         self.grounder: Grounder | None = None
-        self.vad_config = VadConfig()
         self.model_description = ""
         self.active = False
         self.detection_publisher = None
@@ -155,7 +158,12 @@ class GroundingNode(LifecycleNode):
         self.segmenter: SpeechSegmenter | None = None
         self.pending_vad_config: VadConfig | None = None
         self.fed_samples = 0
-        self.speaking = False
+        self.segmenter_generation = 0
+        self.voice_active = False  # someone is speaking now
+        self.in_utterance = False  # speaking, or in a pause / the hangover after speech
+        self.voice_stopped_s = 0.0  # node-clock end of the last voiced frame
+        self.provisional_job: UtteranceJob | None = None  # what the hangover will produce
+        self.speech_ahead: OrderedDict[tuple[int, float, float], Any] = OrderedDict()
         self.utterance_count = 0
         self.jobs: queue.Queue[UtteranceJob] = queue.Queue()
         self.worker: threading.Thread | None = None
@@ -176,6 +184,9 @@ class GroundingNode(LifecycleNode):
     def param(self, name: str) -> Any:
         value = self.get_parameter(name).value
         return float(value) if isinstance(PARAMETERS_BY_NAME[name].default, float) else value
+
+    def current_vad_config(self) -> VadConfig:
+        return vad_config_from({spec.name: self.param(spec.name) for spec in PARAMETERS if spec.name.startswith("vad_")})
 
     def on_parameters(self, parameters: list[RosParameter]) -> SetParametersResult:
         for parameter in parameters:
@@ -206,9 +217,6 @@ class GroundingNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self.grounder = self.load_grounder()
-            vad_values = {spec.name: self.param(spec.name) for spec in PARAMETERS if spec.name.startswith("vad_")}
-            self.pending_vad_config = None
-            self.vad_config = vad_config_from(vad_values)
             if self.param("audio_source") == "file":
                 # Fail now (not at activation) if the demo file is missing or unreadable.
                 self.audio_source = WavFileSource(self.param("audio_file"), self.on_audio, loop=self.param("audio_loop"))
@@ -260,10 +268,12 @@ class GroundingNode(LifecycleNode):
         self.frames = FrameBuffer(capacity=max(2, math.ceil(history_s * rate_hz) + 1), min_interval_s=1.0 / rate_hz)
         self.precomputed.clear()
         with self.audio_lock:
-            self.segmenter = SpeechSegmenter(self.pending_vad_config or self.vad_config)
+            self.segmenter = SpeechSegmenter(self.current_vad_config())
+            self.segmenter_generation += 1
             self.pending_vad_config = None
             self.fed_samples = 0
-            self.speaking = False
+            self.voice_active = self.in_utterance = False
+            self.provisional_job = None
         self.subscribe_images()
         self.active = True
         if self.param("audio_source") == "microphone":
@@ -336,7 +346,8 @@ class GroundingNode(LifecycleNode):
         self.frames.clear()
         with self.audio_lock:
             self.segmenter = None
-            self.speaking = False
+            self.voice_active = self.in_utterance = False
+            self.provisional_job = None
         while not self.jobs.empty():
             self.jobs.get_nowait()
 
@@ -389,7 +400,8 @@ class GroundingNode(LifecycleNode):
         if abs(received_s - stamp_s) > STAMP_TRUST_S:
             self.report_problem(
                 f"image stamps are {received_s - stamp_s:.1f} s off this node's clock (stamp {stamp_s:.3f}); "
-                "pairing speech with frames by arrival time instead"
+                "pairing speech with frames by arrival time instead",
+                kind="image stamps off",
             )
             stamp_s = received_s
         self.frames.add(stamp_s, CameraFrame(msg.header, rgb))
@@ -475,29 +487,40 @@ class GroundingNode(LifecycleNode):
         for problem in problems:
             with self.stats_lock:
                 self.counters.audio_problems += 1
-            self.report_problem(problem)
+            self.report_problem(problem, kind=problem.split(":")[0])
         with self.audio_lock:
             if self.segmenter is None:
                 return
-            if self.pending_vad_config is not None and not self.segmenter.in_speech:
-                self.segmenter = SpeechSegmenter(self.pending_vad_config)
+            segmenter = self.segmenter
+            if self.pending_vad_config is not None and not segmenter.in_speech:
+                segmenter = self.segmenter = SpeechSegmenter(self.pending_vad_config)
+                self.segmenter_generation += 1
                 self.pending_vad_config = None
                 self.fed_samples = 0
-            utterances = self.segmenter.feed(chunk)
+            utterances = segmenter.feed(chunk)
             self.fed_samples += len(chunk)
             stream_end_s = self.fed_samples / SAMPLE_RATE
-            self.speaking = self.segmenter.voice_active
+            self.voice_active, self.in_utterance = segmenter.voice_active, segmenter.in_speech
+            provisional = segmenter.provisional()
+            if segmenter.in_speech:
+                voice_stopped = segmenter.frame_time(segmenter.last_voiced_frame + 1)
+                self.voice_stopped_s = chunk_end_s - (stream_end_s - voice_stopped)
+        to_node_clock = chunk_end_s - stream_end_s  # node-clock time of stream time 0
+        self.provisional_job = None if provisional is None else self.job_for(provisional, to_node_clock, chunk_end_s, 0)
         for utterance in utterances:
             self.utterance_count += 1
-            job = UtteranceJob(
-                number=self.utterance_count,
-                start_s=chunk_end_s - (stream_end_s - utterance.start_s),
-                end_s=chunk_end_s - (stream_end_s - utterance.end_s),
-                detected_s=chunk_end_s,
-                samples=utterance.samples,
-                cut=utterance.cut,
-            )
-            self.enqueue(job)
+            self.enqueue(self.job_for(utterance, to_node_clock, chunk_end_s, self.utterance_count))
+
+    def job_for(self, utterance, to_node_clock: float, detected_s: float, number: int) -> UtteranceJob:
+        return UtteranceJob(
+            key=(self.segmenter_generation, utterance.start_s, utterance.end_s),
+            number=number,
+            start_s=to_node_clock + utterance.start_s,
+            end_s=to_node_clock + utterance.end_s,
+            detected_s=detected_s,
+            samples=utterance.samples,
+            cut=utterance.cut,
+        )
 
     def enqueue(self, job: UtteranceJob) -> None:
         with self.stats_lock:
@@ -508,7 +531,9 @@ class GroundingNode(LifecycleNode):
                 except queue.Empty:
                     break
                 self.counters.utterances_dropped_queue_full += 1
-                self.report_problem(f"inference is behind: dropped utterance {dropped.number} (the newest is kept)")
+                self.report_problem(
+                    f"inference is behind: dropped utterance {dropped.number} (the newest is kept)", kind="queue full"
+                )
             self.jobs.put(job)
         self.get_logger().info(
             f"utterance {job.number}: {job.end_s - job.start_s:.2f} s of speech{' (cut at vad_max_utterance_s)' if job.cut else ''}"
@@ -527,10 +552,26 @@ class GroundingNode(LifecycleNode):
             try:
                 job = self.jobs.get(timeout=0.02)
             except queue.Empty:
-                if self.speaking and self.active:
-                    self.run_safely(self.precompute_newest_frame)
+                if self.active:
+                    self.run_safely(self.work_ahead)
                 continue
             self.run_safely(self.ground_utterance, job)
+
+    def work_ahead(self) -> None:
+        """While someone speaks, encode the newest frame; when the voice stops, encode the frame
+        of that moment and then the speech the hangover will most likely confirm."""
+        if self.voice_active:
+            self.precompute_newest_frame()
+        elif self.in_utterance:
+            if not any(stamp_s >= self.voice_stopped_s for stamp_s in self.precomputed):
+                self.precompute_newest_frame()
+            job = self.provisional_job
+            if job is not None and job.key not in self.speech_ahead and self.grounder is not None:
+                self.speech_ahead[job.key] = self.grounder.encode_speech(job.samples, SAMPLE_RATE)
+                while len(self.speech_ahead) > PRECOMPUTED_FEATURES_KEPT:
+                    self.speech_ahead.popitem(last=False)
+                with self.stats_lock:
+                    self.counters.speech_encoded_ahead += 1
 
     def run_safely(self, function, *args) -> None:
         try:
@@ -571,7 +612,8 @@ class GroundingNode(LifecycleNode):
                 self.counters.utterances_without_frame += 1
             self.report_problem(
                 f"utterance {job.number} dropped: no camera frame within max_frame_age_s="
-                f"{self.param('max_frame_age_s')} s of its {self.param('frame_selection')}"
+                f"{self.param('max_frame_age_s')} s of its {self.param('frame_selection')}",
+                kind="no frame",
             )
             return
         tolerance_s = self.param("precomputed_frame_tolerance_s")
@@ -582,11 +624,18 @@ class GroundingNode(LifecycleNode):
                 self.counters.precomputed_used += 1
         else:
             image_features = grounder.encode_image(frame.frame.rgb)
-        speech_features = grounder.encode_speech(job.samples, SAMPLE_RATE)
+        speech_features = self.speech_ahead.pop(job.key, None)
+        if speech_features is None:
+            speech_features = grounder.encode_speech(job.samples, SAMPLE_RATE)
+        else:
+            with self.stats_lock:
+                self.counters.speech_ahead_used += 1
         result = grounder.ground_features(image_features, speech_features)
         self.publish_result(job, frame.frame, result)
 
     def publish_result(self, job: UtteranceJob, frame: CameraFrame, result: GroundingResult) -> None:
+        if not self.active:
+            return  # deactivated while this utterance was being grounded
         if result.score < self.param("score_threshold"):
             with self.stats_lock:
                 self.counters.utterances_below_threshold += 1
@@ -635,13 +684,15 @@ class GroundingNode(LifecycleNode):
     # ------------------------------------------------------------------------------------
     # Diagnostics
 
-    def report_problem(self, message: str) -> None:
-        """Log a problem once (repeats at debug level); it shows in /diagnostics as the last problem."""
+    def report_problem(self, message: str, kind: str | None = None) -> None:
+        """Log a problem once per kind (default: per message; repeats at debug level); it shows
+        in /diagnostics as the last problem."""
         self.last_problem = message
-        if message in self.problems_logged:
+        kind = kind or message
+        if kind in self.problems_logged:
             self.get_logger().debug(message)
             return
-        self.problems_logged.add(message)
+        self.problems_logged.add(kind)
         self.get_logger().warning(message)
 
     def now_s(self) -> float:
@@ -672,7 +723,7 @@ class GroundingNode(LifecycleNode):
             "image_topic": self.image_topic(),
             "image_rate_hz": f"{image_rate:.1f}",
             "audio_source": self.param("audio_source"),
-            "speaking": str(self.speaking),
+            "speaking": str(self.voice_active),
             "latency_end_of_speech_to_publish_p50_ms": percentile_ms(latencies, 50),
             "latency_end_of_speech_to_publish_p95_ms": percentile_ms(latencies, 95),
             "processing_after_utterance_p50_ms": percentile_ms(processing, 50),

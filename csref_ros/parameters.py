@@ -60,6 +60,7 @@ PARAMETERS = (
     Parameter("vad_hangover_ms", VAD_DEFAULTS.hangover_ms, "Silence that ends an utterance (end_ratio of its frames unvoiced)", range=(10, 5000, 1), runtime=True),
     Parameter("vad_end_ratio", VAD_DEFAULTS.end_ratio, "Unvoiced fraction of the hangover window that ends an utterance", range=(0.05, 1.0, 0.0), runtime=True),
     Parameter("vad_preroll_ms", VAD_DEFAULTS.preroll_ms, "Audio kept before the detected start of speech", range=(0, 5000, 1), runtime=True),
+    Parameter("vad_postroll_ms", VAD_DEFAULTS.postroll_ms, "Audio kept after the end of speech (at most vad_hangover_ms)", range=(0, 5000, 1), runtime=True),
     Parameter("vad_min_utterance_s", VAD_DEFAULTS.min_utterance_s, "Shorter speech is ignored (clicks, coughs)", range=(0.0, 10.0, 0.0), runtime=True),
     Parameter("vad_max_utterance_s", VAD_DEFAULTS.max_utterance_s, "Longer speech is cut here and grounded", range=(0.5, 120.0, 0.0), runtime=True),
     Parameter("vad_energy_margin_db", VAD_DEFAULTS.energy_margin_db, "Voiced frames must be this far above the noise floor", range=(0.0, 60.0, 0.0), runtime=True),

@@ -14,8 +14,10 @@ being taken for speech. Single frames are noisy, so the segmenter works on windo
   reaching `max_utterance_s` is cut there (a monologue is not buffered forever).
 
 Each Utterance carries the speech interval (start_s, end_s, in seconds of the stream) and the
-audio to recognise: `preroll_ms` before the start (soft onsets the VAD misses) through the end
-of the hangover.
+audio to recognise: from `preroll_ms` before the start (soft onsets the VAD misses) to
+`postroll_ms` after the end. While the hangover is still running, `provisional()` gives the
+utterance that will result if no more speech comes: the same samples, so work on it (the speech
+encoder) can start before the end is certain.
 
 CLI (the same segmenter the node uses):
     python -m csref_ros.vad FILE.wav [--aggressiveness N] [--json]
@@ -50,6 +52,7 @@ class VadConfig:
     hangover_ms: int = 500
     end_ratio: float = 0.9
     preroll_ms: int = 300
+    postroll_ms: int = 200
     min_utterance_s: float = 0.3
     max_utterance_s: float = 10.0
     energy_margin_db: float = 5.0  # a voiced frame must also be this far above the noise floor
@@ -64,8 +67,11 @@ class VadConfig:
         for name in ("start_window_ms", "hangover_ms"):
             if getattr(self, name) < self.frame_ms:
                 problems.append(f"{name} must be at least one frame ({self.frame_ms} ms), got {getattr(self, name)}")
-        if self.preroll_ms < 0:
-            problems.append(f"preroll_ms must be >= 0, got {self.preroll_ms}")
+        for name in ("preroll_ms", "postroll_ms"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.postroll_ms > self.hangover_ms:
+            problems.append(f"postroll_ms ({self.postroll_ms}) must not exceed hangover_ms ({self.hangover_ms})")
         for name in ("start_ratio", "end_ratio"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -95,7 +101,7 @@ class VadConfig:
 class Utterance:
     start_s: float  # first voiced frame, seconds since the first sample fed
     end_s: float  # end of the last voiced frame
-    samples: np.ndarray = field(repr=False)  # (N,) float32 in [-1, 1] at 16 kHz, with pre-roll and hangover
+    samples: np.ndarray = field(repr=False)  # (N,) float32 in [-1, 1] at 16 kHz, with pre- and post-roll
     samples_start_s: float  # stream time of samples[0]
     cut: bool = False  # True when max_utterance_s cut the speech short
 
@@ -125,6 +131,7 @@ class SpeechSegmenter:
         self.start_window_frames = cfg.frames(cfg.start_window_ms)
         self.hangover_frames = cfg.frames(cfg.hangover_ms)
         self.preroll_frames = cfg.frames(cfg.preroll_ms) if cfg.preroll_ms > 0 else 0
+        self.postroll_frames = cfg.frames(cfg.postroll_ms) if cfg.postroll_ms > 0 else 0
         self.max_frames = max(1, int(cfg.max_utterance_s * 1000 / cfg.frame_ms))
         self.pending = np.zeros(0, dtype=np.int16)  # samples not yet making a whole frame
         self.frame_index = 0  # index of the next frame
@@ -223,23 +230,37 @@ class SpeechSegmenter:
         self.end_window.extend(is_voiced for index, _, is_voiced in window if index >= self.speech_start_frame)
         self.recent.clear()
 
-    def finish(self, end_frame: int, cut: bool) -> Utterance | None:
-        start_s, end_s = self.frame_time(self.speech_start_frame), self.frame_time(end_frame)
-        audio = np.concatenate(self.utterance_audio)
-        self.in_speech = False
-        self.utterance_audio = []
-        self.end_window.clear()
-        if end_s - start_s < self.config.min_utterance_s:
-            self.dropped_short += 1
-            logger.debug("dropped %.2f s of speech at %.2f s (shorter than min_utterance_s)", end_s - start_s, start_s)
+    def provisional(self) -> Utterance | None:
+        """The utterance `flush()` or the hangover will produce if no voiced frame follows; None
+        while the voice is active, outside speech, before the post-roll is in, or if too short."""
+        end_frame = self.last_voiced_frame + 1
+        if not self.in_speech or self.last_frame_voiced or self.frame_index < end_frame + self.postroll_frames:
             return None
+        return self.utterance(end_frame, cut=False)
+
+    def utterance(self, end_frame: int, cut: bool) -> Utterance | None:
+        """The speech from speech_start_frame to end_frame with its pre- and post-roll audio."""
+        start_s, end_s = self.frame_time(self.speech_start_frame), self.frame_time(end_frame)
+        if end_s - start_s < self.config.min_utterance_s:
+            return None
+        kept = self.utterance_audio[: end_frame + self.postroll_frames - self.audio_start_frame]
         return Utterance(
             start_s=start_s,
             end_s=end_s,
-            samples=audio.astype(np.float32) / 32768.0,
+            samples=np.concatenate(kept).astype(np.float32) / 32768.0,
             samples_start_s=self.frame_time(self.audio_start_frame),
             cut=cut,
         )
+
+    def finish(self, end_frame: int, cut: bool) -> Utterance | None:
+        utterance = self.utterance(end_frame, cut)
+        if utterance is None:
+            self.dropped_short += 1
+            logger.debug("dropped speech at %.2f s (shorter than min_utterance_s)", self.frame_time(self.speech_start_frame))
+        self.in_speech = False
+        self.utterance_audio = []
+        self.end_window.clear()
+        return utterance
 
 
 def segment_wave(wave_16k: np.ndarray, config: VadConfig | None = None, chunk_s: float = 0.1) -> list[Utterance]:

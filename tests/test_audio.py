@@ -33,7 +33,7 @@ def test_sanitize_reports_nan_and_clipping():
     broken[[3, 7]] = [np.nan, np.inf]
     fixed, problems = sanitize_chunk(broken)
     assert np.isfinite(fixed).all() and fixed[3] == 0 and fixed[7] == 0
-    assert problems == ["2 NaN/infinite audio samples replaced by 0"]
+    assert problems == ["NaN/infinite audio samples replaced by 0: 2 of 480 in a chunk"]
     loud = np.clip(clean * 10, -1, 1)
     assert "audio clipped" in sanitize_chunk(loud)[1][0]
 

@@ -67,9 +67,20 @@ def assert_box_inside_image(detection: dict, width: int = WIDTH, height: int = H
     assert 0.0 <= detection["score"] <= 1.0
 
 
+@pytest.fixture(scope="module")
+def damaged_command(tmp_path_factory, command) -> Path:
+    """The command as float WAV with NaN samples and a clipped click in the leading silence."""
+    wave, _ = soundfile.read(command[0], dtype="float32")
+    wave[1000:1010] = np.nan
+    wave[3000:3320] = np.sign(np.sin(np.arange(320) * 0.3))  # 20 ms at full scale
+    path = tmp_path_factory.mktemp("audio") / "damaged_command.wav"
+    soundfile.write(path, wave, SAMPLE_RATE, subtype="FLOAT")
+    return path
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkpoint, command, backend):
-    wav, _ = command
+def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkpoint, damaged_command, backend):
+    wav = damaged_command
     detections, diagnostics, report, node_log = run_scenario(
         tmp_path,
         ros_env,
@@ -98,6 +109,8 @@ def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkp
     assert diagnostics["backend"] == {"torch": "TorchBackend", "onnxruntime": "OnnxRuntimeBackend"}[backend]
     assert "image encoding 'yuv422' is not supported" in node_log and "image data is truncated" in node_log
     assert "image is empty (0x0 pixels)" in node_log
+    assert "NaN/infinite audio samples replaced by 0" in node_log and "audio clipped" in node_log
+    assert int(diagnostics["audio_problems"]) >= 2
 
 
 def test_microphone_through_alsa_gives_a_box(tmp_path, ros_env, tiny_checkpoint, command):

@@ -79,17 +79,35 @@ def test_every_frame_length_works(commands, frame_ms):
     assert_segments_match(segments, truth, tolerance_s=0.2)
 
 
-def test_samples_carry_preroll_and_hangover(commands):
+def test_samples_carry_preroll_and_postroll(commands):
     wave, _ = commands
-    config = VadConfig(preroll_ms=300, hangover_ms=600)
+    config = VadConfig(preroll_ms=300, postroll_ms=210)
     for utterance in segment_wave(wave, config):
         assert utterance.samples.dtype == np.float32
         assert utterance.samples_start_s == pytest.approx(utterance.start_s - 0.3, abs=0.031)
         samples_end_s = utterance.samples_start_s + len(utterance.samples) / SAMPLE_RATE
-        assert utterance.end_s + 0.45 <= samples_end_s <= utterance.end_s + 0.65
+        assert samples_end_s == pytest.approx(utterance.end_s + 0.21, abs=0.031)
         begin = round(utterance.samples_start_s * SAMPLE_RATE)
         expected = np.round(wave[begin : begin + len(utterance.samples)] * 32767) / 32768
         np.testing.assert_allclose(utterance.samples, expected, atol=1e-6)
+
+
+def test_provisional_utterance_is_the_final_one(commands):
+    """During the hangover, provisional() already holds exactly the utterance that will come."""
+    wave, _ = commands
+    segmenter = SpeechSegmenter()
+    provisional, final = [], []
+    for begin in range(0, len(wave), 480):
+        final += segmenter.feed(wave[begin : begin + 480])
+        candidate = segmenter.provisional()
+        if candidate is not None and (not provisional or candidate.start_s != provisional[-1].start_s):
+            provisional.append(candidate)
+        elif candidate is not None:
+            provisional[-1] = candidate
+    assert len(final) == len(COMMANDS)
+    for early, late in zip(provisional, final):
+        assert (early.start_s, early.end_s, early.samples_start_s) == (late.start_s, late.end_s, late.samples_start_s)
+        np.testing.assert_array_equal(early.samples, late.samples)
 
 
 def test_speech_in_progress_is_reported_and_flushed(commands):
