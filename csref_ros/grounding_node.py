@@ -11,8 +11,10 @@ A managed (lifecycle) node; with autostart (default) it configures and activates
 
 Threads: the executor runs the image callback, timers and services; the audio source runs the
 VAD on its own thread; one inference thread grounds utterances from a bounded queue and, while
-someone speaks, computes the image features of the newest frame ahead of time. Callbacks never
-wait for inference; everything dropped is counted in /diagnostics.
+someone speaks, works ahead: it encodes the newest frame, and once the voice stops, the frame of
+that moment and the speech the VAD hangover will most likely confirm, so that only fusion and
+head remain when it does. Callbacks never wait for inference; everything dropped is counted in
+/diagnostics.
 
 Output: vision_msgs/Detection2D on csref/target_box with the header of the image used, the box
 in that image's pixels, results[0].hypothesis.score the confidence and id the utterance number.

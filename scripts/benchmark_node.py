@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--pause-s", type=float, default=1.5, help="silence between commands")
     parser.add_argument("--threads", type=int, default=0, help="node inference threads (0 = default)")
-    parser.add_argument("--domain-id", type=int, default=90 + os.getpid() % 10)
+    parser.add_argument("--domain-id", type=int, default=90 + os.getpid() % 10, help="90..101 never meet the tests")
     args = parser.parse_args()
 
     os.environ.update(
@@ -192,6 +192,7 @@ def main() -> None:
             "p95": diagnostics.get("processing_after_utterance_p95_ms"),
         },
         "precomputed_image_features_used": int(diagnostics.get("precomputed_used", 0)),
+        "speech_encoded_ahead_used": int(diagnostics.get("speech_ahead_used", 0)),
         "node_rss_mb": {"start": round(memory[0][1]), "after_1_min": round(settled[0]), "end": round(memory[-1][1])},
     }
     print(json.dumps(summary, indent=2))
