@@ -13,11 +13,15 @@ Measured (milliseconds, median and p95 over `--iterations` calls after `--warmup
   BatchNorms not folded, one full forward; cuDNN off on CUDA as in the reference), preprocessing included.
 All timings include preprocessing (letterbox, resampling check, trimming, normalisation). Weights
 are random (seeded) unless `--checkpoint` is given; latency does not depend on them.
+The calls are interleaved (each round runs every measured call once), so a change in machine load
+during the run affects all of them alike and the ratios stay fair on a shared machine; `min` is
+reported next to median and p95 as the least disturbed sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -53,19 +57,22 @@ def voiced_audio(seconds: float, seed: int = 0) -> np.ndarray:
     return (audio + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
-def time_calls(function: Callable[[], object], iterations: int, warmup: int, synchronize: Callable[[], None]
-               ) -> dict[str, float]:
+def time_interleaved(calls: dict[str, Callable[[], object]], iterations: int, warmup: int,
+                     synchronize: Callable[[], None]) -> dict[str, dict[str, float]]:
+    """Median, p95 and min milliseconds per call; every round runs each call once, in order."""
     for _ in range(warmup):
-        function()
+        for function in calls.values():
+            function()
     synchronize()
-    milliseconds = []
+    milliseconds = {name: [] for name in calls}
     for _ in range(iterations):
-        started = time.perf_counter()
-        function()
-        synchronize()
-        milliseconds.append(1000 * (time.perf_counter() - started))
-    return {"median": statistics.median(milliseconds), "p95": float(np.percentile(milliseconds, 95)),
-            "min": min(milliseconds)}
+        for name, function in calls.items():
+            started = time.perf_counter()
+            function()
+            synchronize()
+            milliseconds[name].append(1000 * (time.perf_counter() - started))
+    return {name: {"median": statistics.median(values), "p95": float(np.percentile(values, 95)), "min": min(values)}
+            for name, values in milliseconds.items()}
 
 
 def peak_rss_mb() -> float:
@@ -135,14 +142,20 @@ def run(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    metrics = {name: time_calls(call, args.iterations, args.warmup, synchronize) for name, call in calls.items()}
+    # Peak memory of the backend alone: measured before the reference model joins in.
+    time_interleaved(calls, 1, 0, synchronize)
     memory = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         memory["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-
+    if not args.no_reference:
+        calls["reference_eager.end_to_end_ms"] = reference_forward(grounder, image, end_audio, device)
+    timings = time_interleaved(calls, args.iterations, args.warmup, synchronize)
+    metrics = {name: timings[name] for name in METRICS}
     reference = None
     if not args.no_reference:
-        reference = {"end_to_end_ms": reference_eager(grounder, image, end_audio, device, args, synchronize)}
+        reference = {"end_to_end_ms": timings["reference_eager.end_to_end_ms"],
+                     "speedup_end_to_end": timings["reference_eager.end_to_end_ms"]["median"]
+                     / timings["end_to_end_ms"]["median"]}
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -173,24 +186,28 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def reference_eager(grounder: Grounder, image: np.ndarray, audio: np.ndarray, device: torch.device,
-                    args: argparse.Namespace, synchronize: Callable[[], None]) -> dict[str, float]:
-    """Our unfolded model as the reference runs it: one eager fp32 forward, cuDNN off on CUDA."""
-    model = grounder.model.to(device).float().eval()
+def reference_forward(grounder: Grounder, image: np.ndarray, audio: np.ndarray,
+                      device: torch.device) -> Callable[[], torch.Tensor]:
+    """Our unfolded model as the reference runs it: one eager fp32 forward, cuDNN off on CUDA.
+
+    On CUDA the model is a second copy, so the backend keeps its own (folded, reduced-precision) state.
+    """
+    model = grounder.model if device.type == "cpu" else copy.deepcopy(grounder.model).to(device)
+    model = model.float().eval()
     size = grounder.config.image_size
 
     @torch.no_grad()
     def forward() -> torch.Tensor:
         tensor, _ = letterbox(image, size)
         input_values, attention_mask = speech_batch([prepare_waveform(audio, 16000, min_samples=grounder.min_samples)])
-        return model(tensor[None].to(device), input_values.to(device), attention_mask.to(device)).cpu()
+        cudnn_enabled = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = device.type != "cuda"
+        try:
+            return model(tensor[None].to(device), input_values.to(device), attention_mask.to(device)).cpu()
+        finally:
+            torch.backends.cudnn.enabled = cudnn_enabled
 
-    cudnn_enabled = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = device.type != "cuda"
-    try:
-        return time_calls(forward, args.iterations, args.warmup, synchronize)
-    finally:
-        torch.backends.cudnn.enabled = cudnn_enabled
+    return forward
 
 
 def _version(module: str) -> str | None:
@@ -205,12 +222,15 @@ def format_table(result: dict) -> str:
              f"(requested {result['backend_requested']}) precision={result['precision']} threads={result['threads']} "
              f"iterations={result['iterations']} warmup={result['warmup']} "
              f"load={result['environment']['load_average_1min']:.2f}",
-             f"{'metric':28s} {'median ms':>10s} {'p95 ms':>10s}"]
+             f"{'metric':30s} {'median ms':>10s} {'p95 ms':>10s} {'min ms':>10s}"]
     rows = list(result["metrics"].items())
     if result["reference_eager"]:
-        rows += [(f"reference_eager.{name}", value) for name, value in result["reference_eager"].items()]
+        rows.append(("reference_eager.end_to_end_ms", result["reference_eager"]["end_to_end_ms"]))
     for name, value in rows:
-        lines.append(f"{name:28s} {value['median']:10.1f} {value['p95']:10.1f}")
+        lines.append(f"{name:30s} {value['median']:10.1f} {value['p95']:10.1f} {value['min']:10.1f}")
+    if result["reference_eager"]:
+        lines.append(f"end_to_end speedup over the reference-style eager forward: "
+                     f"{result['reference_eager']['speedup_end_to_end']:.2f}x")
     lines.append("memory: " + ", ".join(f"{k}={v:.0f}" for k, v in result["memory"].items()))
     return "\n".join(lines)
 

@@ -37,6 +37,7 @@ def test_benchmark_json_schema_and_table(tmp_path):
     for timing in result["metrics"].values():
         check_timing(timing)
     check_timing(result["reference_eager"]["end_to_end_ms"])
+    assert result["reference_eager"]["speedup_end_to_end"] > 0
     assert result["memory"]["peak_rss_mb"] > 0
     assert result["environment"]["torch"] and result["environment"]["onnxruntime"]
     for metric in ("end_to_end_ms", "end_of_speech_ms", "speech_3s_ms", "reference_eager.end_to_end_ms"):
