@@ -3,7 +3,9 @@
 Every backend offers the same three calls, with torch tensors in and out:
 * `encode_image(image (B, 3, S, S) float32 in [0, 1]) -> [s8, s16, s32]` maps;
 * `encode_speech(input_values (B, L) float32, attention_mask (B, L) int32) -> (B, D)`;
-* `ground_features(maps, speech_feat) -> (B, 5)` x1, y1, x2, y2, score in letterboxed pixels.
+* `ground_features(maps, speech_feat) -> (B, 5)` x1, y1, x2, y2, score in letterboxed pixels;
+* `encode_image_and_speech(image, input_values, attention_mask) -> (maps, speech_feat)`, both
+  encoders for one `ground()` call (concurrently where that is faster).
 Inputs may live on the CPU; outputs stay on the backend's device until `ground_features`, whose
 boxes are float32.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -170,6 +173,11 @@ class TorchBackend:
                                             attention_mask.to(self.device, non_blocking=True))
         return feat.float()
 
+    def encode_image_and_speech(self, image: torch.Tensor, input_values: torch.Tensor,
+                                attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # torch's intra-op threads already use every core for each encoder in turn.
+        return self.encode_image(image), self.encode_speech(input_values, attention_mask)
+
     @torch.inference_mode()
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
         _check_ground_inputs(maps, speech_feat)
@@ -237,8 +245,12 @@ def _check_ground_inputs(maps: list[torch.Tensor], speech_feat: torch.Tensor) ->
 class OnnxRuntimeBackend:
     """The exported ONNX graphs on ONNX Runtime: CPU, or the CUDA execution provider when it is present.
 
-    All graph optimisations are on (conv+BN folding, attention/GELU/LayerNorm fusions, constant
-    folding). `threads` sets intra-op threads (default: torch's thread count).
+    All graph optimisations are on (conv+BN folding, GELU/LayerNorm fusions, constant folding).
+    `threads` (default: torch's thread count) are the intra-op threads of the speech encoder and
+    grounding head, the path after the end of a sentence; the image encoder gets half of them, so
+    that on the CPU a frame can be encoded beside an utterance, and `encode_image_and_speech` runs
+    the two encoders concurrently (measured on 2 shared cores: 1.2-1.4x faster than one after the
+    other with 2 threads each).
     """
 
     name = "onnxruntime"
@@ -259,14 +271,19 @@ class OnnxRuntimeBackend:
             raise FileNotFoundError(f"{onnx_dir} holds no export manifest: export the model first "
                                     "(python -m csref_model.export ... --format onnx --out DIR)")
         self.threads = threads or torch.get_num_threads()
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # warnings about unused initialisers and shape inference are noise here
-        self.sessions = {name: onnxruntime.InferenceSession(str(Path(onnx_dir) / manifest.graphs[name]), options,
-                                                            providers=providers)
-                         for name in GRAPHS}
+        graph_threads = {"speech_encoder": self.threads, "image_encoder": max(1, self.threads // 2),
+                         "grounding_head": self.threads}
+        self.sessions = {}
+        for name in GRAPHS:
+            options = onnxruntime.SessionOptions()
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = graph_threads[name]
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # warnings about unused initialisers and shape inference are noise here
+            self.sessions[name] = onnxruntime.InferenceSession(str(Path(onnx_dir) / manifest.graphs[name]), options,
+                                                               providers=providers)
+        # ONNX Runtime releases the GIL while it runs, so a Python thread gives real concurrency.
+        self.image_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csref-image")
         self.providers = self.sessions["speech_encoder"].get_providers()
         self.image_size = manifest.config["image_size"]
         logger.info("onnxruntime backend: %s, %d intra-op threads, graphs from %s",
@@ -279,6 +296,12 @@ class OnnxRuntimeBackend:
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         _check_image(image, self.image_size)
         return self._run("image_encoder", {"image": image.float()})
+
+    def encode_image_and_speech(self, image: torch.Tensor, input_values: torch.Tensor,
+                                attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        maps = self.image_worker.submit(self.encode_image, image)
+        speech_feat = self.encode_speech(input_values, attention_mask)
+        return maps.result(), speech_feat
 
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._run("speech_encoder", {"input_values": input_values.float(),

@@ -94,9 +94,9 @@ class Grounder:
         """One H x W x 3 uint8 RGB image and one mono float waveform -> the box meant."""
         image_tensor, geometry = letterbox(image, self.config.image_size)
         input_values, attention_mask = self._speech_inputs([audio], sample_rate)
-        image_maps = self.backend.encode_image(image_tensor[None])
-        boxes = self.backend.ground_features(image_maps, self.backend.encode_speech(input_values, attention_mask))
-        return _result(boxes[0], geometry)  # boxes: (1, 5)
+        image_maps, speech_feat = self.backend.encode_image_and_speech(image_tensor[None], input_values, attention_mask)
+        boxes = self.backend.ground_features(image_maps, speech_feat)  # (1, 5)
+        return _result(boxes[0], geometry)
 
     @torch.inference_mode()
     def ground_batch(

@@ -261,6 +261,11 @@ class TensorRTBackend:
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.graphs["speech_encoder"]({"input_values": input_values, "attention_mask": attention_mask})[0]
 
+    def encode_image_and_speech(self, image: torch.Tensor, input_values: torch.Tensor,
+                                attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # Both engines are queued on one CUDA stream; the GPU is the bottleneck, not the host.
+        return self.encode_image(image), self.encode_speech(input_values, attention_mask)
+
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
         _check_ground_inputs(maps, speech_feat)
         s8, s16, s32 = maps
