@@ -13,10 +13,18 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test setup apt clean-venv
+.PHONY: test demo setup apt clean-venv
 
 test: setup
 	$(VPY) -m pytest
+
+# make demo [TEXT="the red circle"] [VOICE=en-gb+f3] [SEED=7] [IMAGE=photo.jpg AUDIO=command.wav]
+#           [CHECKPOINT=models/spoken_shapes_tiny] [DEMO_OUT=runs/demo]   (scripts/demo.py --help)
+CHECKPOINT ?= models/spoken_shapes_tiny
+demo: setup
+	$(VPY) scripts/demo.py --checkpoint "$(CHECKPOINT)" $(if $(TEXT),--text "$(TEXT)") \
+		$(if $(VOICE),--voice "$(VOICE)") $(if $(SEED),--seed "$(SEED)") \
+		$(if $(IMAGE),--image "$(IMAGE)") $(if $(AUDIO),--audio "$(AUDIO)") $(if $(DEMO_OUT),--out "$(DEMO_OUT)")
 
 setup: apt $(VENV)/.deps-stamp $(VENV)/.vision-msgs-stamp
 
