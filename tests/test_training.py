@@ -5,6 +5,7 @@ tiny config), real processes (torchrun with gloo, SIGKILL).
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -141,19 +142,24 @@ def test_srec_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
     model_cfg = engine.build_model_config(cfg)
     dataset = build_srec_dataset(cfg.data, split="train", image_size=model_cfg.image_size, train=True)
     batch = collate_srec([dataset[i] for i in range(4)])
+    engine.seed_all(0)  # the random initialisation is part of the fixed test case
     model = build_srec(model_cfg).train()
     optimizer, _ = engine.build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
 
     def compute_loss() -> torch.Tensor:
         return model(batch["image"], batch["input_values"], batch["attention_mask"], targets=batch["label"])
 
-    before = _seeded(compute_loss, seed=1)
-    optimizer.zero_grad()
-    before.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-    optimizer.step()
+    # A few steps: SimOTA re-assigns positives after each step, so one step alone may not descend.
+    losses = []
+    for _ in range(3):
+        loss = _seeded(compute_loss, seed=1)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+        optimizer.step()
     after = _seeded(compute_loss, seed=1)
-    assert torch.isfinite(before) and after.item() < before.item()
+    assert all(map(math.isfinite, losses)) and after.item() < losses[0]
 
 
 def test_csa_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
@@ -162,6 +168,7 @@ def test_csa_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
     model_cfg = engine.build_model_config(cfg)
     dataset = build_csa_dataset(cfg.data, split="train", train=True)
     batch = collate_csa([dataset[i] for i in range(6)])
+    engine.seed_all(0)
     model = build_csa(model_cfg)
     engine.set_train_mode(model, frozen_modules_train_mode=False)
     tokens = load_tokenizer(model_cfg.text_encoder)(batch["text"], padding=True, return_tensors="pt")
@@ -191,7 +198,7 @@ def test_ddp_two_processes_gloo(shapes_root: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "csref_training.srec", "--config", str(config)],
-        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     log = (output_dir / "srec.log").read_text()
     assert "world size 2, 2 samples per process per step" in log
