@@ -98,6 +98,7 @@ MATCH_IOU = 0.5
 ANNOTATED_MIN_WIDTH = 720  # px; smaller scenes are enlarged in the annotated PNG
 BOX_COLOUR = (255, 40, 200)
 TARGET_COLOUR = (40, 220, 70)
+OUTLINE_COLOUR = (20, 20, 20)
 
 
 @dataclass
@@ -414,9 +415,11 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 def dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[float, ...], colour: tuple[int, int, int], width: int, dash: int) -> None:
+    """Dashes of `colour` with dark gaps, visible on any background."""
     x1, y1, x2, y2 = box
+    draw.rectangle(box, outline=OUTLINE_COLOUR, width=width)
     for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
-        length = max(abs(bx - ax), abs(by - ay))
+        length = max(abs(bx - ax), abs(by - ay), 1e-6)
         for start in np.arange(0.0, length, 2 * dash):
             t0, t1 = start / length, min(start + dash, length) / length
             draw.line([(ax + (bx - ax) * t0, ay + (by - ay) * t0), (ax + (bx - ax) * t1, ay + (by - ay) * t1)], fill=colour, width=width)
@@ -441,7 +444,8 @@ def place_tag(
     free = [(sx, sy) for sx, sy in inside if not any(overlaps((sx, sy, sx + tag_w, sy + tag_h), a) for a in avoid)]
     sx, sy = (free or inside)[0]
     draw.rectangle([sx, sy, sx + tag_w, sy + tag_h], fill=colour)
-    draw.text((sx + pad - left, sy + pad - top), text, fill=(0, 0, 0) if sum(colour) > 400 else (255, 255, 255), font=font)
+    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    draw.text((sx + pad - left, sy + pad - top), text, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
     return sx, sy, sx + tag_w, sy + tag_h
 
 
@@ -481,7 +485,9 @@ def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: 
     tags: list[tuple[float, ...]] = []
     if outcome.box is not None:
         box = tuple(v / scene.scale * zoom for v in outcome.box)
-        draw.rectangle(box, outline=BOX_COLOUR, width=max(3, round(3 * unit)))
+        line_width = max(3, round(3 * unit))
+        draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), outline=OUTLINE_COLOUR, width=line_width + 2)
+        draw.rectangle(box, outline=BOX_COLOUR, width=line_width)
     if scene.target_box is not None:
         target = tuple(v * zoom for v in scene.target_box)
         dashed_rectangle(draw, target, TARGET_COLOUR, width=max(2, round(3 * unit)), dash=round(10 * unit))
@@ -546,6 +552,46 @@ def check_checkpoint(checkpoint: Path) -> str | None:
     )
 
 
+def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, timeout_s: float) -> int:
+    """Print the outcome, write annotated.png and result.json; the exit status."""
+    match_iou = None
+    if outcome.box is not None and scene.target_box is not None:
+        match_iou = iou(outcome.box, scene.target_box)
+    annotated = out_dir / "annotated.png"
+    annotate(scene, outcome, match_iou, annotated)
+    box = None if outcome.box is None else tuple(v / scene.scale for v in outcome.box)
+    result = {
+        "said": scene.said,
+        "voice": scene.voice,
+        "box_xyxy": box,
+        "score": outcome.score,
+        "target_xyxy": scene.target_box,
+        "iou": match_iou,
+        "match": None if match_iou is None else match_iou > MATCH_IOU,
+        "latency_end_of_speech_ms": outcome.latency_ms,
+        "annotated_png": str(annotated),
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+
+    if box is None:
+        if outcome.node_error:
+            reason = f"the node could not start: {outcome.node_error}"
+        elif outcome.node_exit is not None:
+            reason = f"the node exited with status {outcome.node_exit}"
+        else:
+            reason = f"no box on /csref/target_box within {timeout_s:.0f} s"
+        print(f"error: {reason}; the node's log ({node_log}) ends with:", file=sys.stderr)
+        print("\n".join(node_log.read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
+        return 1
+    print(f"box      {box_text(box)}  score {outcome.score:.2f}")
+    if match_iou is not None:
+        print(f"target   {box_text(scene.target_box)}  IoU {match_iou:.2f}: {'MATCH' if match_iou > MATCH_IOU else 'MISS'}")
+    latency = f"{outcome.latency_ms} ms" if outcome.latency_ms else "not reported"
+    print(f"latency  {latency} from the end of speech to the box (the node's /diagnostics)")
+    print(f"picture  {annotated}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = args.checkpoint.resolve()
@@ -553,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows at once in make and CI logs
     # SIGTERM (e.g. from a CI runner) unwinds like Ctrl-C, so the node is always stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.monotonic()
@@ -573,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scene    {out_dir / 'scene.png'} ({width}x{height}, seed {seed}, never seen in training)")
     else:
         print(f"scene    {args.image} (published at {width}x{height})")
-    print(f'said     "{scene.said}"' + (f" (voice {scene.voice}, {scene.speech_s:.1f} s of speech)" if scene.voice else f" ({scene.speech_s:.1f} s of speech)"))
+    speech = f"{scene.speech_s:.1f} s of speech"
+    print(f'said     "{scene.said}" ({f"voice {scene.voice}, " if scene.voice else ""}{speech})')
 
     domain_id, domain_lock = lock_domain_id()
     env = ros_environment(domain_id, out_dir)
@@ -583,48 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     node = start_node(checkpoint, scene.wav_path, env, node_log)
     try:
         outcome = ground_over_ros(scene, node, args.timeout)
+        status = report(scene, outcome, out_dir, node_log, args.timeout)
+        print(f"took     {time.monotonic() - start:.1f} s")
+        return status
     finally:
         stop_process(node)
         domain_lock.close()
-
-    match_iou = None
-    if outcome.box is not None and scene.target_box is not None:
-        match_iou = iou(outcome.box, scene.target_box)
-    annotated = out_dir / "annotated.png"
-    annotate(scene, outcome, match_iou, annotated)
-    result = {
-        "said": scene.said,
-        "voice": scene.voice,
-        "box_xyxy": None if outcome.box is None else [v / scene.scale for v in outcome.box],
-        "score": outcome.score,
-        "target_xyxy": None if scene.target_box is None else list(scene.target_box),
-        "iou": match_iou,
-        "match": None if match_iou is None else match_iou > MATCH_IOU,
-        "latency_end_of_speech_ms": outcome.latency_ms,
-        "annotated_png": str(annotated),
-    }
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-
-    if outcome.box is None:
-        if outcome.node_error:
-            reason = f"the node could not start: {outcome.node_error}"
-        elif outcome.node_exit is not None:
-            reason = f"the node exited with status {outcome.node_exit}"
-        else:
-            reason = f"no box on /csref/target_box within {args.timeout:.0f} s"
-        print(f"error: {reason}; the node's log ({node_log}) ends with:", file=sys.stderr)
-        print("\n".join(node_log.read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
-        return 1
-    box = tuple(v / scene.scale for v in outcome.box)
-    print(f"box      {box_text(box)}  score {outcome.score:.2f}")
-    if scene.target_box is not None:
-        verdict = "MATCH" if match_iou > MATCH_IOU else "MISS"
-        print(f"target   {box_text(scene.target_box)}  IoU {match_iou:.2f}: {verdict}")
-    latency = f"{outcome.latency_ms} ms" if outcome.latency_ms else "not reported"
-    print(f"latency  {latency} from the end of speech to the box (the node's /diagnostics)")
-    print(f"picture  {annotated}")
-    print(f"took     {time.monotonic() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

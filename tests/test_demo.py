@@ -1,0 +1,171 @@
+"""`make demo` end to end (the Makefile target, the node in its own process, real rclpy, espeak-ng
+speech), the demo's scenes for a given TEXT, and the README's commands against the Makefile.
+
+Until the demo model models/spoken_shapes_tiny exists the demo runs on a random-weight tiny
+checkpoint and only the box's arrival and place are checked; with the demo model the box must
+match the spoken target (the default seed's scene is one the demo model gets right; its
+accuracy is >= 0.9, tests/test_demo_model.py measures another unseen scene).
+"""
+
+import functools
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from csref_model.checkpoint import save_checkpoint
+from csref_model.config import load_model_config
+from csref_model.srec import build_srec
+from csref_training.synth import describe, make_background, referents
+from ros_support import REPO_ROOT
+from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
+
+DEMO_MODEL = REPO_ROOT / "models" / "spoken_shapes_tiny"
+HAVE_DEMO_MODEL = (DEMO_MODEL / "model.safetensors").is_file()
+
+
+@functools.cache
+def load_demo_script():
+    """scripts/demo.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("csref_demo_script", REPO_ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The demo model, or a random-weight tiny model while it is not there yet."""
+    if HAVE_DEMO_MODEL:
+        return DEMO_MODEL
+    torch.manual_seed(0)
+    config = load_model_config("tiny")
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny_random", build_srec(config, load_pretrained=False), config)
+
+
+def make_demo(*variables: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`make demo VAR=value ...` as a user types it; `-o setup`: the venv and apt packages this
+    test runs in are what `setup` makes, so make is told not to redo them."""
+    return subprocess.run(
+        ["make", "--no-print-directory", "-o", "setup", "demo", *variables],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def printed_box(stdout: str) -> tuple[float, float, float, float]:
+    match = re.search(r"^box +x1=(-?\d+) y1=(-?\d+) x2=(-?\d+) y2=(-?\d+) .* score (\d\.\d\d)$", stdout, re.MULTILINE)
+    assert match, stdout
+    return tuple(float(v) for v in match.groups()[:4])
+
+
+def assert_png(path: Path, min_width: int, min_height: int) -> None:
+    picture = cv2.imread(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture is not None, path
+    assert picture.shape[1] >= min_width and picture.shape[0] > min_height, picture.shape
+
+
+def test_make_demo_prints_a_box_and_draws_it(tmp_path, checkpoint):
+    out = tmp_path / "demo"
+    run = make_demo(f"CHECKPOINT={checkpoint}", f"DEMO_OUT={out}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    scene = cv2.imread(str(out / "scene.png"))
+    height, width = scene.shape[:2]
+    x1, y1, x2, y2 = printed_box(run.stdout)
+    assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, (x1, y1, x2, y2, width, height)
+    assert re.search(r'^said +".+" \(voice en-[^ ]+\+\w+, \d\.\d s of speech\)$', run.stdout, re.MULTILINE), run.stdout
+    assert re.search(r"^latency +\d+ ms from the end of speech", run.stdout, re.MULTILINE), run.stdout
+    assert f"picture  {out / 'annotated.png'}" in run.stdout
+    assert_png(out / "annotated.png", width, height)
+
+    result = json.loads((out / "result.json").read_text())
+    demo = load_demo_script()
+    assert result["voice"] in demo.HELDOUT_VOICES  # a voice the model did not train on
+    assert result["iou"] == pytest.approx(demo.iou(result["box_xyxy"], result["target_xyxy"]))
+    if HAVE_DEMO_MODEL:
+        assert result["match"] and result["iou"] > 0.5, run.stdout
+
+
+def test_make_demo_on_your_own_image_and_wav(tmp_path, checkpoint):
+    """A picture that is no Spoken Shapes scene (larger than the published size limit) and a
+    recording: no ground truth, the box is printed in the original picture's pixels."""
+    height, width = 1600, 2000
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[:] = np.linspace(40, 200, width, dtype=np.uint8)[None, :, None]
+    cv2.circle(picture, (600, 900), 220, (30, 30, 220), -1)
+    image_path = tmp_path / "photo.jpg"
+    cv2.imwrite(str(image_path), picture)
+    wave, _ = speech_with_pauses([espeak_16k("pick up the red circle")], [0.4, 1.0])
+    audio_path = tmp_path / "command.wav"
+    soundfile.write(audio_path, wave, SAMPLE_RATE)
+
+    out = tmp_path / "demo"
+    run = make_demo(f"CHECKPOINT={checkpoint}", f"IMAGE={image_path}", f"AUDIO={audio_path}", f"DEMO_OUT={out}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    x1, y1, x2, y2 = printed_box(run.stdout)
+    assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, (x1, y1, x2, y2)
+    assert "(published at" in run.stdout and not re.search(r"^target ", run.stdout, re.MULTILINE)
+    result = json.loads((out / "result.json").read_text())
+    assert result["target_xyxy"] is None and result["match"] is None
+    assert_png(out / "annotated.png", width, height)
+
+
+@pytest.mark.parametrize("text", [
+    "the red circle",
+    "pick up the circle",
+    "grab the small blue square on the left",
+    "the big yellow star at the top",
+    "find the white cross in the middle at the bottom",
+])
+def test_scene_for_text_is_one_the_generator_would_describe_so(text):
+    demo = load_demo_script()
+    expression = demo.parse_expression(text)
+    for seed in range(3):
+        rng = np.random.default_rng([7, seed])
+        background = make_background(rng, 560, 420, "gradient")
+        objects, target = demo.layout_for_expression(expression, rng, background)
+        assert referents(expression, objects, 560, 420) == [target]
+        shortest = describe(target, objects, 560, 420, rng)
+        assert (shortest.num_optional, shortest.num_place) == (expression.num_optional, expression.num_place)
+
+
+def test_demo_refuses_bad_input_with_a_reason(tmp_path):
+    run = make_demo(f"CHECKPOINT={tmp_path / 'nowhere'}", timeout=60)
+    assert run.returncode != 0 and f"no model at {tmp_path / 'nowhere'}" in run.stderr
+    assert "CHECKPOINT=" in run.stderr and "scripts/train_spoken_shapes.sh" in run.stderr
+    demo = load_demo_script()
+    with pytest.raises(ValueError, match="is not a Spoken Shapes command"):
+        demo.parse_expression("the red cup")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--audio", str(tmp_path / "x.wav")])  # a recording needs a picture
+
+
+def makefile_targets() -> set[str]:
+    """Targets in make's own database of the Makefile (`make -pRrq`: print, do nothing)."""
+    database = subprocess.run(["make", "-pRrq", "-f", "Makefile", ":"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    targets, previous = set(), ""
+    for line in database.splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9_.-]*):(?!=)", line)
+        if match and previous != "# Not a target:":
+            targets.add(match.group(1))
+        previous = line
+    return targets
+
+
+def test_readme_commands_are_makefile_targets():
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", readme, re.DOTALL)
+    make_commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("make ")]
+    named = {command.split()[1] for command in make_commands}
+    assert {"test", "demo"} <= named, f"the README's commands: {make_commands}"
+    targets = makefile_targets()
+    assert {"test", "demo", "setup"} <= targets, targets
+    assert named <= targets, f"README names make targets the Makefile lacks: {named - targets}"
