@@ -86,6 +86,8 @@ DEMO_SEED_STREAM = 20261122
 # tests' locks, keeps two demos apart.
 DOMAIN_IDS = range(90, 102)
 DOMAIN_LOCK_DIR = Path(tempfile.gettempdir()) / "csref_ros_test_domains"
+# The scene `make demo` shows without SEED; tests/test_demo.py requires the demo model to get it right.
+DEFAULT_SEED = 0
 IMAGE_TOPIC = "/csref_demo/camera/image_raw"
 CAMERA_RATE_HZ = 10.0
 # Larger user pictures are scaled down before publishing (a 1080p frame, 6 MB, fits the
@@ -519,7 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"model: our checkpoint directory or an official CSRef .pth (default {DEFAULT_CHECKPOINT.relative_to(REPO_ROOT)})")
     parser.add_argument("--text", help='the command, e.g. "pick up the red circle" (default: the generator chooses)')
     parser.add_argument("--voice", help="espeak-ng voice, e.g. en-gb+f3 (default: a held-out voice)")
-    parser.add_argument("--seed", type=int, help="scene seed (default 0)")
+    parser.add_argument("--seed", type=int, help=f"scene seed (default {DEFAULT_SEED})")
     parser.add_argument("--image", type=Path, help="your own picture (JPEG/PNG) instead of a generated scene")
     parser.add_argument("--audio", type=Path, help="your own recording (WAV/FLAC) of the command, with --image")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "demo", help="where the PNGs, WAV and logs go")
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.image is not None:
             scene = user_scene(args.image, args.audio, args.text, args.voice, out_dir)
         else:
-            seed = 0 if args.seed is None else args.seed
+            seed = DEFAULT_SEED if args.seed is None else args.seed
             scene = generated_scene(seed, args.text, args.voice, out_dir)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -118,6 +118,33 @@ def test_make_demo_on_your_own_image_and_wav(tmp_path, checkpoint):
     assert_png(out / "annotated.png", width, height)
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of the processes whose command line contains `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # the process ended meanwhile
+    return found
+
+
+def test_demo_fails_when_no_box_comes_and_leaves_no_node_behind(tmp_path, checkpoint):
+    """Silence is no command: no box within the timeout, exit status 1, the node is stopped."""
+    cv2.imwrite(str(tmp_path / "room.png"), np.full((240, 320, 3), 90, np.uint8))
+    silence = tmp_path / "silence.wav"
+    soundfile.write(silence, np.zeros(2 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    run = subprocess.run(
+        [sys.executable, "scripts/demo.py", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "room.png"),
+         "--audio", str(silence), "--out", str(tmp_path / "demo"), "--timeout", "6"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "no box on /csref/target_box within 6 s" in run.stderr
+    assert processes_mentioning(str(silence)) == []  # the node had the WAV on its command line
+
+
 @pytest.mark.parametrize("text", [
     "the red circle",
     "pick up the circle",
