@@ -242,10 +242,10 @@ def generated_scene(seed: int, text: str | None, voice: str | None, out_dir: Pat
     return DemoScene(image, wav_path, text, voice, speech_duration_s(wave), objects[target].box)
 
 
-def speech_duration_s(wave: np.ndarray) -> float:
+def speech_duration_s(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
     """Seconds from the first to the last sample above 1% of the peak."""
     loud = np.flatnonzero(np.abs(wave) > 0.01 * max(float(np.abs(wave).max()), 1e-9))
-    return float(loud[-1] - loud[0]) / SAMPLE_RATE if len(loud) else 0.0
+    return float(loud[-1] - loud[0]) / sample_rate if len(loud) else 0.0
 
 
 def user_scene(image_path: Path, audio_path: Path | None, text: str | None, voice: str | None, out_dir: Path) -> DemoScene:
@@ -263,10 +263,8 @@ def user_scene(image_path: Path, audio_path: Path | None, text: str | None, voic
             wave, sample_rate = sf.read(audio_path, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as error:
             raise ValueError(f"AUDIO {audio_path}: cannot read it as a WAV/FLAC file ({error})") from error
-        mono = wave.mean(axis=1)
-        loud = np.flatnonzero(np.abs(mono) > 0.01 * max(float(np.abs(mono).max()), 1e-9))
-        speech_s = float(loud[-1] - loud[0]) / sample_rate if len(loud) else 0.0
-        return DemoScene(image, audio_path.resolve(), f"(your recording {audio_path})", None, speech_s, None, scale, original)
+        speech_s = speech_duration_s(wave.mean(axis=1), sample_rate)
+        return DemoScene(image, audio_path.resolve(), f"your recording {audio_path}", None, speech_s, None, scale, original)
     voice = voice or "en-us"
     check_voices([voice])
     rng = np.random.default_rng([DEMO_SEED_STREAM, 0])
@@ -472,7 +470,7 @@ def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: 
     width, height = picture.size
     unit = width / ANNOTATED_MIN_WIDTH  # line widths and text grow with the picture
 
-    said = f'said: "{scene.said}"' + (f"  (voice {scene.voice}, {scene.speech_s:.1f} s)" if scene.voice else "")
+    said = f"said: {scene.said}" if scene.voice is None else f'said: "{scene.said}"  (voice {scene.voice}, {scene.speech_s:.1f} s)'
     result = "no box arrived" if outcome.box is None else f"box score {outcome.score:.2f}"
     if match_iou is not None:
         result += f"   IoU with the target {match_iou:.2f}: {'MATCH' if match_iou > MATCH_IOU else 'MISS'}"
@@ -623,7 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"scene    {args.image} (published at {width}x{height})")
     speech = f"{scene.speech_s:.1f} s of speech"
-    print(f'said     "{scene.said}" ({f"voice {scene.voice}, " if scene.voice else ""}{speech})')
+    if scene.voice is None:
+        print(f"said     {scene.said} ({speech})")
+    else:
+        print(f'said     "{scene.said}" (voice {scene.voice}, {speech})')
 
     domain_id, domain_lock = lock_domain_id()
     env = ros_environment(domain_id, out_dir)
