@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from csref_model.checkpoint import LoadReport, save_checkpoint as save_model_dir
+from csref_model.checkpoint import LoadReport, format_keys, save_checkpoint as save_model_dir
 from csref_model.config import ModelConfig, load_model_config
 
 logger = logging.getLogger(__name__)
@@ -708,13 +708,15 @@ def log_init_report(output_dir: Path, source: str, report: LoadReport, is_main: 
     """Log and save exactly what a partial initialisation loaded and what it did not."""
     if not is_main:
         return
-    logger.info("speech encoder initialised from %s: %d tensors loaded: %s", source, len(report.loaded),
-                ", ".join(report.loaded))
+    report_path = output_dir / "init_report.json"
+    write_json(report_path, {"source": source, **dataclasses.asdict(report)})
+    # The tensors that keep their fresh initialisation are listed in full; the others are in the JSON.
+    logger.info("speech encoder initialised from %s: %d tensors loaded (%s); full lists in %s", source,
+                len(report.loaded), format_keys(report.loaded), report_path)
     logger.info("NOT loaded (keep their fresh initialisation): %d tensors: %s", len(report.missing),
                 ", ".join(report.missing) or "none")
-    logger.info("in the file but not used: %d tensors: %s", len(report.unexpected),
-                ", ".join(report.unexpected) or "none")
-    write_json(output_dir / "init_report.json", {"source": source, **dataclasses.asdict(report)})
+    logger.info("in the file but not used: %d tensors (%s)", len(report.unexpected),
+                format_keys(report.unexpected) if report.unexpected else "none")
 
 
 def write_json(path: Path, data: Any) -> None:

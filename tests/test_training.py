@@ -293,3 +293,26 @@ def test_evaluate_csa_checkpoint_reports_retrieval(shapes_root: Path, tmp_path: 
     for direction in ("speech_to_text", "text_to_speech"):
         recalls = [metrics[f"{direction}_r{k}"] for k in (1, 5, 10)]
         assert all(0.0 <= r <= 1.0 for r in recalls) and recalls == sorted(recalls)
+
+
+def test_srec_init_from_csa_checkpoint_reports_what_it_loaded(shapes_root: Path, tmp_path: Path) -> None:
+    # An official-format CSA file of the same (test-sized) speech encoder.
+    csa_cfg = engine.load_train_config(write_config(tmp_path / "csa.yaml", shapes_root, tmp_path / "csa"))
+    engine.seed_all(0)
+    csa = build_csa(engine.build_model_config(csa_cfg))
+    csa_file = tmp_path / "CSA_speech_encoder.pth"
+    torch.save({"epoch": 1, "state_dict": csa.state_dict(), "optimizer": {}, "scheduler": {}, "lr": 1e-4}, csa_file)
+
+    output_dir = tmp_path / "srec"
+    config = write_config(tmp_path / "srec.yaml", shapes_root, output_dir, epochs=1, max_steps=1,
+                          init_speech_encoder=str(csa_file))
+    run_module("csref_training.srec", config)
+    report = json.loads((output_dir / "init_report.json").read_text())
+    speech_keys = {k for k in csa.state_dict() if k.startswith("speech_encoder.")}
+    assert report["source"] == str(csa_file)
+    assert set(report["loaded"]) == speech_keys
+    # SREC's layer fusion does not exist in CSA: it keeps its fresh initialisation, and says so.
+    assert report["missing"] and all(k.startswith("speech_encoder.fusion_modules.") for k in report["missing"])
+    assert "contrastive_loss.logit_scale" in report["unexpected"]
+    log = (output_dir / "srec.log").read_text()
+    assert f"NOT loaded (keep their fresh initialisation): {len(report['missing'])} tensors" in log
