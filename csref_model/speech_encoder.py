@@ -6,6 +6,7 @@ CSRef checkpoints load strictly.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -78,6 +79,35 @@ class AttFlat(nn.Module):
         return self.linear_merge(pooled)  # (B, output_dim)
 
 
+class IdentityLayerDrop:
+    """Mixin for wav2vec2 encoder layers: a layer dropped by LayerDrop passes its input on.
+
+    transformers >= 5 skips a dropped layer without recording its hidden state, so the layer
+    fusion would receive fewer states than it has channels. The reference (transformers 4.30)
+    recorded the previous state again, which is what passing the input through reproduces.
+    """
+
+    layerdrop: float = 0.0
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.training and self.layerdrop > 0 and torch.rand([]) < self.layerdrop:
+            return hidden_states
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+@functools.cache
+def _with_identity_layerdrop(layer_class: type) -> type:
+    return type(f"{layer_class.__name__}IdentityLayerDrop", (IdentityLayerDrop, layer_class), {})
+
+
+def use_identity_layerdrop(model: Wav2Vec2Model) -> None:
+    """Move LayerDrop from the HF encoder loop into the layers (see IdentityLayerDrop)."""
+    for layer in model.encoder.layers:
+        layer.__class__ = _with_identity_layerdrop(type(layer))
+        layer.layerdrop = model.config.layerdrop
+    model.config.layerdrop = 0.0
+
+
 def build_wav2vec2(cfg: SpeechEncoderConfig, load_pretrained: bool = True) -> Wav2Vec2Model:
     """wav2vec2 from a local pretrained directory, or randomly initialised from the YAML fields.
 
@@ -112,6 +142,7 @@ class SpeechEncoder(nn.Module):
     def __init__(self, cfg: SpeechEncoderConfig, layer_fusion: bool, load_pretrained: bool = True):
         super().__init__()
         self.model = build_wav2vec2(cfg, load_pretrained)
+        use_identity_layerdrop(self.model)
         self.layer_fusion = layer_fusion
         # All hidden states: the transformer input plus the output of every layer (13 for base).
         self.num_states = cfg.architecture.num_hidden_layers + 1 if layer_fusion else 1
