@@ -13,7 +13,6 @@ from csref_model import Grounder
 from csref_model.backends import BackendUnavailable, OnnxRuntimeBackend, TorchBackend, create_backend, fold_batchnorm
 from csref_model.config import load_model_config
 from csref_model.srec import build_srec
-from oracle_weights import load_oracle, oracle_dir, oracle_state_dict
 
 
 def count_batchnorms(module: nn.Module) -> int:
@@ -25,19 +24,6 @@ def tiny():
     config = load_model_config("tiny")
     torch.manual_seed(0)
     return build_srec(config, load_pretrained=False).eval(), config
-
-
-@pytest.fixture(scope="module")
-def base_oracle():
-    if not (oracle_dir() / "srec_seeded.pt").is_file():
-        pytest.skip(f"parity oracle not found in {oracle_dir()} (set CSREF_ORACLE_DIR)")
-    oracle = load_oracle("srec")
-    state_dict, fingerprint_ratio = oracle_state_dict(oracle)
-    assert fingerprint_ratio <= 1.0
-    config = load_model_config("base")
-    model = build_srec(config, load_pretrained=False)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval(), config, oracle
 
 
 def test_folded_torch_cpu_matches_the_oracle_and_leaves_the_model_alone(base_oracle):

@@ -19,7 +19,6 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.export import GRAPHS, OPSET, ensure_onnx, export_onnx, model_hash, read_manifest
 from csref_model.srec import build_srec
-from oracle_weights import load_oracle, oracle_dir, oracle_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,19 +130,6 @@ def test_ensure_onnx_reuses_matching_graphs_and_reexports_stale_ones(tiny, tmp_p
         _, repaired = ensure_onnx(changed, config, directory)
     assert "re-exporting" in caplog.text and onnx.load(str(directory / "grounding_head.onnx")) is not None
     assert repaired.model_hash == new_manifest.model_hash
-
-
-@pytest.fixture(scope="module")
-def base_oracle():
-    if not (oracle_dir() / "srec_seeded.pt").is_file():
-        pytest.skip(f"parity oracle not found in {oracle_dir()} (set CSREF_ORACLE_DIR)")
-    oracle = load_oracle("srec")
-    state_dict, fingerprint_ratio = oracle_state_dict(oracle)
-    assert fingerprint_ratio <= 1.0
-    config = load_model_config("base")
-    model = build_srec(config, load_pretrained=False)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval(), config, oracle
 
 
 def test_onnxruntime_base_matches_the_oracle(base_oracle, tmp_path):
