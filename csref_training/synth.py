@@ -304,6 +304,30 @@ def _contrast_ok(background: np.ndarray, box: tuple[float, ...], colour: str) ->
     return float(np.linalg.norm(under - np.asarray(COLOURS[colour], dtype=np.float64))) >= MIN_CONTRAST
 
 
+def place_objects(
+    rng: np.random.Generator, background: np.ndarray, wanted: list[tuple[str, str, str]]
+) -> dict[int, SceneObject]:
+    """Each wanted (shape, colour, size) at a random free spot whose background contrasts with its
+    colour, big ones first (they are the hardest to fit), 40 tries each. Keyed by the index in
+    `wanted`; an object that found no spot is missing."""
+    height, width = background.shape[:2]
+    unit = min(width, height)
+    placed: dict[int, SceneObject] = {}
+    for i in sorted(range(len(wanted)), key=lambda i: wanted[i][2] != "big"):
+        shape, colour, size = wanted[i]
+        lo, hi = BIG_EXTENT if size == "big" else SMALL_EXTENT
+        w, h = shape_box_size(shape, unit * rng.uniform(lo, hi))
+        for _ in range(40):
+            x0 = rng.uniform(BOX_MARGIN_PX, width - BOX_MARGIN_PX - w)
+            y0 = rng.uniform(BOX_MARGIN_PX, height - BOX_MARGIN_PX - h)
+            box = (x0, y0, x0 + w, y0 + h)
+            if all(_boxes_clear(box, o.box, BOX_MARGIN_PX) for o in placed.values()) and \
+                    _contrast_ok(background, box, colour):
+                placed[i] = SceneObject(shape, colour, size, box)
+                break
+    return placed
+
+
 def sample_layout(
     rng: np.random.Generator, background: np.ndarray, max_attempts: int = 200
 ) -> tuple[list[SceneObject], int, Expression]:
@@ -312,28 +336,13 @@ def sample_layout(
     Returns (objects, target index, expression).
     """
     height, width = background.shape[:2]
-    unit = min(width, height)
     for _ in range(max_attempts):
         n = int(rng.integers(3, 7))
         target_attrs = (str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(SIZES)))
         wanted = [target_attrs]
         for _ in range(n - 1):
-            wanted.append(_distractor_attrs(rng, *target_attrs))
-        # Place big objects first (they are the hardest to fit); index 0 is the target.
-        order = sorted(range(n), key=lambda i: wanted[i][2] != "big")
-        placed: dict[int, SceneObject] = {}
-        for i in order:
-            shape, colour, size = wanted[i]
-            lo, hi = BIG_EXTENT if size == "big" else SMALL_EXTENT
-            w, h = shape_box_size(shape, unit * rng.uniform(lo, hi))
-            for _ in range(40):
-                x0 = rng.uniform(BOX_MARGIN_PX, width - BOX_MARGIN_PX - w)
-                y0 = rng.uniform(BOX_MARGIN_PX, height - BOX_MARGIN_PX - h)
-                box = (x0, y0, x0 + w, y0 + h)
-                if all(_boxes_clear(box, o.box, BOX_MARGIN_PX) for o in placed.values()) and \
-                        _contrast_ok(background, box, colour):
-                    placed[i] = SceneObject(shape, colour, size, box)
-                    break
+            wanted.append(distractor_attrs(rng, *target_attrs))
+        placed = place_objects(rng, background, wanted)  # index 0 is the target
         if 0 not in placed or len(placed) < 3:
             continue
         indices = sorted(placed)
@@ -350,7 +359,7 @@ def sample_layout(
     raise RuntimeError(f"no describable scene after {max_attempts} attempts on a {width}x{height} canvas")
 
 
-def _distractor_attrs(rng: np.random.Generator, shape: str, colour: str, size: str) -> tuple[str, str, str]:
+def distractor_attrs(rng: np.random.Generator, shape: str, colour: str, size: str) -> tuple[str, str, str]:
     """Attributes of one distractor, related to the target's as DISTRACTOR_RELATION_P says."""
     relation = rng.choice(len(DISTRACTOR_RELATION_P), p=DISTRACTOR_RELATION_P)
     other_shape = str(rng.choice([s for s in SHAPES if s != shape]))

@@ -48,8 +48,6 @@ from PIL import Image as PILImage, ImageDraw, ImageFont
 
 from csref_training.synth import (
     BACKGROUNDS,
-    BIG_EXTENT,
-    BOX_MARGIN_PX,
     CARRIER_PHRASES,
     COLOURS,
     HELDOUT_VOICES,
@@ -57,22 +55,19 @@ from csref_training.synth import (
     SAMPLE_RATE,
     SHAPES,
     SIZES,
-    SMALL_EXTENT,
     VERTICAL_PLACES,
     Expression,
     SceneObject,
     SynthConfig,
-    _boxes_clear,
-    _contrast_ok,
-    _distractor_attrs,
     check_voices,
     describe,
+    distractor_attrs,
     make_background,
+    place_objects,
     referents,
     render_scene,
     render_speech,
     sample_layout,
-    shape_box_size,
     size_classes_separated,
 )
 
@@ -153,31 +148,6 @@ def parse_expression(text: str) -> Expression:
     )
 
 
-def place_objects(
-    rng: np.random.Generator, background: np.ndarray, wanted: list[tuple[str, str, str]]
-) -> list[SceneObject] | None:
-    """Every wanted (shape, colour, size) at a random free, contrasting spot (as the generator
-    places them: big ones first, 40 tries each); None if one does not fit."""
-    height, width = background.shape[:2]
-    unit = min(width, height)
-    placed: dict[int, SceneObject] = {}
-    for i in sorted(range(len(wanted)), key=lambda i: wanted[i][2] != "big"):
-        shape, colour, size = wanted[i]
-        lo, hi = BIG_EXTENT if size == "big" else SMALL_EXTENT
-        w, h = shape_box_size(shape, unit * rng.uniform(lo, hi))
-        for _ in range(40):
-            x0 = rng.uniform(BOX_MARGIN_PX, width - BOX_MARGIN_PX - w)
-            y0 = rng.uniform(BOX_MARGIN_PX, height - BOX_MARGIN_PX - h)
-            box = (x0, y0, x0 + w, y0 + h)
-            if all(_boxes_clear(box, o.box, BOX_MARGIN_PX) for o in placed.values()) and \
-                    _contrast_ok(background, box, colour):
-                placed[i] = SceneObject(shape, colour, size, box)
-                break
-        else:
-            return None
-    return [placed[i] for i in range(len(wanted))]
-
-
 def layout_for_expression(
     expression: Expression, rng: np.random.Generator, background: np.ndarray
 ) -> tuple[list[SceneObject], int]:
@@ -200,9 +170,12 @@ def layout_for_expression(
         if expression.size:
             foils.append((shape, colour, "big" if size == "small" else "small"))
         extra = max(0, int(rng.integers(2, 6)) - len(foils))
-        wanted = [(shape, colour, size), *foils, *(_distractor_attrs(rng, shape, colour, size) for _ in range(extra))]
-        objects = place_objects(rng, background, wanted)
-        if objects is None or not size_classes_separated(objects):
+        wanted = [(shape, colour, size), *foils, *(distractor_attrs(rng, shape, colour, size) for _ in range(extra))]
+        placed = place_objects(rng, background, wanted)
+        if len(placed) < len(wanted):
+            continue
+        objects = [placed[i] for i in range(len(wanted))]
+        if not size_classes_separated(objects):
             continue
         if referents(expression, objects, width, height) != [0]:
             continue
