@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -494,6 +495,52 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def autocast_context(amp: str, device: torch.device) -> torch.autocast:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != "off")
+
+
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                   ema: "EMA | None", clip_grad_norm: float) -> None:
+    """One iteration's update: backward, clipping, optimiser and schedule step, EMA."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm > 0:
+        # Unscale first so the norm is of the true gradients (REFERENCE_FACTS §14.5).
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
+
+
+class LossWindow:
+    """Mean loss and throughput since the last report, sent to the log, the progress bar and
+    tensorboard (`writer` is None off the main rank)."""
+
+    def __init__(self, logger: logging.Logger, writer: Any, device: torch.device) -> None:
+        self.logger, self.writer, self.device = logger, writer, device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.samples, self.loss_sum, self.count = time.perf_counter(), 0, 0.0, 0
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        self.samples += samples
+
+    def report(self, epoch: int, global_step: int, lr: float, bar: Any) -> None:
+        mean_loss = mean_over_ranks(self.loss_sum / self.count, self.device)
+        samples_per_s = self.samples / (time.perf_counter() - self.start)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", mean_loss, global_step)
+            self.writer.add_scalar("train/lr", lr, global_step)
+            self.writer.add_scalar("train/samples_per_s", samples_per_s, global_step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}")
+        self.logger.info("epoch %d step %d loss %.4f lr %.3e %.1f samples/s", epoch, global_step, mean_loss, lr,
+                         samples_per_s)
+        self._reset()
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ speech->text / text->speech retrieval R@1/5/10 over the whole split. Identical s
 as the same text: speech->text is a hit when a top-k text has the utterance's sentence,
 text->speech when a top-k utterance says the text.
 
+`--precision bf16|fp16` runs the forward under autocast, as the CUDA backend does, to check that
+reduced precision keeps Acc@0.5 (the JSON records the precision).
+
 With torchrun each process evaluates every world_size-th sample and the counts are summed, so
 multi-process numbers equal single-process ones up to batch composition (the reference
 averages per-rank accuracies of a padded sampler instead, §11).
@@ -210,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--save-vis", type=Path, help="SREC: write images with GT/predicted boxes here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="run the forward under autocast in this precision, as the CUDA backend does; "
+                             "compare its Acc@0.5 with fp32 before deploying reduced precision")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for the trainers")
     args = parser.parse_args(argv)
 
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state_dict = read_state_dict(args.checkpoint)
     is_csa = any(key.startswith("text_encoder.") for key in state_dict)
     results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "config": args.config,
-                               "model": "csa" if is_csa else "srec", "splits": {}}
+                               "model": "csa" if is_csa else "srec", "precision": args.precision, "splits": {}}
     if is_csa:
         from csref_model.csa import build_csa
         from csref_model.text_encoder import load_tokenizer
@@ -247,16 +253,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_into(model, state_dict, str(args.checkpoint))
     model.to(device).eval()
 
+    autocast = engine.autocast_context("off" if args.precision == "fp32" else args.precision, device)
     for split in splits:
         if is_csa:
             dataset = build_csa_dataset(cfg.data, split=split, train=False)
-            metrics = evaluate_csa(model, dataset, tokenizer, batch_size, device, dist_info.rank, dist_info.world_size,
-                                   num_workers, show_progress=dist_info.is_main)
+            with autocast:
+                metrics = evaluate_csa(model, dataset, tokenizer, batch_size, device, dist_info.rank,
+                                       dist_info.world_size, num_workers, show_progress=dist_info.is_main)
         else:
             dataset = build_srec_dataset(cfg.data, split=split, image_size=model_cfg.image_size, train=False)
             vis_dir = args.save_vis / split if args.save_vis and dist_info.is_main else None
-            metrics = evaluate_srec(model, dataset, batch_size, device, dist_info.rank, dist_info.world_size,
-                                    num_workers, vis_dir=vis_dir, show_progress=dist_info.is_main)
+            with autocast:
+                metrics = evaluate_srec(model, dataset, batch_size, device, dist_info.rank, dist_info.world_size,
+                                        num_workers, vis_dir=vis_dir, show_progress=dist_info.is_main)
         results["splits"][split] = metrics
         if dist_info.is_main:
             print(f"{split}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         engine.set_train_mode(model, cfg.frozen_modules_train_mode)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", initial=progress.epoch_step,
                    total=iters_per_epoch, disable=not dist_info.is_main, dynamic_ncols=True)
-        window_start, window_samples, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+        window = engine.LossWindow(logger, writer, device)
         epoch_start, epoch_start_step = time.perf_counter(), progress.epoch_step
         for batch in bar:
             # Dropout, SpecAugment masks and the multi-scale draw depend only on (seed, step).
@@ -122,35 +122,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
             with engine.autocast_context(cfg.amp, device):
                 loss = train_model(image, input_values, attention_mask, targets=targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.clip_grad_norm > 0:
-                # Unscale first so the norm is of the true gradients (REFERENCE_FACTS §14.5).
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
+            engine.optimizer_step(loss, model, optimizer, scheduler, scaler, ema, cfg.optim.clip_grad_norm)
             progress.global_step += 1
             progress.epoch_step += 1
-
-            loss_sum += loss.item()
-            loss_count += 1
-            window_samples += image.shape[0] * dist_info.world_size
+            window.add(loss.item(), image.shape[0] * dist_info.world_size)
             if progress.global_step % cfg.log_every == 0 or progress.epoch_step == iters_per_epoch:
-                mean_loss = engine.mean_over_ranks(loss_sum / loss_count, device)
-                samples_per_s = window_samples / (time.perf_counter() - window_start)
-                lr = optimizer.param_groups[0]["lr"]
-                if writer is not None:
-                    writer.add_scalar("train/loss", mean_loss, progress.global_step)
-                    writer.add_scalar("train/lr", lr, progress.global_step)
-                    writer.add_scalar("train/samples_per_s", samples_per_s, progress.global_step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}")
-                logger.info("epoch %d step %d loss %.4f lr %.3e %.1f samples/s", epoch + 1, progress.global_step,
-                            mean_loss, lr, samples_per_s)
-                window_start, window_samples, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+                window.report(epoch + 1, progress.global_step, optimizer.param_groups[0]["lr"], bar)
 
             stop = cfg.max_steps is not None and progress.global_step >= cfg.max_steps
             mid_epoch = progress.epoch_step < iters_per_epoch

@@ -281,6 +281,25 @@ def test_evaluate_official_pth_matches_our_format(shapes_root: Path, tmp_path: P
     assert len(list((tmp_path / "vis" / "val").glob("*.jpg"))) == SPLIT_SIZES["val"]
 
 
+def test_evaluate_under_bf16_autocast(shapes_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
+    model_cfg = engine.build_model_config(engine.load_train_config(config))
+    engine.seed_all(5)
+    checkpoint = save_checkpoint(tmp_path / "ours", build_srec(model_cfg), model_cfg)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.json"
+        evaluate.main(["--config", str(config), "--checkpoint", str(checkpoint), "--splits", "val",
+                       "--precision", precision, "--json", str(out)])
+        results[precision] = json.loads(out.read_text())
+    assert results["bf16"]["precision"] == "bf16"
+    fp32, bf16 = results["fp32"]["splits"]["val"], results["bf16"]["splits"]["val"]
+    assert bf16["count"] == fp32["count"] == SPLIT_SIZES["val"]
+    # Random weights: boxes move with rounding, but a broken reduced-precision path (NaN boxes,
+    # a dtype error) would not come close.
+    assert abs(bf16["mean_iou"] - fp32["mean_iou"]) < 0.2
+
+
 def test_evaluate_csa_checkpoint_reports_retrieval(shapes_root: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
     model_cfg = engine.build_model_config(engine.load_train_config(config))
