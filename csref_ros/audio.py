@@ -60,7 +60,30 @@ def sanitize_chunk(chunk: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return chunk, problems
 
 
-class MicrophoneSource:
+class AudioThread:
+    """Runs `run` on a daemon thread from `start` until `stop`; `run` returns when `stopping` is set."""
+
+    def __init__(self, thread_name: str) -> None:
+        self.thread_name = thread_name
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.stopping.clear()
+        self.thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5.0)
+            self.thread = None
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class MicrophoneSource(AudioThread):
     """Capture from a PortAudio input device through sounddevice, resampled to 16 kHz mono.
 
     device: PortAudio device index or (part of) its name; None or "" = system default.
@@ -83,14 +106,13 @@ class MicrophoneSource:
             raise ValueError(f"channels must be >= 1, got {channels}")
         if sample_rate < 0:
             raise ValueError(f"sample_rate must be 0 (device default) or positive, got {sample_rate}")
+        super().__init__("microphone")
         self.on_audio, self.on_error = on_audio, on_error
         self.device = device if device not in ("", None) else None
         self.requested_rate, self.channels, self.block_ms = sample_rate, channels, block_ms
         self.stall_timeout_s, self.retry_s = stall_timeout_s, retry_s
         self.blocks: queue.Queue = queue.Queue(maxsize=max(1, int(queue_seconds * 1000 / block_ms)))
-        self.stopping = threading.Event()
         self.stream_finished = threading.Event()
-        self.thread: threading.Thread | None = None
         self.device_name = ""
         self.device_rate = 0
         self.dropped_blocks = 0  # queue full: the consumer fell behind
@@ -145,17 +167,6 @@ class MicrophoneSource:
             self.blocks.put_nowait((indata.copy(), time.time()))
         except queue.Full:
             self.dropped_blocks += 1
-
-    def start(self) -> None:
-        self.stopping.clear()
-        self.thread = threading.Thread(target=self.run, name="microphone", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=5.0)
-            self.thread = None
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -216,7 +227,7 @@ class MicrophoneSource:
                 self.on_audio(chunk, capture_time)
 
 
-class WavFileSource:
+class WavFileSource(AudioThread):
     """Play an audio file in real time as if it came from a microphone (demos and tests).
 
     Each pass is followed by `tail_silence_s` of silence so that the last utterance ends; with
@@ -233,14 +244,13 @@ class WavFileSource:
         realtime: bool = True,
     ) -> None:
         self.path = Path(path)
+        super().__init__(f"wav:{self.path.name}")
         wave = load_audio_16k(self.path)
         silence = np.zeros(int(tail_silence_s * SAMPLE_RATE), dtype=np.float32)
         self.wave = np.concatenate([wave, silence])  # (N,) one pass
         self.on_audio, self.loop, self.realtime = on_audio, loop, realtime
         self.chunk_samples = SAMPLE_RATE * chunk_ms // 1000
-        self.stopping = threading.Event()
         self.finished = threading.Event()
-        self.thread: threading.Thread | None = None
         self.passes = 0
 
     @property
@@ -249,16 +259,8 @@ class WavFileSource:
         return len(self.wave) / SAMPLE_RATE
 
     def start(self) -> None:
-        self.stopping.clear()
         self.finished.clear()
-        self.thread = threading.Thread(target=self.run, name=f"wav:{self.path.name}", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=5.0)
-            self.thread = None
+        super().start()
 
     def run(self) -> None:
         start = time.monotonic()

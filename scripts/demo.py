@@ -521,7 +521,7 @@ def check_checkpoint(checkpoint: Path) -> str | None:
         f"no model at {checkpoint} (expected model.safetensors + config.yaml, or an official CSRef .pth).\n"
         f"The demo model models/spoken_shapes_tiny is not trained to its target yet; "
         f"CHECKPOINT=models/spoken_shapes_tiny_interim runs the demo on the interim model (expect misses). "
-        f"To train one, run scripts/train_spoken_shapes.sh (1 to 3 hours on a CPU) and "
+        f"To train one, run scripts/train_spoken_shapes.sh (about 3.5 hours on a 2-core CPU) and "
         f"pass CHECKPOINT=runs/srec_spoken_shapes/best (--checkpoint); any other model works the same way."
     )
 
