@@ -99,6 +99,13 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         engine.load_train_config(path, ["epochs=many"])
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_load(path: Path) -> None:
+    cfg = engine.load_train_config(path)
+    model_cfg = engine.build_model_config(cfg)
+    assert cfg.epochs > 0 and model_cfg.image_size > 0
+
+
 def test_schedule_matches_reference_formula(tmp_path: Path) -> None:
     cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "o"),
                                    ["epochs=10", "optim.warmup_epochs=3", "optim.lr=1e-4",
