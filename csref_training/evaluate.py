@@ -255,15 +255,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     autocast = engine.autocast_context("off" if args.precision == "fp32" else args.precision, device)
     for split in splits:
-        if is_csa:
-            dataset = build_csa_dataset(cfg.data, split=split, train=False)
-            with autocast:
+        with autocast:
+            if is_csa:
+                dataset = build_csa_dataset(cfg.data, split=split, train=False)
                 metrics = evaluate_csa(model, dataset, tokenizer, batch_size, device, dist_info.rank,
                                        dist_info.world_size, num_workers, show_progress=dist_info.is_main)
-        else:
-            dataset = build_srec_dataset(cfg.data, split=split, image_size=model_cfg.image_size, train=False)
-            vis_dir = args.save_vis / split if args.save_vis and dist_info.is_main else None
-            with autocast:
+            else:
+                dataset = build_srec_dataset(cfg.data, split=split, image_size=model_cfg.image_size, train=False)
+                vis_dir = args.save_vis / split if args.save_vis and dist_info.is_main else None
                 metrics = evaluate_srec(model, dataset, batch_size, device, dist_info.rank, dist_info.world_size,
                                         num_workers, vis_dir=vis_dir, show_progress=dist_info.is_main)
         results["splits"][split] = metrics
