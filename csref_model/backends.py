@@ -31,6 +31,7 @@ from csref_model.backbone import ConvBnAct
 from csref_model.config import ModelConfig
 from csref_model.fusion import ConvBnLeaky, GaranAttention, SimpleFusion
 from csref_model.head import BaseConv
+from csref_model.srec import check_image
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
-        _check_image(image)
+        check_image(image)
         image = image.to(self.device, non_blocking=True)
         if self.use_cuda_graphs:
             return self._captured("image", self._image_maps, (image,))
@@ -216,18 +217,6 @@ class CapturedCall:
         if isinstance(self.static_outputs, torch.Tensor):
             return self.static_outputs.clone()
         return [x.clone() for x in self.static_outputs]
-
-
-def _check_image(image: torch.Tensor, size: int | None = None) -> None:
-    """`SREC.encode_image`'s input rules; `size` is the one side an exported graph accepts."""
-    if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a float (B, 3, S, S) tensor, got {image.dtype} {tuple(image.shape)}")
-    height, width = image.shape[-2:]
-    if height != width or height % 32:
-        raise ValueError(f"image must be square with a side that is a multiple of 32 (letterbox it), "
-                         f"got {height}x{width}")
-    if size is not None and height != size:
-        raise ValueError(f"image must be {size}x{size}, the size the graphs were exported for, got {height}x{width}")
 
 
 def _check_ground_inputs(maps: list[torch.Tensor], speech_feat: torch.Tensor) -> None:
@@ -298,7 +287,7 @@ class OnnxRuntimeBackend:
         return [torch.from_numpy(x) for x in self.sessions[graph].run(None, arrays)]
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
-        _check_image(image, self.image_size)
+        check_image(image, self.image_size)
         return self._run("image_encoder", {"image": image.float()})
 
     def encode_image_and_speech(self, image: torch.Tensor, input_values: torch.Tensor,

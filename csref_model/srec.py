@@ -35,12 +35,7 @@ class SREC(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) RGB in [0, 1] -> [(B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]."""
-        if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
-            raise ValueError(f"image must be a float (B, 3, S, S) tensor, got {image.dtype} {tuple(image.shape)}")
-        height, width = image.shape[-2:]
-        if height != width or height % 32:
-            raise ValueError(f"image must be square with a side that is a multiple of 32 (letterbox it), "
-                             f"got {height}x{width}")
+        check_image(image)
         return self.visual_encoder(image)
 
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,3 +81,15 @@ def build_srec(cfg: ModelConfig, load_pretrained: bool = True) -> SREC:
     if cfg.freeze.srec_backbone:
         model.visual_encoder.freeze_stem()
     return model
+
+
+def check_image(image: torch.Tensor, size: int | None = None) -> None:
+    """The image input rules of every backend; `size` is the one side an exported graph accepts."""
+    if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float (B, 3, S, S) tensor, got {image.dtype} {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    if height != width or height % 32:
+        raise ValueError(f"image must be square with a side that is a multiple of 32 (letterbox it), "
+                         f"got {height}x{width}")
+    if size is not None and height != size:
+        raise ValueError(f"image must be {size}x{size}, the size the graphs were exported for, got {height}x{width}")

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from csref_model.backends import BackendUnavailable, _check_ground_inputs, _check_image
+from csref_model.backends import BackendUnavailable, _check_ground_inputs
 from csref_model.export import GRAPHS, SAMPLE_RATE, Manifest
+from csref_model.srec import check_image
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class TensorRTBackend:
                     "fp16" if settings.fp16 else "fp32", ", ".join(self.rebuilt) or "none")
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
-        _check_image(image, self.image_size)
+        check_image(image, self.image_size)
         return self.graphs["image_encoder"]({"image": image})
 
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -519,9 +519,8 @@ def check_checkpoint(checkpoint: Path) -> str | None:
         return None
     return (
         f"no model at {checkpoint} (expected model.safetensors + config.yaml, or an official CSRef .pth).\n"
-        f"The demo model models/spoken_shapes_tiny is not trained to its target yet; "
-        f"CHECKPOINT=models/spoken_shapes_tiny_interim runs the demo on the interim model (expect misses). "
-        f"To train one, run scripts/train_spoken_shapes.sh (about 3.5 hours on a 2-core CPU) and "
+        f"The demo model is models/spoken_shapes_tiny in the repository (restore it with git checkout). "
+        f"To train one yourself, run scripts/train_spoken_shapes.sh (about 4.5 hours on a 2-core CPU) and "
         f"pass CHECKPOINT=runs/srec_spoken_shapes/best (--checkpoint); any other model works the same way."
     )
 

@@ -1,10 +1,8 @@
 """`make demo` end to end (the Makefile target, the node in its own process, real rclpy, espeak-ng
 speech), the demo's scenes for a given TEXT, and the README's commands against the Makefile.
 
-Until the demo model models/spoken_shapes_tiny exists the demo runs on a random-weight tiny
-checkpoint and only the box's arrival and place are checked; with the demo model the box must
-match the spoken target (the default seed's scene is one the demo model gets right; its
-accuracy is >= 0.9, tests/test_demo_model.py measures another unseen scene).
+The demo runs on its default model, the committed models/spoken_shapes_tiny, and the box must
+match the spoken target (tests/test_demo_model.py checks another unseen scene without make).
 """
 
 import functools
@@ -19,17 +17,12 @@ import cv2
 import numpy as np
 import pytest
 import soundfile
-import torch
 
-from csref_model.checkpoint import save_checkpoint
-from csref_model.config import load_model_config
-from csref_model.srec import build_srec
 from csref_training.synth import describe, make_background, referents
 from ros_support import REPO_ROOT
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
 
 DEMO_MODEL = REPO_ROOT / "models" / "spoken_shapes_tiny"
-HAVE_DEMO_MODEL = (DEMO_MODEL / "model.safetensors").is_file()
 
 
 @functools.cache
@@ -40,16 +33,6 @@ def load_demo_script():
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """The demo model, or a random-weight tiny model while it is not there yet."""
-    if HAVE_DEMO_MODEL:
-        return DEMO_MODEL
-    torch.manual_seed(0)
-    config = load_model_config("tiny")
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny_random", build_srec(config, load_pretrained=False), config)
 
 
 def make_demo(*variables: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -73,9 +56,9 @@ def assert_png(path: Path, min_width: int, min_height: int) -> None:
     assert picture.shape[1] >= min_width and picture.shape[0] > min_height, picture.shape
 
 
-def test_make_demo_prints_a_box_and_draws_it(tmp_path, checkpoint):
+def test_make_demo_prints_the_spoken_objects_box_and_draws_it(tmp_path):
     out = tmp_path / "demo"
-    run = make_demo(f"CHECKPOINT={checkpoint}", f"DEMO_OUT={out}")
+    run = make_demo(f"DEMO_OUT={out}")
     assert run.returncode == 0, run.stdout + run.stderr
     scene = cv2.imread(str(out / "scene.png"))
     height, width = scene.shape[:2]
@@ -90,11 +73,10 @@ def test_make_demo_prints_a_box_and_draws_it(tmp_path, checkpoint):
     demo = load_demo_script()
     assert result["voice"] in demo.HELDOUT_VOICES  # a voice the model did not train on
     assert result["iou"] == pytest.approx(demo.iou(result["box_xyxy"], result["target_xyxy"]))
-    if HAVE_DEMO_MODEL:
-        assert result["match"] and result["iou"] > 0.5, run.stdout
+    assert result["match"] and result["iou"] > 0.5, run.stdout
 
 
-def test_make_demo_on_your_own_image_and_wav(tmp_path, checkpoint):
+def test_make_demo_on_your_own_image_and_wav(tmp_path):
     """A picture that is no Spoken Shapes scene (larger than the published size limit) and a
     recording: no ground truth, the box is printed in the original picture's pixels."""
     height, width = 1600, 2000
@@ -108,7 +90,7 @@ def test_make_demo_on_your_own_image_and_wav(tmp_path, checkpoint):
     soundfile.write(audio_path, wave, SAMPLE_RATE)
 
     out = tmp_path / "demo"
-    run = make_demo(f"CHECKPOINT={checkpoint}", f"IMAGE={image_path}", f"AUDIO={audio_path}", f"DEMO_OUT={out}")
+    run = make_demo(f"CHECKPOINT={DEMO_MODEL}", f"IMAGE={image_path}", f"AUDIO={audio_path}", f"DEMO_OUT={out}")
     assert run.returncode == 0, run.stdout + run.stderr
     x1, y1, x2, y2 = printed_box(run.stdout)
     assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, (x1, y1, x2, y2)
@@ -130,13 +112,13 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_demo_fails_when_no_box_comes_and_leaves_no_node_behind(tmp_path, checkpoint):
+def test_demo_fails_when_no_box_comes_and_leaves_no_node_behind(tmp_path):
     """Silence is no command: no box within the timeout, exit status 1, the node is stopped."""
     cv2.imwrite(str(tmp_path / "room.png"), np.full((240, 320, 3), 90, np.uint8))
     silence = tmp_path / "silence.wav"
     soundfile.write(silence, np.zeros(2 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
     run = subprocess.run(
-        [sys.executable, "scripts/demo.py", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "room.png"),
+        [sys.executable, "scripts/demo.py", "--checkpoint", str(DEMO_MODEL), "--image", str(tmp_path / "room.png"),
          "--audio", str(silence), "--out", str(tmp_path / "demo"), "--timeout", "6"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )

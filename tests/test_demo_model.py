@@ -33,7 +33,6 @@ def unseen_sample(tmp_path) -> tuple[Path, Path, tuple[float, ...], str]:
     return config.out / "images" / f"{entry['iid']:012d}.jpg", wav, (x, y, x + w, y + h), ref["sent"]
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason=f"no demo model at {DEMO_MODEL}")
 def test_demo_model_finds_the_spoken_target(tmp_path, ros_env, unseen_sample):
     image, wav, target, text = unseen_sample
     listener = start_program("detection_listener", ["--count", "1", "--timeout", "120"], ros_env, tmp_path / "listener.log")

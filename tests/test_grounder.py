@@ -18,7 +18,7 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
 from csref_model.srec import build_srec
-from oracle_weights import deltas, load_oracle, oracle_dir, oracle_state_dict, srec_entries
+from oracle_weights import deltas, srec_entries
 
 REPO = Path(__file__).resolve().parent.parent
 POS_CONV = "speech_encoder.model.encoder.pos_conv_embed.conv."
@@ -34,19 +34,9 @@ def write_official_checkpoint(path: Path, state_dict: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def srec_oracle():
-    if not (oracle_dir() / "srec_seeded.pt").is_file():
-        pytest.skip(f"parity oracle not found in {oracle_dir()} (set CSREF_ORACLE_DIR)")
-    oracle = load_oracle("srec")
-    state_dict, fingerprint_ratio = oracle_state_dict(oracle)
-    assert fingerprint_ratio <= 1.0
-    return oracle, state_dict
-
-
 @pytest.mark.parametrize("names", ["parametrized", "legacy_weight_norm"])
-def test_oracle_through_official_checkpoint(tmp_path, srec_oracle, names):
-    oracle, state_dict = srec_oracle
+def test_oracle_through_official_checkpoint(tmp_path, srec_oracle_weights, names):
+    oracle, state_dict = srec_oracle_weights
     state_dict = dict(state_dict)
     if names == "legacy_weight_norm":
         state_dict[POS_CONV + "weight_g"] = state_dict.pop(POS_CONV + "parametrizations.weight.original0")
