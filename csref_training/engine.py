@@ -129,8 +129,12 @@ class TrainConfig:
     # The reference keeps frozen modules in train mode, so frozen BatchNorms keep updating
     # their running statistics. false puts modules whose parameters are all frozen in eval mode.
     frozen_modules_train_mode: bool = True
+    # SREC only: SREC checkpoint (official .pth or our directory) whose weights initialise the
+    # whole model, strictly, to fine-tune it (own scenes and voices). Ignored when resuming.
+    init_checkpoint: str | None = None
     # SREC only: CSA checkpoint (official .pth or our directory) whose speech_encoder.* weights
-    # initialise the SREC speech encoder (REFERENCE_FACTS §9.1). Ignored when resuming.
+    # initialise the SREC speech encoder (REFERENCE_FACTS §9.1), after `init_checkpoint`, so
+    # they replace its speech encoder. Ignored when resuming.
     init_speech_encoder: str | None = None
     # Iterations between mid-epoch checkpoints (0 = only at the end of each epoch).
     save_every: int = 0

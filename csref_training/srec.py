@@ -6,9 +6,10 @@
 The recipe is the reference's (REFERENCE_FACTS §10): Adam 1e-4 (0.9, 0.98), per-iteration
 warmup + cosine schedule, gradient clipping 0.15, EMA 0.9997 of parameters and buffers,
 multi-scale training on the letterboxed batch, the speech encoder initialised from a CSA
-checkpoint. The run resumes automatically from `<output_dir>/last`; `<output_dir>/best` is the
-checkpoint with the highest validation Acc@0.5. Checkpoints hold the EMA weights (the inference
-format); `trainer_state.pt` next to them holds what exact resumption needs.
+checkpoint (to fine-tune, the whole model from an SREC checkpoint first). The run resumes
+automatically from `<output_dir>/last`; `<output_dir>/best` is the checkpoint with the highest
+validation Acc@0.5. Checkpoints hold the EMA weights (the inference format); `trainer_state.pt`
+next to them holds what exact resumption needs.
 """
 
 import argparse
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from csref_model.checkpoint import load_csa_speech_encoder
+from csref_model.checkpoint import load_csa_speech_encoder, load_srec_weights
 from csref_model.srec import build_srec
 from csref_training import engine
 from csref_training.datasets import build_srec_dataset, collate_srec
@@ -80,9 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer, scheduler = engine.build_optimizer_and_scheduler(model, cfg, iters_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
-    # ---- resume from the output directory, else initialise the speech encoder from CSA
+    # ---- resume from the output directory, else initialise from an SREC and/or a CSA checkpoint
     progress = engine.Progress()
     resume_dir = engine.find_resume_checkpoint(output_dir)
+    if resume_dir is None and cfg.init_checkpoint:
+        report = load_srec_weights(model, cfg.init_checkpoint)
+        logger.info("whole model initialised from %s: %d tensors", cfg.init_checkpoint, len(report.loaded))
     if resume_dir is None and cfg.init_speech_encoder:
         report = load_csa_speech_encoder(model, cfg.init_speech_encoder)
         engine.log_init_report(output_dir, cfg.init_speech_encoder, report, dist_info.is_main)

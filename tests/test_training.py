@@ -342,3 +342,50 @@ def test_srec_init_from_csa_checkpoint_reports_what_it_loaded(shapes_root: Path,
     assert "contrastive_loss.logit_scale" in report["unexpected"]
     log = (output_dir / "srec.log").read_text()
     assert f"NOT loaded (keep their fresh initialisation): {len(report['missing'])} tensors" in log
+
+
+def test_srec_fine_tune_from_srec_checkpoint_then_csa_speech_encoder(shapes_root: Path, tmp_path: Path) -> None:
+    srec_config = engine.load_train_config(write_config(tmp_path / "base.yaml", shapes_root, tmp_path / "base"))
+    model_config = engine.build_model_config(srec_config)
+    engine.seed_all(1)
+    start = build_srec(model_config)
+    save_checkpoint(tmp_path / "start", start, model_config)
+    engine.seed_all(2)
+    csa = build_csa(engine.build_model_config(srec_config))
+    csa_file = tmp_path / "CSA_speech_encoder.pth"
+    torch.save({"state_dict": csa.state_dict()}, csa_file)
+
+    output_dir = tmp_path / "finetune"
+    config = write_config(tmp_path / "finetune.yaml", shapes_root, output_dir, epochs=1, max_steps=1,
+                          freeze=["speech_encoder", "visual_encoder"], frozen_modules_train_mode=False,
+                          init_checkpoint=str(tmp_path / "start"), init_speech_encoder=str(csa_file))
+    result = run_module("csref_training.srec", config)
+    assert f"whole model initialised from {tmp_path / 'start'}: {len(start.state_dict())} tensors" in result.stderr
+    weights, _ = _final_weights(output_dir)
+    # Frozen parts keep their initialisation: the speech encoder is CSA's (it replaced the SREC
+    # checkpoint's), the visual encoder the SREC checkpoint's.
+    for key, value in csa.state_dict().items():
+        if key.startswith("speech_encoder."):
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+    visual = {k: v for k, v in start.state_dict().items() if k.startswith("visual_encoder.") and v.is_floating_point()}
+    assert visual
+    for key, value in visual.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+
+
+def test_srec_fine_tune_from_mismatching_checkpoint_fails_before_training(shapes_root: Path, tmp_path: Path) -> None:
+    wider_fusion = {**TEST_MODEL, "fusion": {"hidden_size": 48}}
+    other_config = engine.load_train_config(write_config(tmp_path / "other.yaml", shapes_root, tmp_path / "o",
+                                                         model_overrides=wider_fusion))
+    other_model_config = engine.build_model_config(other_config)
+    save_checkpoint(tmp_path / "other", build_srec(other_model_config), other_model_config)
+
+    output_dir = tmp_path / "finetune"
+    config = write_config(tmp_path / "finetune.yaml", shapes_root, output_dir, epochs=1, max_steps=1,
+                          init_checkpoint=str(tmp_path / "other"))
+    result = subprocess.run([sys.executable, "-m", "csref_training.srec", "--config", str(config)],
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"checkpoint {tmp_path / 'other'} does not match the model" in result.stderr
+    assert "shape mismatches" in result.stderr
+    assert not (output_dir / "last").exists()
