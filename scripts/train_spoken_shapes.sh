@@ -16,15 +16,27 @@ export HF_HUB_OFFLINE=1
   $PY -m csref_training.synth --out data/spoken_shapes_heldout --seed 1 --train 0 --val 0 --test 600 \
     --voice-set heldout --noise-prob 1 --snr-db-range 10,30 --workers 2
 
-# 2. CSA: speech encoder aligned to the frozen all-MiniLM-L6-v2 sentence space.
+# 2. CSA: speech encoder aligned to the frozen all-MiniLM-L6-v2 sentence space, 4 epochs.
 $PY -m csref_training.csa --config config/train/csa_spoken_shapes.yaml "$@"
 
-# 3. SREC, speech encoder initialised from CSA's best checkpoint.
+# 3. SREC, 20 epochs, speech encoder initialised from CSA's best checkpoint and frozen.
 $PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml "$@"
 
-# 4. Evaluation of the best SREC checkpoint.
+# 4. CSA continued to 10 epochs in a copy of its run (the learning rate moves onto the 10-epoch
+#    cosine at step 1500); the 4-epoch run stays as stage 3 used it.
+[ -d runs/csa_spoken_shapes_long ] || cp -r runs/csa_spoken_shapes runs/csa_spoken_shapes_long
+$PY -m csref_training.csa --config config/train/csa_spoken_shapes.yaml \
+  output_dir=runs/csa_spoken_shapes_long epochs=10 "$@"
+
+# 5. SREC fine-tuned for 8 epochs from stage 3's best with stage 4's speech encoder swapped in.
+$PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml \
+  init_checkpoint=runs/srec_spoken_shapes/best init_speech_encoder=runs/csa_spoken_shapes_long/best \
+  output_dir=runs/srec_spoken_shapes_finetune epochs=8 optim.lr=2.0e-4 optim.min_lr=1.0e-5 "$@"
+
+# 6. Evaluation of the best fine-tuned checkpoint (the demo model).
 $PY -m csref_training.evaluate --config config/train/srec_spoken_shapes.yaml \
-  --checkpoint runs/srec_spoken_shapes/best --splits val,test --json runs/srec_spoken_shapes/eval_test.json
+  --checkpoint runs/srec_spoken_shapes_finetune/best --splits val,test \
+  --json runs/srec_spoken_shapes_finetune/eval_test.json
 $PY -m csref_training.evaluate --config config/train/srec_spoken_shapes.yaml \
-  --checkpoint runs/srec_spoken_shapes/best --data-root data/spoken_shapes_heldout --splits test \
-  --json runs/srec_spoken_shapes/eval_heldout.json
+  --checkpoint runs/srec_spoken_shapes_finetune/best --data-root data/spoken_shapes_heldout --splits test \
+  --json runs/srec_spoken_shapes_finetune/eval_heldout.json
