@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Spoken Shapes demo model, end to end on CPU: data, CSA, SREC, evaluation.
 # Every stage resumes or skips what is already done, so re-running continues an interrupted run.
-# About 4.5 hours on an idle 2-core CPU (data 11 min, CSA 45 min, SREC 20 epochs of 8-11 min).
+# About 6 hours on an idle 2-core CPU (data 11 min, CSA 4 epochs 35 min, SREC 20 epochs of 8 min,
+# CSA epochs 5-10 46 min, SREC fine-tune 8 epochs of 7.5 min).
 #   scripts/train_spoken_shapes.sh            # from the repository root, .venv built (make setup)
 set -euo pipefail
 cd "$(dirname "$0")/.."
