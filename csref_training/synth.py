@@ -134,6 +134,14 @@ SUPERSAMPLING = 4
 # small box (a square at 0.14).
 SMALL_EXTENT = (0.09, 0.14)
 BIG_EXTENT = (0.24, 0.34)
+# With `scene_scale` (--scene-scale) each scene draws its own scale s instead: small objects get
+# [s, 1.15 s], big ones [2 s, 3 s] (at most MAX_EXTENT), so the smallest big box (a triangle at
+# 2 s) still has >= 2.5x the area of the largest small box (a square at 1.15 s). With 0.05,0.13
+# small objects span 0.05-0.15 across scenes and big ones 0.10-0.36: sizes must be compared
+# within the picture, as another author's sizes would need.
+SMALL_EXTENT_FACTOR = (1.0, 1.15)
+BIG_EXTENT_FACTOR = (2.0, 3.0)
+MAX_EXTENT = 0.36
 BIG_TO_SMALL_AREA = 2.5
 # How each distractor relates to the target: another shape (keeping the target's colour with
 # probability DISTRACTOR_SAME_COLOUR_P), the same shape in another colour (keeping the target's
@@ -305,18 +313,23 @@ def _contrast_ok(background: np.ndarray, box: tuple[float, ...], colour: str) ->
 
 
 def place_objects(
-    rng: np.random.Generator, background: np.ndarray, wanted: list[tuple[str, str, str]]
+    rng: np.random.Generator, background: np.ndarray, wanted: list[tuple[str, str, str]],
+    scene_scale: tuple[float, float] | None = None,
 ) -> dict[int, SceneObject]:
     """Each wanted (shape, colour, size) at a random free spot whose background contrasts with its
     colour, big ones first (they are the hardest to fit), 40 tries each. Keyed by the index in
     `wanted`; an object that found no spot is missing."""
     height, width = background.shape[:2]
     unit = min(width, height)
+    scale = None if scene_scale is None else rng.uniform(*scene_scale)
     placed: dict[int, SceneObject] = {}
     for i in sorted(range(len(wanted)), key=lambda i: wanted[i][2] != "big"):
         shape, colour, size = wanted[i]
-        lo, hi = BIG_EXTENT if size == "big" else SMALL_EXTENT
-        w, h = shape_box_size(shape, unit * rng.uniform(lo, hi))
+        if scale is None:
+            extent = rng.uniform(*(BIG_EXTENT if size == "big" else SMALL_EXTENT))
+        else:
+            extent = min(scale * rng.uniform(*(BIG_EXTENT_FACTOR if size == "big" else SMALL_EXTENT_FACTOR)), MAX_EXTENT)
+        w, h = shape_box_size(shape, unit * extent)
         for _ in range(40):
             x0 = rng.uniform(BOX_MARGIN_PX, width - BOX_MARGIN_PX - w)
             y0 = rng.uniform(BOX_MARGIN_PX, height - BOX_MARGIN_PX - h)
@@ -329,7 +342,8 @@ def place_objects(
 
 
 def sample_layout(
-    rng: np.random.Generator, background: np.ndarray, max_attempts: int = 200
+    rng: np.random.Generator, background: np.ndarray, scene_scale: tuple[float, float] | None = None,
+    max_attempts: int = 200,
 ) -> tuple[list[SceneObject], int, Expression]:
     """Draws objects on `background`'s canvas until the target has a unique description.
 
@@ -342,7 +356,7 @@ def sample_layout(
         wanted = [target_attrs]
         for _ in range(n - 1):
             wanted.append(distractor_attrs(rng, *target_attrs))
-        placed = place_objects(rng, background, wanted)  # index 0 is the target
+        placed = place_objects(rng, background, wanted, scene_scale)  # index 0 is the target
         if 0 not in placed or len(placed) < 3:
             continue
         indices = sorted(placed)
@@ -581,6 +595,7 @@ class SynthConfig:
     carrier_prob: float = 0.5
     backgrounds: tuple[str, ...] = BACKGROUNDS
     image_size_range: tuple[int, int] = (320, 640)
+    scene_scale: tuple[float, float] | None = None  # None: SMALL_EXTENT / BIG_EXTENT for every scene
 
 
 def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
@@ -588,7 +603,7 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
     width, height = (int(rng.integers(cfg.image_size_range[0], cfg.image_size_range[1] + 1)) for _ in range(2))
     background = make_background(rng, width, height, cfg.backgrounds[rng.integers(len(cfg.backgrounds))])
-    objects, target, expression = sample_layout(rng, background)
+    objects, target, expression = sample_layout(rng, background, cfg.scene_scale)
     image = render_scene(rng, background, objects)
 
     text = expression.text
@@ -712,6 +727,10 @@ def main(argv: list[str] | None = None) -> None:
                         help='fraction of utterances with a carrier phrase such as "pick up" (default 0.5)')
     parser.add_argument("--backgrounds", default=",".join(BACKGROUNDS),
                         help="comma-separated subset of plain,gradient,photo")
+    parser.add_argument("--scene-scale", type=lambda s: _pair(s, float), default=None,
+                        help="per-scene object scale range, e.g. 0.05,0.13: small objects get 1-1.15x "
+                             "and big ones 2-3x a scale drawn per scene, as a fraction of the shorter "
+                             "image side (default: fixed ranges, small 0.09-0.14, big 0.24-0.34)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dataset-name", default="spoken_shapes")
     args = parser.parse_args(argv)
@@ -724,6 +743,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("sample counts must be >= 0")
     if not 0.0 <= args.noise_prob <= 1.0 or not 0.0 <= args.carrier_prob <= 1.0:
         parser.error("--noise-prob and --carrier-prob must lie in [0, 1]")
+    if args.scene_scale is not None and not 0.0 < args.scene_scale[0] <= args.scene_scale[1] <= MAX_EXTENT / 2:
+        parser.error(f"--scene-scale must be two increasing numbers in (0, {MAX_EXTENT / 2}]")
     voice_list = tuple(v for v in args.voices.split(",") if v) if args.voices else VOICE_SETS[args.voice_set]
     cfg = SynthConfig(
         out=args.out,
@@ -736,6 +757,7 @@ def main(argv: list[str] | None = None) -> None:
         noise_prob=0.0 if args.no_noise else args.noise_prob,
         carrier_prob=args.carrier_prob,
         backgrounds=backgrounds,
+        scene_scale=args.scene_scale,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
     start = time.perf_counter()
@@ -757,6 +779,7 @@ def main(argv: list[str] | None = None) -> None:
         "noise_prob": cfg.noise_prob,
         "carrier_prob": cfg.carrier_prob,
         "backgrounds": list(backgrounds),
+        "scene_scale": None if cfg.scene_scale is None else list(cfg.scene_scale),
         "espeak_ng": _espeak_version(),
         "wall_time_s": round(elapsed, 1),
     }

@@ -219,12 +219,17 @@ def test_expressions_are_unique_and_shortest_on_random_scenes():
         assert min(e.num_place for e in same_length) == expression.num_place
 
 
-def test_random_layouts_respect_counts_margins_and_sizes():
+@pytest.mark.parametrize("scene_scale", [None, (0.05, 0.13)])
+def test_random_layouts_respect_counts_margins_and_sizes(scene_scale):
+    small_extents = []
     for i in range(200):
         rng = np.random.default_rng([7, i])
         width, height = (int(rng.integers(320, 641)) for _ in range(2))
-        objects, _, _ = synth.sample_layout(rng, synth.make_background(rng, width, height, "plain"))
+        objects, _, _ = synth.sample_layout(rng, synth.make_background(rng, width, height, "plain"), scene_scale)
         assert 3 <= len(objects) <= 6
+        unit = min(width, height)
+        small_extents += [max(o.box[2] - o.box[0], o.box[3] - o.box[1]) / unit for o in objects if o.size == "small"]
+        assert all(max(o.box[2] - o.box[0], o.box[3] - o.box[1]) <= synth.MAX_EXTENT * unit + 1e-6 for o in objects)
         for o in objects:
             x0, y0, x1, y1 = o.box
             m = synth.BOX_MARGIN_PX
@@ -237,6 +242,9 @@ def test_random_layouts_respect_counts_margins_and_sizes():
                  for s in synth.SIZES}
         if areas["big"] and areas["small"]:
             assert min(areas["big"]) >= 2.5 * max(areas["small"])
+    lowest, highest = (synth.SMALL_EXTENT[0], synth.SMALL_EXTENT[1]) if scene_scale is None else \
+        (scene_scale[0], scene_scale[1] * synth.SMALL_EXTENT_FACTOR[1])
+    assert lowest - 1e-6 <= min(small_extents) < lowest + 0.01 and highest - 0.01 < max(small_extents) <= highest + 1e-6
 
 
 @pytest.mark.parametrize("shape", synth.SHAPES)
