@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Spoken Shapes demo model, end to end on CPU: data, CSA, SREC, evaluation.
 # Every stage resumes or skips what is already done, so re-running continues an interrupted run.
-# About 6 hours on an idle 2-core CPU (data 11 min, CSA 4 epochs 35 min, SREC 20 epochs of 8 min,
-# CSA epochs 5-10 46 min, SREC fine-tune 8 epochs of 7.5 min).
+# About 6.5 hours on an idle 2-core CPU (data 11 min, CSA 4 epochs 35 min, SREC 20 epochs of 8 min,
+# CSA epochs 5-10 46 min, SREC fine-tune 8 epochs of 7.5 min, then 3 min of data and 4 epochs of 6 min).
 #   scripts/train_spoken_shapes.sh            # from the repository root, .venv built (make setup)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +34,19 @@ $PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml \
   init_checkpoint=runs/srec_spoken_shapes/best init_speech_encoder=runs/csa_spoken_shapes_long/best \
   output_dir=runs/srec_spoken_shapes_finetune epochs=8 optim.lr=2.0e-4 optim.min_lr=1.0e-5 "$@"
 
-# 6. Evaluation of the best fine-tuned checkpoint (the demo model).
+# 6. Four more SREC epochs on scenes whose object sizes vary per scene, from stage 5's best.
+[ -f data/spoken_shapes_sizes/anns/spoken_shapes.json ] ||
+  $PY -m csref_training.synth --out data/spoken_shapes_sizes --train 9000 --val 400 --test 600 \
+    --scene-scale 0.05,0.13 --workers 2
+$PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml \
+  init_checkpoint=runs/srec_spoken_shapes_finetune/best init_speech_encoder=null \
+  data.root=data/spoken_shapes_sizes output_dir=runs/srec_spoken_shapes_sizes epochs=4 \
+  optim.lr=1.0e-4 optim.min_lr=1.0e-5 "$@"
+
+# 7. Evaluation of its best checkpoint (the demo model).
 $PY -m csref_training.evaluate --config config/train/srec_spoken_shapes.yaml \
-  --checkpoint runs/srec_spoken_shapes_finetune/best --splits val,test \
-  --json runs/srec_spoken_shapes_finetune/eval_test.json
+  --checkpoint runs/srec_spoken_shapes_sizes/best --splits val,test \
+  --json runs/srec_spoken_shapes_sizes/eval_test.json
 $PY -m csref_training.evaluate --config config/train/srec_spoken_shapes.yaml \
-  --checkpoint runs/srec_spoken_shapes_finetune/best --data-root data/spoken_shapes_heldout --splits test \
-  --json runs/srec_spoken_shapes_finetune/eval_heldout.json
+  --checkpoint runs/srec_spoken_shapes_sizes/best --data-root data/spoken_shapes_heldout --splits test \
+  --json runs/srec_spoken_shapes_sizes/eval_heldout.json
