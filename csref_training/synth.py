@@ -38,7 +38,9 @@ line than x's (x itself must lie in the central quarter of the image width). The
 picks, among all combinations whose referents are exactly the target, one with the fewest
 optional attributes (ties: fewer place words first, then at random), so place words are used
 only when they single the target out with the margin. Sizes: a big object's box area is at least
-2.5x any small object's in the same image. Noise (white, pink or brown) is added to a
+2.5x any small object's in the same image; by default the sizes come from fixed ranges,
+``--scene-scale`` draws them per scene instead (a model must then compare sizes within the
+picture). Noise (white, pink or brown) is added to a
 ``--noise-prob`` fraction of utterances at an SNR drawn from ``--snr-db-range``.
 
 Voices. ``TRAIN_VOICES`` (the default) is every English espeak-ng voice, bare and with each of
