@@ -86,6 +86,7 @@ class Counters:
     images_rejected: int = 0
     images_lost: int = 0  # reported lost by the middleware (message_lost events)
     image_warnings: int = 0  # no images: missing publisher, QoS mismatch (see last_problem)
+    image_qos_incompatible: int = 0  # incompatible-QoS events from the middleware (also image warnings)
     utterances: int = 0
     utterances_dropped_queue_full: int = 0
     utterances_without_frame: int = 0
@@ -470,6 +471,7 @@ class GroundingNode(LifecycleNode):
     def on_incompatible_qos(self, info: QoSRequestedIncompatibleQoSInfo) -> None:
         with self.stats_lock:
             self.counters.image_warnings += 1
+            self.counters.image_qos_incompatible += 1
         self.report_problem(
             f"a publisher on {self.image_topic()} has QoS incompatible with this node's subscription "
             f"(policy {info.last_policy_kind.name.removeprefix('RMW_QOS_POLICY_')}); adjust image_qos_reliability (now {self.param('image_qos_reliability')})"

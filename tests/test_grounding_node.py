@@ -170,7 +170,10 @@ def test_qos_adapts_to_a_reliable_latched_camera_without_our_dds_profile(tmp_pat
 
 
 def test_reliable_subscription_to_best_effort_camera_is_explained(tmp_path, ros_env, tiny_checkpoint):
-    listener_args = ["--count", "1", "--timeout", "90", "--until-at-least", "image_warnings=2"]
+    # The middleware's incompatible-QoS event and the node's own check (which names the publisher)
+    # arrive in either order: wait for both.
+    listener_args = ["--count", "1", "--timeout", "90", "--until-at-least", "image_qos_incompatible=1",
+                     "--until-at-least", "image_warnings=2"]
     _, diagnostics, _, node_log = run_scenario(
         tmp_path,
         ros_env,

@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--debug-image-topic", help="also count annotated images on this topic")
     parser.add_argument("--until", metavar="KEY=VALUE", help="also stop once the diagnostics show this value")
-    parser.add_argument("--until-at-least", metavar="KEY=N", help="also stop once this diagnostics counter is >= N")
+    parser.add_argument("--until-at-least", metavar="KEY=N", action="append", default=[],
+                        help="also stop once this diagnostics counter is >= N (repeatable: all must hold)")
     args = parser.parse_args()
 
     rclpy.init()
@@ -60,8 +61,8 @@ def main() -> None:
             if str(diagnostics.get(key)) == value:
                 return True
         if args.until_at_least:
-            key, count = args.until_at_least.split("=", 1)
-            return int(diagnostics.get(key, 0)) >= int(count)
+            pairs = (condition.split("=", 1) for condition in args.until_at_least)
+            return all(int(diagnostics.get(key, 0)) >= int(count) for key, count in pairs)
         return False
 
     deadline = time.monotonic() + args.timeout
