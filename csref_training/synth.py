@@ -730,9 +730,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backgrounds", default=",".join(BACKGROUNDS),
                         help="comma-separated subset of plain,gradient,photo")
     parser.add_argument("--scene-scale", type=lambda s: _pair(s, float), default=None,
-                        help="per-scene object scale range, e.g. 0.05,0.13: small objects get 1-1.15x "
-                             "and big ones 2-3x a scale drawn per scene, as a fraction of the shorter "
-                             "image side (default: fixed ranges, small 0.09-0.14, big 0.24-0.34)")
+                        help="per-scene object scale range, e.g. 0.05,0.13: small objects get "
+                             f"{SMALL_EXTENT_FACTOR[0]}-{SMALL_EXTENT_FACTOR[1]}x and big ones "
+                             f"{BIG_EXTENT_FACTOR[0]}-{BIG_EXTENT_FACTOR[1]}x a scale drawn per scene, as a "
+                             f"fraction of the shorter image side (default: fixed ranges, small {SMALL_EXTENT[0]}-{SMALL_EXTENT[1]}, "
+                             f"big {BIG_EXTENT[0]}-{BIG_EXTENT[1]})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dataset-name", default="spoken_shapes")
     args = parser.parse_args(argv)

@@ -141,9 +141,8 @@ def describe(target: dict, objects: list[dict], width: int, height: int) -> str 
                     continue
                 if "size" in words and all(o["size"] == target["size"] for o in objects):
                     continue
-                text = " ".join(["the"] + [target[w] for w in ("size", "colour") if w in words] + [target["shape"]]
+                return " ".join(["the"] + [target[w] for w in ("size", "colour") if w in words] + [target["shape"]]
                                 + [phrase[w] for w in ("horizontal", "vertical") if w in phrase])
-                return text
     return None
 
 
