@@ -31,6 +31,7 @@ setup(
         "librosa>=0.10",
         "soxr>=0.3",
         "opencv-python-headless>=4.8",
+        "pillow>=10.1",
         "setuptools",
     ],
     extras_require={

@@ -385,7 +385,7 @@ def _build(name: str, model: nn.Module, config: ModelConfig, device: torch.devic
                                      "(pip install tensorrt-cu12 or tensorrt-cu13, or JetPack's python3-libnvinfer)")
         if precision == "bf16":
             raise BackendUnavailable("backend 'tensorrt' builds fp32 or fp16 engines; use precision fp16")
-        from csref_model.preprocessing import min_num_samples
+        from csref_model.audio import min_num_samples
         from csref_model.tensorrt_engine import EngineSettings, TensorRTBackend
 
         architecture = config.speech_encoder.architecture

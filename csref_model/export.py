@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         model, config = build_srec_from_checkpoint(args.checkpoint, config)
         manifest = export_onnx(model, config, args.out, args.max_audio_seconds, args.opset)
         if args.format == "tensorrt":
-            from csref_model.preprocessing import min_num_samples
+            from csref_model.audio import min_num_samples
             from csref_model.tensorrt_engine import EngineSettings, build_engines
 
             architecture = config.speech_encoder.architecture

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from csref_model.grounder import Grounder, GroundingResult
-from csref_model.preprocessing import load_audio
+from csref_model.audio import load_audio
 
 USER_ERROR = 2
 

@@ -24,7 +24,8 @@ from torch import nn
 from csref_model.backends import create_backend
 from csref_model.checkpoint import build_srec_from_checkpoint
 from csref_model.config import ModelConfig, load_model_config
-from csref_model.preprocessing import Letterbox, letterbox, min_num_samples, prepare_waveform, speech_batch
+from csref_model.audio import min_num_samples
+from csref_model.preprocessing import Letterbox, letterbox, prepare_waveform, speech_batch
 
 logger = logging.getLogger(__name__)
 

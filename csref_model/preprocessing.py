@@ -4,7 +4,7 @@ Image: letterbox to a square S x S canvas (cv2.resize INTER_LINEAR, grey fill 12
 [0, 1], CHW. Boxes move between original-image pixels, letterboxed-input pixels and the
 normalised (cx, cy, w, h) training label with the `Letterbox` geometry.
 
-Speech: mono float32 waveform -> 16 kHz (librosa.resample, soxr_hq) -> silence trimmed
+Speech: mono float32 waveform -> 16 kHz (soxr HQ, csref_model.audio.resample) -> silence trimmed
 (librosa.effects.trim defaults) -> batch padded with zeros and each utterance normalised to
 zero mean / unit variance over its valid samples (Wav2Vec2FeatureExtractor's maths).
 
@@ -14,26 +14,22 @@ says what was wrong and what to do.
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import cv2
 import librosa
 import numpy as np
-import soundfile
 import torch
+
+from csref_model.audio import SAMPLE_RATE, WAV2VEC2_BASE_MIN_SAMPLES, resample
 
 logger = logging.getLogger(__name__)
 
-TARGET_SAMPLE_RATE = 16000
 LETTERBOX_FILL = 127
 # Label coordinates are clipped to [0, 0.99] by the reference (label2yolobox).
 LABEL_MAX = 0.99
 # Wav2Vec2FeatureExtractor adds this to the variance before the square root.
 NORMALISE_EPS = 1e-7
-# facebook/wav2vec2-base feature encoder (7 conv layers); the Grounder passes its own config's.
-WAV2VEC2_BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
-WAV2VEC2_BASE_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,35 +139,6 @@ def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
 # Speech
 
 
-def min_num_samples(conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> int:
-    """Fewest input samples for which a stack of 1-D convs (no padding) yields one frame."""
-    length = 1
-    for kernel, stride in zip(reversed(conv_kernel), reversed(conv_stride)):
-        length = (length - 1) * stride + kernel
-    return length
-
-
-WAV2VEC2_BASE_MIN_SAMPLES = min_num_samples(WAV2VEC2_BASE_CONV_KERNEL, WAV2VEC2_BASE_CONV_STRIDE)  # 400
-
-
-def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read an audio file with soundfile -> (float32 mono waveform, sample rate).
-
-    Multi-channel files are averaged to mono.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    try:
-        wave, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=False)
-    except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise ValueError(f"could not read audio file {path}: {error} (expected WAV/FLAC/OGG readable by libsndfile)") from error
-    if wave.ndim == 2:
-        logger.info("%s has %d channels; averaging them to mono", path, wave.shape[1])
-        wave = wave.mean(axis=1, dtype=np.float32)
-    return wave, int(sample_rate)
-
-
 def check_waveform(wave: np.ndarray, name: str = "audio") -> np.ndarray:
     """Raise ValueError unless `wave` is a non-empty, finite, not all-zero 1-D float waveform.
 
@@ -213,15 +180,14 @@ def prepare_waveform(
         raise ValueError(f"sample_rate must be a positive number of Hz, got {sample_rate!r}")
     if not (np.isfinite(sample_rate) and sample_rate > 0):
         raise ValueError(f"sample_rate must be a positive number of Hz, got {sample_rate!r}")
-    if sample_rate != TARGET_SAMPLE_RATE:
-        wave = librosa.resample(wave, orig_sr=sample_rate, target_sr=TARGET_SAMPLE_RATE)
+    wave = resample(wave, sample_rate)
     if trim:
         wave, _ = librosa.effects.trim(wave)
     if wave.shape[0] < min_samples:
         raise ValueError(
             f"audio too short: {wave.shape[0]} samples at 16 kHz{' after trimming silence' if trim else ''} "
-            f"({1000 * wave.shape[0] / TARGET_SAMPLE_RATE:.1f} ms); the speech encoder needs at least "
-            f"{min_samples} samples ({1000 * min_samples / TARGET_SAMPLE_RATE:.1f} ms)"
+            f"({1000 * wave.shape[0] / SAMPLE_RATE:.1f} ms); the speech encoder needs at least "
+            f"{min_samples} samples ({1000 * min_samples / SAMPLE_RATE:.1f} ms)"
         )
     return np.ascontiguousarray(wave, dtype=np.float32)
 

@@ -55,7 +55,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from csref_model.preprocessing import TARGET_SAMPLE_RATE, letterbox, load_audio, prepare_waveform, speech_batch
+from csref_model.audio import SAMPLE_RATE, load_audio
+from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
 
 if TYPE_CHECKING:
     from csref_training.engine import DataConfig
@@ -171,7 +172,7 @@ def _read_waveform(path: Path, use_trim: bool, max_duration: float | None, where
 def _prepare(wave: np.ndarray, sample_rate: int, use_trim: bool, max_duration: float | None) -> np.ndarray:
     wave = prepare_waveform(wave, sample_rate, trim=use_trim)
     if max_duration is not None:
-        wave = wave[: int(max_duration * TARGET_SAMPLE_RATE)]
+        wave = wave[: int(max_duration * SAMPLE_RATE)]
     return wave
 
 

@@ -11,7 +11,8 @@ import soundfile as sf
 import soxr
 import torch
 
-from csref_model.preprocessing import load_audio, prepare_waveform
+from csref_model.audio import load_audio
+from csref_model.preprocessing import prepare_waveform
 from csref_training import synth
 from csref_training.datasets import (
     BrokenEntryError,

@@ -6,15 +6,8 @@ import soundfile
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from csref_model.preprocessing import (
-    WAV2VEC2_BASE_MIN_SAMPLES,
-    letterbox,
-    letterbox_geometry,
-    load_audio,
-    min_num_samples,
-    prepare_waveform,
-    speech_batch,
-)
+from csref_model.audio import WAV2VEC2_BASE_MIN_SAMPLES, load_audio, min_num_samples
+from csref_model.preprocessing import letterbox, letterbox_geometry, prepare_waveform, speech_batch
 from oracle_weights import oracle_dir
 
 ORACLE = oracle_dir() / "srec_seeded.pt"
