@@ -489,6 +489,8 @@ HF_COLUMNS = ("image", "image_id", "sent_ids", "audios")
 
 def load_hf_split(path: str | Path, split: str):
     """The rows of `split` (joined with '+') of a locally stored HF dataset, undecoded."""
+    # Imported here: Hugging Face `datasets` is slow to import (pyarrow, pandas) and only the
+    # `hf` format needs it.
     import datasets
 
     path = Path(path)
