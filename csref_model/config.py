@@ -2,8 +2,9 @@
 
 `load_model_config("base")` gives the paper's model, `load_model_config("tiny")` the same code
 scaled down for CPU training and tests; any other string is a path to a YAML file. Every YAML
-key must name a field here: an unknown key is a ValueError naming the key, its section and the
-file, so a typo never silently falls back to a default.
+key must name a field here (`csref_model.typed_yaml` checks keys and types): an unknown key is
+a ValueError naming the key, its section and the file, so a typo never silently falls back to a
+default.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ import dataclasses
 import importlib
 import logging
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
+from csref_model.typed_yaml import from_dict, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
-        config = _dataclass_from_dict(cls, data, section="", source=source)
+        config = from_dict(cls, data, source)
         config.validate(source)
         return config
 
@@ -178,53 +177,6 @@ class ModelConfig:
             value = getattr(self.freeze, name)
             if isinstance(value, str) and value not in ("none", "feature_encoder"):
                 raise ValueError(f"{source}: freeze.{name} must be an integer, 'none' or 'feature_encoder', got {value!r}")
-
-
-def _dataclass_from_dict(cls: type, data: Any, section: str, source: str) -> Any:
-    where = f"section '{section}'" if section else "the top level"
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown key {unknown[0]!r} in {where} "
-                         f"(known keys: {', '.join(sorted(known))})")
-    values = {}
-    for name, value in data.items():
-        key = f"{section}.{name}" if section else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _dataclass_from_dict(hint, value, key, source)
-        else:
-            values[name] = _check_type(value, hint, key, source)
-    return cls(**values)
-
-
-def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Checks a YAML scalar/list against a field's annotation; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(value, option, key, source)
-            except ValueError:
-                continue
-        raise ValueError(f"{source}: {key} = {value!r} does not match type {hint}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{source}: {key} must be a list, got {value!r}")
-        (item_type,) = typing.get_args(hint)
-        return [_check_type(item, item_type, key, source) for item in value]
-    if hint is type(None):
-        if value is not None:
-            raise ValueError(f"{source}: {key} must be null, got {value!r}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise ValueError(f"{source}: {key} must be of type {hint.__name__}, got {value!r}")
-    return value
 
 
 def config_search_dirs() -> list[Path]:
@@ -258,9 +210,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """Loads "base", "tiny" or a YAML file into a validated `ModelConfig`."""
     path = resolve_config_path(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    return ModelConfig.from_dict(data if data is not None else {}, source=str(path))
+    return ModelConfig.from_dict(read_yaml(path, "model config"), source=str(path))
 
 
 def resolve_pretrained_path(value: str | None) -> Path | None:

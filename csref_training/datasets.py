@@ -9,6 +9,8 @@ Formats
   srefface, srefface+, sreffaceg (``fbox``, audio from refcoco_speech), with COCO's
   ``images/train2014/COCO_train2014_%012d.jpg``. Any other name is a Spoken Shapes style set
   (``csref_training.synth``): ``anns/<name>.json``, ``images/%012d.jpg``, ``audios/<name>/``.
+  ``image_pattern`` names the image files of any other naming: printf style
+  (``COCO_train2014_%012d.jpg``) or ``{iid}`` style (``{iid}.png``, ``img_{iid:06d}.jpg``).
 * Hugging Face variant (``format: hf``): a local copy of the reference's HF datasets, either a
   ``save_to_disk`` directory (``DatasetDict``) or a dataset repository snapshot (parquet/arrow
   files) loaded with ``datasets.load_dataset(local_dir)``; nothing is downloaded. Columns
@@ -46,7 +48,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -57,9 +59,7 @@ from torch.utils.data import Dataset
 
 from csref_model.audio import SAMPLE_RATE, load_audio
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
-
-if TYPE_CHECKING:
-    from csref_training.engine import DataConfig
+from csref_training.train_config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class BrokenEntryError(ValueError):
 class RefCocoLayout:
     ann_path: Path
     image_dir: Path
-    image_pattern: str  # file name from iid, e.g. "COCO_train2014_%012d.jpg"
+    image_pattern: str  # file name from iid, e.g. "COCO_train2014_%012d.jpg" or "{iid}.png"
     audio_root: Path  # holds one directory per speaker
     box_key: str  # "bbox" or "fbox"
 
@@ -108,14 +108,33 @@ def box_key_for(dataset: str) -> str:
     return DATASET_LAYOUTS[dataset][2] if dataset in DATASET_LAYOUTS else "bbox"
 
 
+def image_file_name(pattern: str, iid: int) -> str:
+    """The image file name of annotation `iid`: "{iid}..." patterns by str.format, others by %."""
+    return pattern.format(iid=iid) if "{" in pattern else pattern % iid
+
+
+def check_image_pattern(pattern: str) -> str:
+    """`pattern` if it turns every iid into its own file name; else a ValueError saying how to write it."""
+    try:
+        names = {image_file_name(pattern, iid) for iid in (1, 2)}
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        names = {f"error: {err}"}
+    if len(names) != 2 or any("/" in name for name in names):
+        raise ValueError(f"data.image_pattern {pattern!r} does not name one file per image id: use one "
+                         "placeholder, printf style ('COCO_train2014_%012d.jpg') or {iid} style ('{iid}.png', "
+                         "'img_{iid:06d}.jpg'), and put directories into data.image_dir")
+    return pattern
+
+
 def refcoco_layout(
     dataset: str,
     root: str | Path = "data",
     ann_path: str | Path | None = None,
     image_dir: str | Path | None = None,
     audio_root: str | Path | None = None,
+    image_pattern: str | None = None,
 ) -> RefCocoLayout:
-    """Default paths of `dataset` under `root`; explicit paths replace them as given."""
+    """Default paths and image names of `dataset` under `root`; explicit values replace them as given."""
     root = Path(root)
     if dataset in DATASET_LAYOUTS:
         ann, audio_set, box_key = DATASET_LAYOUTS[dataset]
@@ -126,7 +145,7 @@ def refcoco_layout(
     return RefCocoLayout(
         ann_path=Path(ann_path) if ann_path else default.ann_path,
         image_dir=Path(image_dir) if image_dir else default.image_dir,
-        image_pattern=default.image_pattern,
+        image_pattern=check_image_pattern(image_pattern) if image_pattern else default.image_pattern,
         audio_root=Path(audio_root) if audio_root else default.audio_root,
         box_key=default.box_key,
     )
@@ -319,7 +338,7 @@ def _check_entry(
     if image_dir is not None:
         if box_key not in raw:
             raise BrokenEntryError(f"{where}: entry has no {box_key!r} box (keys: {sorted(raw)})")
-        image_path = image_dir / (image_pattern % iid)
+        image_path = image_dir / image_file_name(image_pattern, iid)
         if image_path not in image_sizes:
             if not image_path.is_file():
                 raise BrokenEntryError(f"{where}: image file not found: {image_path}")
@@ -470,6 +489,8 @@ HF_COLUMNS = ("image", "image_id", "sent_ids", "audios")
 
 def load_hf_split(path: str | Path, split: str):
     """The rows of `split` (joined with '+') of a locally stored HF dataset, undecoded."""
+    # Imported here: Hugging Face `datasets` is slow to import (pyarrow, pandas) and only the
+    # `hf` format needs it.
     import datasets
 
     path = Path(path)
@@ -715,7 +736,8 @@ def collate_csa(items: list[dict[str, Any]]) -> dict[str, Any]:
 def build_srec_dataset(data: DataConfig, split: str, image_size: int, train: bool) -> Dataset:
     """The SREC dataset a training config's `data:` section describes."""
     if data.format == "refcoco":
-        layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root)
+        layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root,
+                                data.image_pattern)
         return SpeechGroundingDataset(layout, split, image_size, data.speakers, train, data.use_trim,
                                       data.max_duration, data.skip_broken)
     if data.format == "hf":
@@ -729,7 +751,8 @@ def build_csa_dataset(data: DataConfig, split: str, train: bool) -> Dataset:
     if data.format == "librispeech":
         return LibriSpeechDataset(data.root, split, data.use_trim, data.max_duration, data.skip_broken)
     if data.format == "refcoco":
-        layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root)
+        layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root,
+                                data.image_pattern)
         return SpeechTextPairs(layout.ann_path, layout.audio_root, split, data.speakers, train, data.use_trim,
                                data.max_duration, data.skip_broken)
     raise ValueError(f"data.format {data.format!r} cannot feed CSA; use 'librispeech' or 'refcoco'")

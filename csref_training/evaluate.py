@@ -2,6 +2,11 @@
 
     python -m csref_training.evaluate --config config/train/srec_refcoco_speech.yaml \\
         --checkpoint data/weights/csref_refcoco_speech.pth --splits val,testA,testB --json out.json
+    python -m csref_training.evaluate --checkpoint models/spoken_shapes_tiny \\
+        --data-root data/spoken_shapes --dataset spoken_shapes --splits test
+
+A checkpoint directory of ours holds its model config, so `--config` is optional: without it the
+data options take their defaults (`TrainConfig`) and the flags.
 
 SREC: Acc@0.5 exactly as the reference (IoU > 0.5, strictly, between the predicted and the
 ground-truth box in original-image x1,y1,x2,y2 pixels, no clipping), plus Acc@0.75 and the mean
@@ -34,44 +39,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from csref_model.boxes import box_iou
 from csref_model.checkpoint import load_into, read_config, read_state_dict
-from csref_model.config import ModelConfig
-from csref_training import engine
+from csref_model.csa import build_csa
+from csref_model.srec import build_srec
+from csref_model.text_encoder import load_tokenizer
+from csref_model.visualize import PREDICTION_COLOUR, TARGET_COLOUR, DrawnBox, draw_boxes, save_picture
 from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
+from csref_training.distributed import cleanup_distributed, setup_distributed, sum_over_ranks
+from csref_training.optim import autocast_context
+from csref_training.reporting import format_metrics
+from csref_training.reproducibility import eval_subset
+from csref_training.train_config import build_model_config, load_train_config
 
 logger = logging.getLogger("csref_training.evaluate")
 
 RECALL_AT = (1, 5, 10)
+# Small test images are enlarged so that the IoU tag and the caption stay legible.
+VIS_MIN_WIDTH = 480
 
 
-def box_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """IoU of matching rows of two (N, 4) x1,y1,x2,y2 arrays (continuous coordinates, no +1)."""
-    ix1 = np.maximum(pred[:, 0], gt[:, 0])
-    iy1 = np.maximum(pred[:, 1], gt[:, 1])
-    ix2 = np.minimum(pred[:, 2], gt[:, 2])
-    iy2 = np.minimum(pred[:, 3], gt[:, 3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area_pred = np.clip(pred[:, 2] - pred[:, 0], 0, None) * np.clip(pred[:, 3] - pred[:, 1], 0, None)
-    area_gt = np.clip(gt[:, 2] - gt[:, 0], 0, None) * np.clip(gt[:, 3] - gt[:, 1], 0, None)
-    union = area_pred + area_gt - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def score_boxes(pred_xyxy: np.ndarray, gt_xyxy: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """IoU of matching rows of (N, 4) x1,y1,x2,y2 boxes and the sums evaluate_srec adds up.
 
-
-def _eval_subset(dataset: Dataset, rank: int, world_size: int) -> Subset:
-    """This rank's share, each item loaded with a fixed seed (speaker/sentence choice is stable)."""
-    keys = [(i, engine.derive_seed(0, i)) for i in engine.eval_indices(len(dataset), rank, world_size)]
-    return Subset(engine.SeededItems(dataset), keys)
-
-
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    A hit is IoU > threshold, strictly: IoU exactly 0.5 is a miss, as in the reference.
+    """
+    iou = box_iou(pred_xyxy, gt_xyxy)  # (N,)
+    return iou, {"count": len(iou), "hits_50": int((iou > 0.5).sum()), "hits_75": int((iou > 0.75).sum()),
+                 "iou_sum": float(iou.sum())}
 
 
 @torch.no_grad()
@@ -88,46 +86,40 @@ def evaluate_srec(
 ) -> dict[str, float]:
     """Acc@0.5, Acc@0.75 and mean IoU of `model` (put in eval mode) on `dataset`."""
     model.eval()
-    loader = DataLoader(_eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_srec)
-    count, hits_50, hits_75, iou_sum = 0, 0, 0, 0.0
+    totals = {"count": 0, "hits_50": 0, "hits_75": 0, "iou_sum": 0.0}
     for batch in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
         pred = model(batch["image"].to(device), batch["input_values"].to(device), batch["attention_mask"].to(device))
         pred = pred.float().cpu().numpy()  # (B, 5) x1, y1, x2, y2, score in letterboxed-input pixels
         pred_original = np.stack([lb.box_to_original(p[:4]) for lb, p in zip(batch["letterbox"], pred)])
         gt = batch["gt_xyxy"].numpy().astype(np.float64)  # (B, 4) original pixels
-        iou = box_iou(pred_original, gt)
-        count += len(iou)
-        hits_50 += int((iou > 0.5).sum())
-        hits_75 += int((iou > 0.75).sum())
-        iou_sum += float(iou.sum())
+        iou, sums = score_boxes(pred_original, gt)
+        totals = {key: totals[key] + sums[key] for key in totals}
         if vis_dir is not None:
             save_visualisations(vis_dir, batch, pred_original, iou)
-    count, hits_50, hits_75, iou_sum = _sum_over_ranks([count, hits_50, hits_75, iou_sum], device)
+    count, hits_50, hits_75, iou_sum = sum_over_ranks(list(totals.values()), device)
     if count == 0:
         raise ValueError("the evaluation split is empty")
     return {"count": int(count), "acc_50": hits_50 / count, "acc_75": hits_75 / count, "mean_iou": iou_sum / count}
 
 
 def save_visualisations(vis_dir: Path, batch: dict[str, Any], pred: np.ndarray, iou: np.ndarray) -> None:
-    """Original image with the ground truth (green) and the prediction (red, IoU in its label)."""
+    """Original image with the ground truth (dashed) and the prediction (solid, IoU in its tag),
+    the sentence as caption: `<sent_id>_ok.jpg` (IoU > 0.5) or `<sent_id>_miss.jpg`."""
     vis_dir.mkdir(parents=True, exist_ok=True)
     for i, image_path in enumerate(batch["image_path"]):
         if image_path is None:
             logger.warning("--save-vis needs image files; this dataset (Hugging Face variant) has none")
             return
-        image = cv2.imread(str(image_path))
+        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
         if image is None:
             raise FileNotFoundError(f"cannot read {image_path} for --save-vis")
-        gx1, gy1, gx2, gy2 = batch["gt_xyxy"][i].round().int().tolist()
-        px1, py1, px2, py2 = np.round(pred[i]).astype(int).tolist()
-        cv2.rectangle(image, (gx1, gy1), (gx2, gy2), (0, 200, 0), 2)
-        cv2.rectangle(image, (px1, py1), (px2, py2), (0, 0, 230), 2)
-        cv2.putText(image, f"IoU {iou[i]:.2f}", (max(px1, 0), max(py1 - 5, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                    (0, 0, 230), 1, cv2.LINE_AA)
-        cv2.putText(image, str(batch["sentence"][i])[:80], (5, image.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (255, 255, 255), 1, cv2.LINE_AA)
-        cv2.imwrite(str(vis_dir / f"{batch['sent_id'][i]}_{'ok' if iou[i] > 0.5 else 'miss'}.jpg"), image)
+        boxes = [DrawnBox(tuple(batch["gt_xyxy"][i].tolist()), TARGET_COLOUR, dashed=True),
+                 DrawnBox(tuple(pred[i].tolist()), PREDICTION_COLOUR, label=f"IoU {iou[i]:.2f}")]
+        picture = draw_boxes(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), boxes, caption=[str(batch["sentence"][i])],
+                             min_width=VIS_MIN_WIDTH)
+        save_picture(picture, str(vis_dir / f"{batch['sent_id'][i]}_{'ok' if iou[i] > 0.5 else 'miss'}.jpg"))
 
 
 def _recall(similarity: torch.Tensor, query_keys: list[str], item_keys: list[str]) -> dict[int, float]:
@@ -156,7 +148,7 @@ def evaluate_csa(
 ) -> dict[str, float]:
     """Mean contrastive loss per batch and speech<->text retrieval recall over the split."""
     model.eval()
-    loader = DataLoader(_eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_csa)
     loss_sum, batches = 0.0, 0
     speech_feats, text_feats, sentences = [], [], []
@@ -172,7 +164,7 @@ def evaluate_csa(
         text_feats.append(nn.functional.normalize(model.encode_text(text_ids, text_mask).float(), dim=-1).cpu())
         sentences.extend(batch["text"])
     speech, text = torch.cat(speech_feats), torch.cat(text_feats)  # (N, D) each
-    loss_sum, batches = _sum_over_ranks([loss_sum, batches], device)
+    loss_sum, batches = sum_over_ranks([loss_sum, batches], device)
     if dist.is_initialized():
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, (speech, text, sentences))
@@ -193,19 +185,16 @@ def evaluate_csa(
     return metrics
 
 
-def _model_config(cfg: engine.TrainConfig, checkpoint: Path) -> ModelConfig:
-    """Our checkpoint directories carry their config; official files use the training config's."""
-    if checkpoint.is_dir():
-        return read_config(checkpoint)
-    return engine.build_model_config(cfg)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Evaluate an SREC or CSA checkpoint on dataset splits.")
-    parser.add_argument("--config", required=True, help="training YAML naming the model and the data")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth or our checkpoint directory")
-    parser.add_argument("--data-root", help="override data.root")
-    parser.add_argument("--dataset", help="override data.dataset (e.g. refcoco+_speech)")
+    parser.add_argument("--config", help="training YAML naming the model and the data; without it every key "
+                                         "takes its default and the flags below set the data")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="our checkpoint directory (it holds its model config) or an official .pth "
+                             "(its model is the config's `model`, by default the paper's `base`)")
+    parser.add_argument("--data-root", help="set data.root")
+    parser.add_argument("--dataset", help="set data.dataset (e.g. refcoco+_speech, spoken_shapes)")
+    parser.add_argument("--image-pattern", help="set data.image_pattern (e.g. 'COCO_train2014_%%012d.jpg', '{iid}.png')")
     parser.add_argument("--splits", default=None, help="comma-separated splits (default: data.val_split)")
     parser.add_argument("--speakers", help="comma-separated speaker directories (default: every one present)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval_batch_size of the config")
@@ -219,15 +208,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for the trainers")
     args = parser.parse_args(argv)
 
-    overrides = list(args.overrides)
+    cfg = load_train_config(args.config, args.overrides)
+    # Set after the YAML so that they win over it; plain strings, not parsed as YAML.
     if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+        cfg.data.root = args.data_root
     if args.dataset:
-        overrides.append(f"data.dataset={args.dataset}")
-    cfg = engine.load_train_config(args.config, overrides)
+        cfg.data.dataset = args.dataset
+    if args.image_pattern:
+        cfg.data.image_pattern = args.image_pattern
     if args.speakers:
         cfg.data.speakers = [s.strip() for s in args.speakers.split(",") if s.strip()]
-    dist_info = engine.setup_distributed()
+    dist_info = setup_distributed()
     device = dist_info.device if dist_info.world_size > 1 else torch.device(args.device)
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -235,25 +226,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
     splits = [s.strip() for s in (args.splits or cfg.data.val_split).split(",") if s.strip()]
 
-    model_cfg = _model_config(cfg, args.checkpoint)
+    # Our checkpoint directories carry their model config; official files use the training config's.
+    model_cfg = read_config(args.checkpoint) if args.checkpoint.is_dir() else build_model_config(cfg)
     state_dict = read_state_dict(args.checkpoint)
     is_csa = any(key.startswith("text_encoder.") for key in state_dict)
     results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "config": args.config,
                                "model": "csa" if is_csa else "srec", "precision": args.precision, "splits": {}}
     if is_csa:
-        from csref_model.csa import build_csa
-        from csref_model.text_encoder import load_tokenizer
-
         model = build_csa(model_cfg, load_pretrained=False)
         tokenizer = load_tokenizer(model_cfg.text_encoder)
     else:
-        from csref_model.srec import build_srec
-
         model = build_srec(model_cfg, load_pretrained=False)
     load_into(model, state_dict, str(args.checkpoint))
     model.to(device).eval()
 
-    autocast = engine.autocast_context("off" if args.precision == "fp32" else args.precision, device)
+    autocast = autocast_context("off" if args.precision == "fp32" else args.precision, device)
     for split in splits:
         with autocast:
             if is_csa:
@@ -267,12 +254,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         num_workers, vis_dir=vis_dir, show_progress=dist_info.is_main)
         results["splits"][split] = metrics
         if dist_info.is_main:
-            print(f"{split}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in metrics.items()))
+            print(f"{split}: {format_metrics(metrics)}")
     if dist_info.is_main and args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    engine.cleanup_distributed()
+    cleanup_distributed()
     return results
 
 

@@ -26,7 +26,7 @@ from csref_training.datasets import (
     collate_srec,
     refcoco_layout,
 )
-from csref_training.engine import DataConfig
+from csref_training.train_config import DataConfig
 
 SIZE = 160
 COUNTS = {"train": 6, "val": 3, "test": 3}
@@ -147,6 +147,32 @@ def test_official_layout_speakers_and_sentences(official):
         SpeechGroundingDataset(layout, "val", SIZE, speakers=["spk_c"])
     with pytest.raises(ValueError, match="no split 'testB'.*testA"):
         SpeechGroundingDataset(layout, "testB", SIZE)
+
+
+@pytest.mark.parametrize("pattern", ["COCO_train2014_%012d.jpg", "{iid}.png", "img_{iid:06d}.jpg"])
+def test_image_pattern_names_a_users_own_image_files(shapes, tmp_path, pattern):
+    """A set whose images are named otherwise: same items as the generator's naming."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    anns = _annotations(shapes)
+    for entry in anns["val"]:
+        name = pattern.format(iid=entry["iid"]) if "{" in pattern else pattern % entry["iid"]
+        shutil.copy(shapes / "images" / f"{entry['iid']:012d}.jpg", images / name)
+    data = DataConfig(dataset="spoken_shapes", root=str(shapes), image_dir=str(images), image_pattern=pattern)
+    renamed = build_srec_dataset(data, "val", SIZE, train=False)
+    original = build_srec_dataset(DataConfig(dataset="spoken_shapes", root=str(shapes)), "val", SIZE, False)
+    assert len(renamed) == len(original) == COUNTS["val"]
+    for a, b in zip(renamed, original):
+        assert Path(a["image_path"]).parent == images and torch.equal(a["image"], b["image"])
+    # The pattern reaches the CSA pairs' layout too (they read no images, so nothing else changes).
+    assert len(build_csa_dataset(data, "val", train=False)) == COUNTS["val"]
+
+
+@pytest.mark.parametrize("pattern", ["scene.jpg", "{id}.png", "%d_%d.jpg", "{iid}/{iid}.png"])
+def test_bad_image_pattern_says_how_to_write_one(shapes, pattern):
+    data = DataConfig(dataset="spoken_shapes", root=str(shapes), image_pattern=pattern)
+    with pytest.raises(ValueError, match=r"data\.image_pattern .* does not name one file per image id.*\{iid\}"):
+        build_srec_dataset(data, "val", SIZE, train=False)
 
 
 def test_face_set_reads_fbox_and_refcoco_audio(official):

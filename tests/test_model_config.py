@@ -1,6 +1,8 @@
 """Model configs (YAML -> dataclasses), the reference's freezing, and the tiny CSA on real MiniLM weights."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Union
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import yaml
 from csref_model.config import ModelConfig, load_model_config, resolve_pretrained_path
 from csref_model.csa import build_csa, load_tokenizer
 from csref_model.srec import build_srec
+from csref_model.typed_yaml import apply_overrides, from_dict, merge
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 
@@ -110,3 +113,66 @@ def test_text_encoder_architecture_must_match_pretrained():
     cfg.speech_encoder.output_dim = 768
     with pytest.raises(ValueError, match="hidden_size: config 768"):
         build_csa(cfg)
+
+
+# ----------------------------------------------------------------------------------------
+# The typed-YAML loader shared by model and training configs
+
+
+@dataclass
+class _Inner:
+    rate: float = 0.1
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class _Outer:
+    name: str = "x"
+    limit: int | None = None
+    mode: Union[int, str] = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_typed_yaml_converts_and_keeps_defaults():
+    loaded = from_dict(_Outer, {"limit": None, "mode": "all", "extra": {"a": {"b": 1}},
+                                "inner": {"rate": "1e-4", "sizes": [3]}}, "test.yaml")
+    assert loaded == _Outer(name="x", limit=None, mode="all", extra={"a": {"b": 1}}, inner=_Inner(1e-4, [3]))
+    # YAML 1.1 reads 1e-4 without a dot as a string; an int is a valid float.
+    assert isinstance(from_dict(_Inner, {"rate": 2}, "t").rate, float)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"inner": {"rte": 1.0}}, r"test\.yaml: unknown key 'rte' in section 'inner' \(valid keys: rate, sizes\)"),
+    ({"nme": "y"}, r"test\.yaml: unknown key 'nme' in the top level"),
+    ({"limit": "ten"}, r"test\.yaml: limit must be an integer or null, got 'ten'"),
+    ({"limit": True}, r"limit must be an integer or null, got True"),
+    ({"inner": {"sizes": [1, "2"]}}, r"inner\.sizes\[1\] must be an integer, got '2'"),
+    ({"inner": {"sizes": 4}}, r"inner\.sizes must be a list of integers, got 4"),
+    ({"inner": 3}, r"section 'inner' must be a mapping, got 3"),
+    ({"mode": 1.5}, r"mode must be an integer or a string, got 1\.5"),
+])
+def test_typed_yaml_errors_name_the_key_and_the_file(data, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(_Outer, data, "test.yaml")
+
+
+def test_dotted_overrides_and_merge_leave_their_inputs_alone():
+    tree = {"inner": {"rate": 0.5}, "name": "a"}
+    overridden = apply_overrides(tree, ["inner.sizes=[4, 5]", "name=b", "extra.k.j=null"])
+    assert overridden == {"inner": {"rate": 0.5, "sizes": [4, 5]}, "name": "b", "extra": {"k": {"j": None}}}
+    assert tree == {"inner": {"rate": 0.5}, "name": "a"}
+    with pytest.raises(ValueError, match="not of the form section.key=value"):
+        apply_overrides(tree, ["inner.rate"])
+    with pytest.raises(ValueError, match="'name' is a value, not a section"):
+        apply_overrides(tree, ["name.first=c"])
+    assert merge(tree, {"inner": {"sizes": [1]}}) == {"inner": {"rate": 0.5, "sizes": [1]}, "name": "a"}
+    assert tree == {"inner": {"rate": 0.5}, "name": "a"}
+
+
+def test_empty_and_non_mapping_yaml_files(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_model_config(tmp_path / "empty.yaml") == ModelConfig()
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"list\.yaml: expected a YAML mapping at the top level, got list"):
+        load_model_config(tmp_path / "list.yaml")

@@ -23,7 +23,12 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.csa import build_csa
 from csref_model.srec import build_srec
 from csref_model.text_encoder import load_tokenizer
-from csref_training import engine, evaluate
+from csref_model.typed_yaml import set_dotted
+from csref_training import evaluate
+from csref_training.checkpointing import TRAINER_STATE
+from csref_training.optim import EMA, build_optimizer_and_scheduler, set_train_mode, warmup_cosine_lr
+from csref_training.reproducibility import seed_all
+from csref_training.train_config import build_model_config, load_train_config
 from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
 from csref_training.synth import SynthConfig, generate_dataset
 
@@ -68,7 +73,7 @@ def write_config(path: Path, data_root: Path, output_dir: Path, **overrides) -> 
         "data": {"format": "refcoco", "dataset": "spoken_shapes", "root": str(data_root), "num_workers": 0},
     }
     for key, value in overrides.items():
-        engine._set_dotted(config, key, value)
+        set_dotted(config, key, value)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -94,38 +99,40 @@ def run_module(module: str, config: Path, *overrides: str, timeout: int = 300,
 
 def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "out")
-    cfg = engine.load_train_config(path, ["optim.lr=2e-4", "multi_scale.enabled=false", "data.speakers=[a, b]"])
+    cfg = load_train_config(path, ["optim.lr=2e-4", "multi_scale.enabled=false", "data.speakers=[a, b]"])
     assert cfg.optim.lr == 2e-4 and cfg.multi_scale.enabled is False and cfg.data.speakers == ["a", "b"]
-    with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'"):
-        engine.load_train_config(path, ["optim.learning_rate=1"])
-    with pytest.raises(ValueError, match="epochs: expected an integer"):
-        engine.load_train_config(path, ["epochs=many"])
+    with pytest.raises(ValueError, match=r"c\.yaml: unknown key 'learning_rate' in section 'optim' \(valid keys: "):
+        load_train_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="epochs must be an integer, got 'many'"):
+        load_train_config(path, ["epochs=many"])
+    with pytest.raises(ValueError, match=r"data\.max_duration must be a number or null, got 'long'"):
+        load_train_config(path, ["data.max_duration=long"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_training_configs_load(path: Path) -> None:
-    cfg = engine.load_train_config(path)
-    model_cfg = engine.build_model_config(cfg)
+    cfg = load_train_config(path)
+    model_cfg = build_model_config(cfg)
     assert cfg.epochs > 0 and model_cfg.image_size > 0
 
 
 def test_schedule_matches_reference_formula(tmp_path: Path) -> None:
-    cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "o"),
+    cfg = load_train_config(write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "o"),
                                    ["epochs=10", "optim.warmup_epochs=3", "optim.lr=1e-4",
                                     "optim.warmup_lr=1e-7", "optim.min_lr=1e-6"])
     iters = 7
     t, total = 3 * iters, 10 * iters
-    assert engine.warmup_cosine_lr(0, iters, cfg) == pytest.approx(1e-7)
-    assert engine.warmup_cosine_lr(5, iters, cfg) == pytest.approx(1e-7 + 5 * (1e-4 - 1e-7) / t)
-    assert engine.warmup_cosine_lr(t, iters, cfg) == pytest.approx(1e-4)
+    assert warmup_cosine_lr(0, iters, cfg) == pytest.approx(1e-7)
+    assert warmup_cosine_lr(5, iters, cfg) == pytest.approx(1e-7 + 5 * (1e-4 - 1e-7) / t)
+    assert warmup_cosine_lr(t, iters, cfg) == pytest.approx(1e-4)
     s = 50
     expected = 1e-6 + 0.5 * (1e-4 - 1e-6) * (1 + np.cos(np.pi * (s - t) / (total - t)))
-    assert engine.warmup_cosine_lr(s, iters, cfg) == pytest.approx(expected)
+    assert warmup_cosine_lr(s, iters, cfg) == pytest.approx(expected)
 
 
 def test_ema_decay_and_int_buffers() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    ema = engine.EMA(model, alpha=0.9997, buffers=True)
+    ema = EMA(model, alpha=0.9997, buffers=True)
     start = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
@@ -142,19 +149,19 @@ def test_ema_decay_and_int_buffers() -> None:
 
 def _seeded(compute_loss, seed: int) -> torch.Tensor:
     # Same dropout / SpecAugment masks before and after the step; BatchNorm uses batch statistics.
-    engine.seed_all(seed)
+    seed_all(seed)
     return compute_loss()
 
 
 def test_srec_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
-    cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o"),
+    cfg = load_train_config(write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o"),
                                    ["optim.warmup_epochs=0"])
-    model_cfg = engine.build_model_config(cfg)
+    model_cfg = build_model_config(cfg)
     dataset = build_srec_dataset(cfg.data, split="train", image_size=model_cfg.image_size, train=True)
     batch = collate_srec([dataset[i] for i in range(4)])
-    engine.seed_all(0)  # the random initialisation is part of the fixed test case
+    seed_all(0)  # the random initialisation is part of the fixed test case
     model = build_srec(model_cfg).train()
-    optimizer, _ = engine.build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
+    optimizer, _ = build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
 
     def compute_loss() -> torch.Tensor:
         return model(batch["image"], batch["input_values"], batch["attention_mask"], targets=batch["label"])
@@ -173,17 +180,17 @@ def test_srec_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
 
 
 def test_csa_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
-    cfg = engine.load_train_config(write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o"),
+    cfg = load_train_config(write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o"),
                                    ["optim.warmup_epochs=0", "ema.enabled=false"])
-    model_cfg = engine.build_model_config(cfg)
+    model_cfg = build_model_config(cfg)
     dataset = build_csa_dataset(cfg.data, split="train", train=True)
     batch = collate_csa([dataset[i] for i in range(6)])
-    engine.seed_all(0)
+    seed_all(0)
     model = build_csa(model_cfg)
-    engine.set_train_mode(model, frozen_modules_train_mode=False)
+    set_train_mode(model, frozen_modules_train_mode=False)
     tokens = load_tokenizer(model_cfg.text_encoder)(batch["text"], padding=True, return_tensors="pt")
     inputs = (batch["input_values"], batch["attention_mask"], tokens["input_ids"], tokens["attention_mask"])
-    optimizer, _ = engine.build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
+    optimizer, _ = build_optimizer_and_scheduler(model, cfg, iters_per_epoch=10)
     before = _seeded(lambda: model(*inputs), seed=1)
     optimizer.zero_grad()
     before.backward()
@@ -198,7 +205,7 @@ def test_csa_step_lowers_loss(shapes_root: Path, tmp_path: Path) -> None:
 
 def _final_weights(output_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     last = (output_dir / "last").resolve()
-    state = torch.load(last / engine.TRAINER_STATE, map_location="cpu", weights_only=True)
+    state = torch.load(last / TRAINER_STATE, map_location="cpu", weights_only=True)
     return load_file(str(last / "model.safetensors")), state["raw_model"]
 
 
@@ -213,7 +220,7 @@ def test_ddp_two_processes_gloo(shapes_root: Path, tmp_path: Path) -> None:
     log = (output_dir / "srec.log").read_text()
     assert "world size 2, 2 samples per process per step" in log
     last = (output_dir / "last").resolve()
-    state = torch.load(last / engine.TRAINER_STATE, map_location="cpu", weights_only=True)
+    state = torch.load(last / TRAINER_STATE, map_location="cpu", weights_only=True)
     # 16 samples / (2 processes x 2 per process) = 4 steps, validation on all 6 val samples.
     assert state["world_size"] == 2 and state["progress"]["global_step"] == 4
     metrics = json.loads((last / "metrics.json").read_text())
@@ -254,6 +261,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shapes_root: Pa
         assert torch.equal(ref_raw[key], resumed_raw[key]), key
 
 
+def test_csa_run_keeps_the_lowest_validation_loss_as_best(shapes_root: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "csa"
+    config = write_config(tmp_path / "csa.yaml", shapes_root, output_dir, epochs=2, keep_epoch_checkpoints=True,
+                          **{"ema.enabled": False})
+    run_module("csref_training.csa", config)
+    log = (output_dir / "csa.log").read_text()
+    assert "world size 1, 4 samples per process per step" in log and log.count(" val: count 6  loss ") == 2
+    epochs = sorted((output_dir / "checkpoints").glob("step_*"))
+    losses = {path: json.loads((path / "metrics.json").read_text())["loss"] for path in epochs}
+    assert len(losses) == 2 and (output_dir / "last").resolve() == epochs[-1]
+    assert (output_dir / "best").resolve() == min(losses, key=losses.get)
+    # The CSA checkpoint holds the text encoder: evaluate recognises it and reproduces the loss.
+    out = tmp_path / "csa.json"
+    evaluate.main(["--config", str(config), "--checkpoint", str(epochs[-1]), "--splits", "val", "--json", str(out)])
+    assert json.loads(out.read_text())["splits"]["val"]["loss"] == pytest.approx(losses[epochs[-1]], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------
 # Evaluation
 
@@ -261,16 +285,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shapes_root: Pa
 def test_box_iou_and_strict_threshold() -> None:
     pred = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], dtype=np.float64)
     gt = np.array([[0, 0, 10, 10], [0, 0, 10, 20], [5, 0, 15, 10], [0, 0, 10, 10]], dtype=np.float64)
-    iou = evaluate.box_iou(pred, gt)
+    iou, sums = evaluate.score_boxes(pred, gt)
     assert iou == pytest.approx([1.0, 0.5, 50 / 150, 0.0])
-    assert list(iou > 0.5) == [True, False, False, False]  # IoU exactly 0.5 is a miss, as the reference
+    # IoU exactly 0.5 is a miss, as the reference.
+    assert sums == {"count": 4, "hits_50": 1, "hits_75": 1, "iou_sum": pytest.approx(1.5 + 50 / 150)}
 
 
 def test_evaluate_official_pth_matches_our_format(shapes_root: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
-    cfg = engine.load_train_config(config)
-    model_cfg = engine.build_model_config(cfg)
-    engine.seed_all(5)
+    cfg = load_train_config(config)
+    model_cfg = build_model_config(cfg)
+    seed_all(5)
     model = build_srec(model_cfg)
     official = tmp_path / "csref_official.pth"
     torch.save({"epoch": 3, "state_dict": model.state_dict(), "optimizer": {}, "scheduler": {}, "lr": 1e-4}, official)
@@ -293,8 +318,8 @@ def test_evaluate_official_pth_matches_our_format(shapes_root: Path, tmp_path: P
 
 def test_evaluate_under_bf16_autocast(shapes_root: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
-    model_cfg = engine.build_model_config(engine.load_train_config(config))
-    engine.seed_all(5)
+    model_cfg = build_model_config(load_train_config(config))
+    seed_all(5)
     checkpoint = save_checkpoint(tmp_path / "ours", build_srec(model_cfg), model_cfg)
     results = {}
     for precision in ("fp32", "bf16"):
@@ -310,9 +335,26 @@ def test_evaluate_under_bf16_autocast(shapes_root: Path, tmp_path: Path) -> None
     assert abs(bf16["mean_iou"] - fp32["mean_iou"]) < 0.2
 
 
+def test_evaluate_checkpoint_directory_without_training_config(shapes_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
+    model_cfg = build_model_config(load_train_config(config))
+    seed_all(5)
+    checkpoint = save_checkpoint(tmp_path / "ours", build_srec(model_cfg), model_cfg)
+    with_config, without_config = tmp_path / "with.json", tmp_path / "without.json"
+    evaluate.main(["--config", str(config), "--checkpoint", str(checkpoint), "--splits", "val",
+                   "--json", str(with_config)])
+    # Data root and dataset from the flags, every other data option at its default. The batch size
+    # is the config's: wav2vec2's GroupNorm spans the padded batch, so it moves the boxes a little.
+    evaluate.main(["--checkpoint", str(checkpoint), "--data-root", str(shapes_root), "--dataset", "spoken_shapes",
+                   "--batch-size", "4", "--num-workers", "0", "--splits", "val", "--json", str(without_config)])
+    result = json.loads(without_config.read_text())
+    assert result["config"] is None and result["splits"]["val"]["count"] == SPLIT_SIZES["val"]
+    assert result["splits"] == json.loads(with_config.read_text())["splits"]
+
+
 def test_evaluate_csa_checkpoint_reports_retrieval(shapes_root: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
-    model_cfg = engine.build_model_config(engine.load_train_config(config))
+    model_cfg = build_model_config(load_train_config(config))
     csa_dir = save_checkpoint(tmp_path / "csa", build_csa(model_cfg), model_cfg)
     out = tmp_path / "csa.json"
     evaluate.main(["--config", str(config), "--checkpoint", str(csa_dir), "--splits", "val", "--json", str(out)])
@@ -326,9 +368,9 @@ def test_evaluate_csa_checkpoint_reports_retrieval(shapes_root: Path, tmp_path: 
 
 def test_srec_init_from_csa_checkpoint_reports_what_it_loaded(shapes_root: Path, tmp_path: Path) -> None:
     # An official-format CSA file of the same (test-sized) speech encoder.
-    csa_cfg = engine.load_train_config(write_config(tmp_path / "csa.yaml", shapes_root, tmp_path / "csa"))
-    engine.seed_all(0)
-    csa = build_csa(engine.build_model_config(csa_cfg))
+    csa_cfg = load_train_config(write_config(tmp_path / "csa.yaml", shapes_root, tmp_path / "csa"))
+    seed_all(0)
+    csa = build_csa(build_model_config(csa_cfg))
     csa_file = tmp_path / "CSA_speech_encoder.pth"
     torch.save({"epoch": 1, "state_dict": csa.state_dict(), "optimizer": {}, "scheduler": {}, "lr": 1e-4}, csa_file)
 
@@ -348,12 +390,12 @@ def test_srec_init_from_csa_checkpoint_reports_what_it_loaded(shapes_root: Path,
 
 
 def test_srec_fine_tune_from_srec_checkpoint_then_csa_speech_encoder(shapes_root: Path, tmp_path: Path) -> None:
-    srec_config = engine.load_train_config(write_config(tmp_path / "base.yaml", shapes_root, tmp_path / "base"))
-    model_config = engine.build_model_config(srec_config)
-    engine.seed_all(1)
+    srec_config = load_train_config(write_config(tmp_path / "base.yaml", shapes_root, tmp_path / "base"))
+    model_config = build_model_config(srec_config)
+    seed_all(1)
     start = build_srec(model_config)
     save_checkpoint(tmp_path / "start", start, model_config)
-    engine.seed_all(2)
+    seed_all(2)
     csa = build_csa(model_config)
     csa_file = tmp_path / "CSA_speech_encoder.pth"
     torch.save({"state_dict": csa.state_dict()}, csa_file)
@@ -378,9 +420,9 @@ def test_srec_fine_tune_from_srec_checkpoint_then_csa_speech_encoder(shapes_root
 
 def test_srec_fine_tune_from_mismatching_checkpoint_fails_before_training(shapes_root: Path, tmp_path: Path) -> None:
     wider_fusion = {**TEST_MODEL, "fusion": {"hidden_size": 48}}
-    other_config = engine.load_train_config(write_config(tmp_path / "other.yaml", shapes_root, tmp_path / "o",
+    other_config = load_train_config(write_config(tmp_path / "other.yaml", shapes_root, tmp_path / "o",
                                                          model_overrides=wider_fusion))
-    other_model_config = engine.build_model_config(other_config)
+    other_model_config = build_model_config(other_config)
     save_checkpoint(tmp_path / "other", build_srec(other_model_config), other_model_config)
 
     output_dir = tmp_path / "finetune"
