@@ -8,7 +8,7 @@ Formats
   (``DATASET_LAYOUTS``): refcoco_speech, refcoco+_speech, refcocog_speech (``bbox``) and
   srefface, srefface+, sreffaceg (``fbox``, audio from refcoco_speech), with COCO's
   ``images/train2014/COCO_train2014_%012d.jpg``. Any other name is a Spoken Shapes style set
-  (``csref_training.synth``): ``anns/<name>.json``, ``images/%012d.jpg``, ``audios/<name>/``.
+  (``csref_training.spoken_shapes``): ``anns/<name>.json``, ``images/%012d.jpg``, ``audios/<name>/``.
 * Hugging Face variant (``format: hf``): a local copy of the reference's HF datasets, either a
   ``save_to_disk`` directory (``DatasetDict``) or a dataset repository snapshot (parquet/arrow
   files) loaded with ``datasets.load_dataset(local_dir)``; nothing is downloaded. Columns

@@ -13,7 +13,6 @@ import torch
 
 from csref_model.audio import load_audio
 from csref_model.preprocessing import prepare_waveform
-from csref_training import synth
 from csref_training.datasets import (
     BrokenEntryError,
     HFSpeechGroundingDataset,
@@ -27,6 +26,8 @@ from csref_training.datasets import (
     refcoco_layout,
 )
 from csref_training.engine import DataConfig
+from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
+from csref_training.spoken_shapes.speech import ESPEAK_SAMPLE_RATE, espeak
 
 SIZE = 160
 COUNTS = {"train": 6, "val": 3, "test": 3}
@@ -37,8 +38,8 @@ SPEAKERS = ("en-us+m3", "en-gb+f2")
 def shapes(tmp_path_factory) -> Path:
     """A tiny Spoken Shapes set from the real generator."""
     out = tmp_path_factory.mktemp("shapes")
-    cfg = synth.SynthConfig(out=out, seed=8, voices=SPEAKERS, noise_prob=0.0, backgrounds=("plain", "photo"))
-    synth.generate_dataset(cfg, COUNTS, workers=1)
+    cfg = SynthConfig(out=out, seed=8, voices=SPEAKERS, noise_prob=0.0, backgrounds=("plain", "photo"))
+    generate_dataset(cfg, COUNTS, workers=1)
     return out
 
 
@@ -314,7 +315,7 @@ def librispeech(tmp_path) -> Path:
             lines = []
             for i, text in enumerate(texts):
                 utt_id = f"{speaker}-{chapter}-{i:04d}"
-                speech = soxr.resample(synth.espeak(text.lower(), "en-us", 160, 50), synth.ESPEAK_SAMPLE_RATE, 16000)
+                speech = soxr.resample(espeak(text.lower(), "en-us", 160, 50), ESPEAK_SAMPLE_RATE, 16000)
                 sf.write(folder / f"{utt_id}.flac", speech, 16000, format="FLAC")
                 lines.append(f"{utt_id} {text}")
             (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")

@@ -268,3 +268,52 @@ def test_drawn_shape_fills_its_tight_box(shape):
                     "cross": 5 / 9, "star": None}[shape]
         if expected is not None:
             assert coverage == pytest.approx(expected, abs=0.03)
+
+
+def test_parse_expression_inverts_every_expression_text():
+    for shape, colour, size, horizontal, vertical in itertools.product(
+        grammar.SHAPES, (None, *grammar.COLOURS), (None, *grammar.SIZES),
+        (None, *grammar.HORIZONTAL_PLACES), (None, *grammar.VERTICAL_PLACES),
+    ):
+        expression = Expression(shape, colour, size, horizontal, vertical)
+        assert grammar.parse_expression(expression.text) == expression
+    assert grammar.parse_expression("Pick up  the small, BLUE square on the left") == Expression(
+        "square", "blue", "small", horizontal="left")
+    assert grammar.parse_expression("where is the cross at the bottom") == Expression("cross", vertical="bottom")
+
+
+@pytest.mark.parametrize("text", [
+    "the red cup", "red circle", "the circle on the left on the right", "the circle at the top on the left",
+    "the blue small square", "please find the star", "",
+])
+def test_parse_expression_rejects_sentences_outside_the_grammar(text):
+    with pytest.raises(ValueError, match="is not a Spoken Shapes command. Say: "):
+        grammar.parse_expression(text)
+
+
+@pytest.mark.parametrize("text", [
+    "the red circle",
+    "pick up the circle",
+    "grab the small blue square on the left",
+    "the big yellow star at the top",
+    "find the white cross in the middle at the bottom",
+])
+def test_scene_for_text_is_one_the_generator_would_describe_so(text):
+    expression = grammar.parse_expression(text)
+    for seed in range(3):
+        rng = np.random.default_rng([7, seed])
+        background = render.make_background(rng, 560, 420, "gradient")
+        objects, target = scene.layout_for_expression(expression, rng, background)
+        assert grammar.referents(expression, objects, 560, 420) == [target]
+        shortest = grammar.describe(target, objects, 560, 420, rng)
+        assert (shortest.num_optional, shortest.num_place) == (expression.num_optional, expression.num_place)
+
+
+def test_layout_for_an_impossible_expression_says_why():
+    # Three big circles (the target and a twin per place word) 10% of the side apart do not fit
+    # between the 8 px border margins of a 60 px canvas.
+    rng = np.random.default_rng(0)
+    background = render.make_background(rng, 60, 60, "plain")
+    with pytest.raises(ValueError, match="could not draw a scene in which \"the big circle on the left at the top\""):
+        scene.layout_for_expression(Expression("circle", size="big", horizontal="left", vertical="top"), rng,
+                                    background, max_attempts=200)

@@ -25,7 +25,7 @@ from csref_model.srec import build_srec
 from csref_model.text_encoder import load_tokenizer
 from csref_training import engine, evaluate
 from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
-from csref_training.synth import SynthConfig, generate_dataset
+from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for a few seconds per run on 2 CPU cores; same code paths as the tiny model.
