@@ -8,7 +8,7 @@ Formats
   (``DATASET_LAYOUTS``): refcoco_speech, refcoco+_speech, refcocog_speech (``bbox``) and
   srefface, srefface+, sreffaceg (``fbox``, audio from refcoco_speech), with COCO's
   ``images/train2014/COCO_train2014_%012d.jpg``. Any other name is a Spoken Shapes style set
-  (``csref_training.synth``): ``anns/<name>.json``, ``images/%012d.jpg``, ``audios/<name>/``.
+  (``csref_training.spoken_shapes``): ``anns/<name>.json``, ``images/%012d.jpg``, ``audios/<name>/``.
   ``image_pattern`` names the image files of any other naming: printf style
   (``COCO_train2014_%012d.jpg``) or ``{iid}`` style (``{iid}.png``, ``img_{iid:06d}.jpg``).
 * Hugging Face variant (``format: hf``): a local copy of the reference's HF datasets, either a

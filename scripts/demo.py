@@ -10,11 +10,10 @@
 What happens, with every ROS process on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, a
 ROS_DOMAIN_ID of its own, config/fastdds_loopback.xml):
 1. A Spoken Shapes scene and command the model never trained on: the generator's layout and
-   drawing (csref_training.synth) with the demo's own seed stream, spoken by espeak-ng in a
-   held-out voice (HELDOUT_VOICES). With TEXT, the scene is built around TEXT: a target with the
-   named attributes and distractors related to it, redrawn until the generator's own semantics
-   say that TEXT picks out exactly that object (`referents`) and that no shorter expression
-   would (`describe`), i.e. TEXT is what the generator itself would have said.
+   drawing (csref_training.spoken_shapes) with the demo's own seed stream, spoken by espeak-ng
+   in a held-out voice (HELDOUT_VOICES). With TEXT, the grammar parses TEXT back into the
+   attributes it names (`parse_expression`) and the scene is built around them
+   (`layout_for_expression`): TEXT is what the generator itself would have said of the target.
 2. The grounding node starts as a subprocess with the model (`-p model_checkpoint:=...
    -p audio_source:=file -p audio_file:=<wav>`); this process publishes the scene as a 10 Hz
    camera stream, the node plays the WAV in real time once frames arrive, hears the command
@@ -32,7 +31,6 @@ import argparse
 import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -44,32 +42,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import soundfile as sf
-from PIL import Image as PILImage, ImageDraw, ImageFont
 
-from csref_training.synth import (
-    BACKGROUNDS,
-    CARRIER_PHRASES,
-    COLOURS,
-    HELDOUT_VOICES,
-    HORIZONTAL_PLACES,
-    SAMPLE_RATE,
-    SHAPES,
-    SIZES,
-    VERTICAL_PLACES,
-    Expression,
-    SceneObject,
-    SynthConfig,
-    check_voices,
-    describe,
-    distractor_attrs,
-    make_background,
-    place_objects,
-    referents,
-    render_scene,
-    render_speech,
-    sample_layout,
-    size_classes_separated,
-)
+from csref_model.audio import SAMPLE_RATE, load_audio
+from csref_model.boxes import box_iou
+from csref_model.visualize import TARGET_COLOUR, DrawnBox, draw_boxes, save_picture
+from csref_training.spoken_shapes.generate import SynthConfig
+from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, parse_expression
+from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, render_scene
+from csref_training.spoken_shapes.scene import layout_for_expression, sample_layout
+from csref_training.spoken_shapes.speech import HELDOUT_VOICES, check_voices, render_speech
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "spoken_shapes_tiny"
@@ -88,14 +69,8 @@ CAMERA_RATE_HZ = 10.0
 # Larger user pictures are scaled down before publishing (a 1080p frame, 6 MB, fits the
 # shared-memory transport of the Fast DDS profile); the box is mapped back to the original.
 MAX_PUBLISHED_PIXELS = 1920 * 1080
-# A TEXT scene is redrawn at most this many times before giving up.
-MAX_SCENE_ATTEMPTS = 5000
 MATCH_IOU = 0.5
-
 ANNOTATED_MIN_WIDTH = 720  # px; smaller scenes are enlarged in the annotated PNG
-BOX_COLOUR = (255, 40, 200)
-TARGET_COLOUR = (40, 220, 70)
-OUTLINE_COLOUR = (20, 20, 20)
 
 
 @dataclass
@@ -113,82 +88,6 @@ class DemoScene:
 # --------------------------------------------------------------------------------------
 # The scene and the command
 # --------------------------------------------------------------------------------------
-EXPRESSION_PATTERN = re.compile(
-    r"the"
-    rf"(?: (?P<size>{'|'.join(SIZES)}))?"
-    rf"(?: (?P<colour>{'|'.join(COLOURS)}))?"
-    rf" (?P<shape>{'|'.join(SHAPES)})"
-    rf"(?: (?P<horizontal>{'|'.join(HORIZONTAL_PLACES.values())}))?"
-    rf"(?: (?P<vertical>{'|'.join(VERTICAL_PLACES.values())}))?"
-)
-
-
-def parse_expression(text: str) -> Expression:
-    """The Spoken Shapes expression in `text` (after an optional carrier phrase such as "pick up")."""
-    words = " ".join(text.lower().replace(",", " ").split())
-    for carrier in CARRIER_PHRASES:
-        if words.startswith(carrier + " "):
-            words = words[len(carrier) + 1:]
-            break
-    match = EXPRESSION_PATTERN.fullmatch(words)
-    if match is None:
-        raise ValueError(
-            f"TEXT {text!r} is not a Spoken Shapes command. Say: [{' | '.join(CARRIER_PHRASES)}] the "
-            f"[{' | '.join(SIZES)}] [{' | '.join(COLOURS)}] <{' | '.join(SHAPES)}> "
-            f"[{' | '.join(HORIZONTAL_PLACES.values())}] [{' | '.join(VERTICAL_PLACES.values())}], "
-            f'e.g. "pick up the small blue square on the left". For any other sentence, bring your own '
-            f"picture: IMAGE=photo.jpg TEXT=...")
-    places = {v: k for k, v in {**HORIZONTAL_PLACES, **VERTICAL_PLACES}.items()}
-    return Expression(
-        shape=match["shape"],
-        colour=match["colour"],
-        size=match["size"],
-        horizontal=places.get(match["horizontal"]),
-        vertical=places.get(match["vertical"]),
-    )
-
-
-def layout_for_expression(
-    expression: Expression, rng: np.random.Generator, background: np.ndarray
-) -> tuple[list[SceneObject], int]:
-    """(objects, target index) of a scene in which `expression` is what the generator would say
-    of the target: it picks out exactly the target, and no expression with fewer attributes (or
-    as many but fewer place words) does.
-
-    Besides distractors drawn as the generator draws them, each attribute the expression names
-    gets a foil that only that attribute tells apart from the target (another colour, the other
-    size, an identical twin per place word), so that long expressions are needed often enough.
-    """
-    height, width = background.shape[:2]
-    for _ in range(MAX_SCENE_ATTEMPTS):
-        shape = expression.shape
-        colour = expression.colour or str(rng.choice(list(COLOURS)))
-        size = expression.size or str(rng.choice(SIZES))
-        foils = [(shape, colour, size)] * expression.num_place
-        if expression.colour:
-            foils.append((shape, str(rng.choice([c for c in COLOURS if c != colour])), size))
-        if expression.size:
-            foils.append((shape, colour, "big" if size == "small" else "small"))
-        extra = max(0, int(rng.integers(2, 6)) - len(foils))
-        wanted = [(shape, colour, size), *foils, *(distractor_attrs(rng, shape, colour, size) for _ in range(extra))]
-        placed = place_objects(rng, background, wanted)
-        if len(placed) < len(wanted):
-            continue
-        objects = [placed[i] for i in range(len(wanted))]
-        if not size_classes_separated(objects):
-            continue
-        if referents(expression, objects, width, height) != [0]:
-            continue
-        shortest = describe(0, objects, width, height, rng)
-        if (shortest.num_optional, shortest.num_place) != (expression.num_optional, expression.num_place):
-            continue
-        order = rng.permutation(len(objects))  # the target's index carries no information
-        return [objects[i] for i in order], int(np.flatnonzero(order == 0)[0])
-    raise ValueError(
-        f'could not draw a scene in which "{expression.text}" is the shortest description of one object '
-        f"in {MAX_SCENE_ATTEMPTS} tries on a {width}x{height} canvas; try another SEED or a shorter TEXT")
-
-
 def generated_scene(seed: int, text: str | None, voice: str | None, out_dir: Path) -> DemoScene:
     """A Spoken Shapes scene (PNG and WAV written to out_dir) from the demo's own seed stream."""
     rng = np.random.default_rng([DEMO_SEED_STREAM, seed])
@@ -201,7 +100,14 @@ def generated_scene(seed: int, text: str | None, voice: str | None, out_dir: Pat
         if rng.random() < defaults.carrier_prob:
             text = f"{CARRIER_PHRASES[rng.integers(len(CARRIER_PHRASES))]} {text}"
     else:
-        objects, target = layout_for_expression(parse_expression(text), rng, background)
+        try:
+            expression = parse_expression(text)
+        except ValueError as error:
+            raise ValueError(f"TEXT {error}. For any other sentence, bring your own picture: IMAGE=photo.jpg TEXT=...") from error
+        try:
+            objects, target = layout_for_expression(expression, rng, background)
+        except ValueError as error:
+            raise ValueError(f"{error}; try another SEED or a shorter TEXT") from error
     image = render_scene(rng, background, objects)
 
     voice = voice or HELDOUT_VOICES[rng.integers(len(HELDOUT_VOICES))]
@@ -233,10 +139,10 @@ def user_scene(image_path: Path, audio_path: Path | None, text: str | None, voic
         original, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
     if audio_path is not None:
         try:
-            wave, sample_rate = sf.read(audio_path, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as error:
-            raise ValueError(f"AUDIO {audio_path}: cannot read it as a WAV/FLAC file ({error})") from error
-        speech_s = speech_duration_s(wave.mean(axis=1), sample_rate)
+            wave, sample_rate = load_audio(audio_path)
+        except ValueError as error:
+            raise ValueError(f"AUDIO (--audio): {error}") from error
+        speech_s = speech_duration_s(wave, sample_rate)
         return DemoScene(image, audio_path.resolve(), f"your recording {audio_path}", None, speech_s, None, scale, original)
     voice = voice or "en-us"
     check_voices([voice])
@@ -313,6 +219,7 @@ class Outcome:
 
 def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float) -> Outcome:
     """Publish the scene until the node's Detection2D (and its latency in /diagnostics) arrives."""
+    # ROS loads only here, so that --help and the argument and model checks work without it.
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -380,69 +287,10 @@ def level_of(level: bytes | int) -> int:
 # --------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """Intersection over union of two x1, y1, x2, y2 boxes."""
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[float, ...], colour: tuple[int, int, int], width: int, dash: int) -> None:
-    """Dashes of `colour` with dark gaps, visible on any background."""
-    x1, y1, x2, y2 = box
-    draw.rectangle(box, outline=OUTLINE_COLOUR, width=width)
-    for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
-        length = max(abs(bx - ax), abs(by - ay), 1e-6)
-        for start in np.arange(0.0, length, 2 * dash):
-            t0, t1 = start / length, min(start + dash, length) / length
-            draw.line([(ax + (bx - ax) * t0, ay + (by - ay) * t0), (ax + (bx - ax) * t1, ay + (by - ay) * t1)], fill=colour, width=width)
-
-
-def overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def place_tag(
-    draw: ImageDraw.ImageDraw, text: str, box: tuple[float, ...], colour: tuple[int, int, int],
-    font: ImageFont.FreeTypeFont, image_size: tuple[int, int], avoid: list[tuple[float, ...]],
-) -> tuple[float, float, float, float]:
-    """A filled tag with `text` at a box's top-left corner: above the box, else below it, else
-    just inside it; the first spot inside the image that covers none of `avoid`. Returns it."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    pad = max(2, (bottom - top) // 5)
-    tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
-    x = min(max(0.0, box[0]), image_size[0] - tag_w)
-    spots = [(x, box[1] - tag_h), (x, box[3]), (x, box[1])]
-    inside = [(sx, sy) for sx, sy in spots if 0 <= sy and sy + tag_h <= image_size[1]] or [(x, 0.0)]
-    free = [(sx, sy) for sx, sy in inside if not any(overlaps((sx, sy, sx + tag_w, sy + tag_h), a) for a in avoid)]
-    sx, sy = (free or inside)[0]
-    draw.rectangle([sx, sy, sx + tag_w, sy + tag_h], fill=colour)
-    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-    draw.text((sx + pad - left, sy + pad - top), text, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
-    return sx, sy, sx + tag_w, sy + tag_h
-
-
-def fitting_font(draw: ImageDraw.ImageDraw, lines: list[str], size: int, max_width: float) -> ImageFont.FreeTypeFont:
-    """The bundled font at `size`, smaller if a line would not fit into max_width."""
-    while True:
-        font = ImageFont.load_default(size=size)
-        if size <= 8 or max(draw.textlength(line, font=font) for line in lines) <= max_width:
-            return font
-        size -= 1
-
-
 def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: Path) -> None:
-    """The picture with the published box (solid magenta, tagged with the command and score),
-    the generator's target box (dashed green) and a caption; written as PNG. Small scenes are
-    enlarged so that the text stays legible."""
-    base = scene.original if scene.original is not None else scene.image
-    zoom = max(1.0, ANNOTATED_MIN_WIDTH / base.shape[1])
-    picture = PILImage.fromarray(base)
-    if zoom > 1.0:
-        picture = picture.resize((round(base.shape[1] * zoom), round(base.shape[0] * zoom)), PILImage.LANCZOS)
-    width, height = picture.size
-    unit = width / ANNOTATED_MIN_WIDTH  # line widths and text grow with the picture
-
+    """The picture with the published box (solid, tagged with the command and score), the
+    generator's target box (dashed, tagged "target") and a caption; written as PNG. Small scenes
+    are enlarged so that the text stays legible."""
     said = f"said: {scene.said}" if scene.voice is None else f'said: "{scene.said}"  (voice {scene.voice}, {scene.speech_s:.1f} s)'
     result = "no box arrived" if outcome.box is None else f"box score {outcome.score:.2f}"
     if match_iou is not None:
@@ -450,29 +298,15 @@ def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: 
     caption = [said, result]
     if outcome.latency_ms:
         caption.append(f"{outcome.latency_ms} ms from the end of speech to the box")
-    line_h = round(24 * unit)
-    canvas = PILImage.new("RGB", (width, height + line_h * len(caption) + round(12 * unit)), (30, 30, 30))
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=round(17 * unit))
-    tags: list[tuple[float, ...]] = []
-    if outcome.box is not None:
-        box = tuple(v / scene.scale * zoom for v in outcome.box)
-        line_width = max(3, round(3 * unit))
-        draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), outline=OUTLINE_COLOUR, width=line_width + 2)
-        draw.rectangle(box, outline=BOX_COLOUR, width=line_width)
-    if scene.target_box is not None:
-        target = tuple(v * zoom for v in scene.target_box)
-        dashed_rectangle(draw, target, TARGET_COLOUR, width=max(2, round(3 * unit)), dash=round(10 * unit))
+    boxes = []
     if outcome.box is not None:
         command = scene.said if scene.voice is not None else "your command"
-        tags.append(place_tag(draw, f'"{command}"  {outcome.score:.2f}', box, BOX_COLOUR, font, (width, height), tags))
+        box = tuple(v / scene.scale for v in outcome.box)
+        boxes.append(DrawnBox(box, label=f'"{command}"  {outcome.score:.2f}'))
     if scene.target_box is not None:
-        place_tag(draw, "target", target, TARGET_COLOUR, font, (width, height), tags)
-    caption_font = fitting_font(draw, caption, round(16 * unit), width - 16 * unit)
-    for i, line in enumerate(caption):
-        draw.text((round(8 * unit), height + round(8 * unit) + i * line_h), line, fill=(235, 235, 235), font=caption_font)
-    canvas.save(path)
+        boxes.append(DrawnBox(scene.target_box, colour=TARGET_COLOUR, label="target", dashed=True))
+    base = scene.original if scene.original is not None else scene.image
+    save_picture(draw_boxes(base, boxes, caption, min_width=ANNOTATED_MIN_WIDTH), str(path))
 
 
 def box_text(box: tuple[float, ...]) -> str:
@@ -529,7 +363,7 @@ def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, ti
     """Print the outcome, write annotated.png and result.json; the exit status."""
     match_iou = None
     if outcome.box is not None and scene.target_box is not None:
-        match_iou = iou(outcome.box, scene.target_box)
+        match_iou = float(box_iou(np.asarray(outcome.box), np.asarray(scene.target_box)))
     annotated = out_dir / "annotated.png"
     annotate(scene, outcome, match_iou, annotated)
     box = None if outcome.box is None else tuple(v / scene.scale for v in outcome.box)

@@ -5,7 +5,7 @@
     python -m csref_training.evaluate --config config/train/srec_spoken_shapes.yaml \
         --checkpoint models/spoken_shapes_tiny --data-root data/spoken_shapes_independent --splits test
 
-Written from SPOKEN_SHAPES.md alone, sharing no code or constants with `csref_training.synth`:
+Written from docs/SPOKEN_SHAPES.md alone, sharing no code or constants with `csref_training.spoken_shapes`:
 other colour values (jittered per object), other shape geometry (a fatter star, a thinner
 cross, a rounder triangle), shapes rasterised by PIL at 4x and downsampled instead of drawn by
 OpenCV, object sizes from another distribution, espeak-ng voice variants that neither of the
@@ -34,7 +34,7 @@ COLOURS = {
     "purple": (120, 40, 160), "orange": (235, 120, 20), "white": (240, 240, 235), "black": (25, 25, 30),
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-# espeak-ng variants in neither TRAIN_VARIANTS nor HELDOUT_VARIANTS of csref_training.synth, and
+# espeak-ng variants in neither TRAIN_VARIANTS nor HELDOUT_VARIANTS of csref_training.spoken_shapes.speech, and
 # not robotic or whispered.
 VOICES = tuple(f"{language}+{variant}" for language, variant in itertools.product(
     ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc"),
@@ -116,7 +116,7 @@ def make_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]] | Non
 
 
 def describe(target: dict, objects: list[dict], width: int, height: int) -> str | None:
-    """The shortest unique description (SPOKEN_SHAPES.md), or None when there is none."""
+    """The shortest unique description (docs/SPOKEN_SHAPES.md), or None when there is none."""
     def centre(o: dict, axis: int) -> float:
         return o["box"][axis] + o["box"][axis + 2] / 2
 

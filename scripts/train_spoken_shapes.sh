@@ -12,9 +12,9 @@ export HF_HUB_OFFLINE=1
 # 1. Data: training voices (espeak-ng English voices x 40 variants), and a held-out set with 12
 #    unseen variants and noise on every utterance (10-30 dB SNR).
 [ -f data/spoken_shapes/anns/spoken_shapes.json ] ||
-  $PY -m csref_training.synth --out data/spoken_shapes --train 12000 --val 400 --test 600 --workers 2
+  $PY -m csref_training.spoken_shapes --out data/spoken_shapes --train 12000 --val 400 --test 600 --workers 2
 [ -f data/spoken_shapes_heldout/anns/spoken_shapes.json ] ||
-  $PY -m csref_training.synth --out data/spoken_shapes_heldout --seed 1 --train 0 --val 0 --test 600 \
+  $PY -m csref_training.spoken_shapes --out data/spoken_shapes_heldout --seed 1 --train 0 --val 0 --test 600 \
     --voice-set heldout --noise-prob 1 --snr-db-range 10,30 --workers 2
 
 # 2. CSA: speech encoder aligned to the frozen all-MiniLM-L6-v2 sentence space, 4 epochs.
@@ -36,7 +36,7 @@ $PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml \
 
 # 6. Four more SREC epochs on scenes whose object sizes vary per scene, from stage 5's best.
 [ -f data/spoken_shapes_sizes/anns/spoken_shapes.json ] ||
-  $PY -m csref_training.synth --out data/spoken_shapes_sizes --train 9000 --val 400 --test 600 \
+  $PY -m csref_training.spoken_shapes --out data/spoken_shapes_sizes --train 9000 --val 400 --test 600 \
     --scene-scale 0.05,0.13 --workers 2
 $PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml \
   init_checkpoint=runs/srec_spoken_shapes_finetune/best init_speech_encoder=null \

@@ -1,22 +1,16 @@
 """Real speech for tests: espeak-ng utterances at 16 kHz with their known speech extent."""
 
-import io
-import subprocess
-
-import librosa
 import numpy as np
-import soundfile
 
-SAMPLE_RATE = 16000
+from csref_model.audio import SAMPLE_RATE, resample
+from csref_training.spoken_shapes.speech import ESPEAK_SAMPLE_RATE, espeak
+
+ESPEAK_DEFAULT_PITCH = 50
 
 
 def espeak_16k(text: str, voice: str = "en-us+m3", words_per_minute: int = 160) -> np.ndarray:
-    """espeak-ng speech, float32 mono 16 kHz, trimmed to where the voice is audible."""
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "--stdout", text], capture_output=True, check=True
-    ).stdout
-    wave, sample_rate = soundfile.read(io.BytesIO(wav), dtype="float32")
-    wave = librosa.resample(wave, orig_sr=sample_rate, target_sr=SAMPLE_RATE)
+    """espeak-ng speech, float32 mono at SAMPLE_RATE, trimmed to where the voice is audible."""
+    wave = resample(espeak(text, voice, words_per_minute, ESPEAK_DEFAULT_PITCH), ESPEAK_SAMPLE_RATE)
     envelope = np.convolve(np.abs(wave), np.ones(160) / 160, mode="same")  # 10 ms moving average
     audible = np.nonzero(envelope > 0.02 * np.abs(wave).max())[0]
     return wave[audible[0] : audible[-1] + 1]

@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 import torch
 
-from csref_model.audio import load_audio
+from csref_model.audio import SAMPLE_RATE, load_audio, resample
 from csref_model.preprocessing import prepare_waveform
-from csref_training import synth
 from csref_training.datasets import (
     BrokenEntryError,
     HFSpeechGroundingDataset,
@@ -26,6 +24,8 @@ from csref_training.datasets import (
     collate_srec,
     refcoco_layout,
 )
+from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
+from csref_training.spoken_shapes.speech import ESPEAK_SAMPLE_RATE, espeak
 from csref_training.train_config import DataConfig
 
 SIZE = 160
@@ -37,8 +37,8 @@ SPEAKERS = ("en-us+m3", "en-gb+f2")
 def shapes(tmp_path_factory) -> Path:
     """A tiny Spoken Shapes set from the real generator."""
     out = tmp_path_factory.mktemp("shapes")
-    cfg = synth.SynthConfig(out=out, seed=8, voices=SPEAKERS, noise_prob=0.0, backgrounds=("plain", "photo"))
-    synth.generate_dataset(cfg, COUNTS, workers=1)
+    cfg = SynthConfig(out=out, seed=8, voices=SPEAKERS, noise_prob=0.0, backgrounds=("plain", "photo"))
+    generate_dataset(cfg, COUNTS, workers=1)
     return out
 
 
@@ -104,7 +104,7 @@ def test_spoken_shapes_items_match_the_files(shapes):
         wave, sample_rate = load_audio(_wav_path(shapes, ref))
         np.testing.assert_array_equal(item["waveform"], prepare_waveform(wave, sample_rate))
         # The generator's 0.1-0.5 s silence padding is trimmed away.
-        assert item["waveform"].dtype == np.float32 and len(item["waveform"]) < len(wave) - 0.15 * 16000
+        assert item["waveform"].dtype == np.float32 and len(item["waveform"]) < len(wave) - 0.15 * SAMPLE_RATE
         assert item["image_path"].endswith(f"{entry['iid']:012d}.jpg")
 
 
@@ -274,7 +274,7 @@ def _hf_dataset(rows: dict[str, list]):
     storage = {"bytes": Value("binary"), "path": Value("string")}
     features = Features({"image": Image(), "bbox": List(Value("float64")), "image_id": Value("int64"),
                          "sent_ids": List(Value("int64")), "audios": List(storage)})
-    return datasets.Dataset.from_dict(rows, features=features).cast_column("audios", List(Audio(sampling_rate=16000)))
+    return datasets.Dataset.from_dict(rows, features=features).cast_column("audios", List(Audio(sampling_rate=SAMPLE_RATE)))
 
 
 @pytest.fixture(scope="module")
@@ -340,8 +340,8 @@ def librispeech(tmp_path) -> Path:
             lines = []
             for i, text in enumerate(texts):
                 utt_id = f"{speaker}-{chapter}-{i:04d}"
-                speech = soxr.resample(synth.espeak(text.lower(), "en-us", 160, 50), synth.ESPEAK_SAMPLE_RATE, 16000)
-                sf.write(folder / f"{utt_id}.flac", speech, 16000, format="FLAC")
+                speech = resample(espeak(text.lower(), "en-us", 160, 50), ESPEAK_SAMPLE_RATE)
+                sf.write(folder / f"{utt_id}.flac", speech, SAMPLE_RATE, format="FLAC")
                 lines.append(f"{utt_id} {text}")
             (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -355,7 +355,7 @@ def test_librispeech_pairs(librispeech):
                                                    *TRANSCRIPTS["dev-other"][(116, 288045)]]
     item = val[0]
     assert item["utt_id"] == "84-121123-0000" and item["waveform"].dtype == np.float32
-    assert 0.5 * 16000 < len(item["waveform"]) < 4 * 16000
+    assert 0.5 * SAMPLE_RATE < len(item["waveform"]) < 4 * SAMPLE_RATE
     assert len(build_csa_dataset(data, "dev-other", train=True)) == 1
     capped = LibriSpeechDataset(librispeech, "dev-clean", max_duration=0.5)
     assert len(capped[0]["waveform"]) == 8000

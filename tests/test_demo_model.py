@@ -3,22 +3,17 @@ voice, and the box published on csref/target_box must be the spoken target (IoU 
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from csref_training.synth import HELDOUT_VOICES, SynthConfig, generate_sample
+from csref_model.boxes import box_iou
+from csref_training.spoken_shapes.generate import SynthConfig, generate_sample
+from csref_training.spoken_shapes.speech import HELDOUT_VOICES
 from ros_support import REPO_ROOT, json_lines, ros_env, start_node, start_program, stop  # noqa: F401  (ros_env is a fixture)
 
 DEMO_MODEL = REPO_ROOT / "models" / "spoken_shapes_tiny"
 # Seeds of the generator never used for training or evaluation data.
 UNSEEN_SEED = 20261122
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """Boxes as x1, y1, x2, y2."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @pytest.fixture
@@ -52,4 +47,4 @@ def test_demo_model_finds_the_spoken_target(tmp_path, ros_env, unseen_sample):
     assert len(detections) == 1, (tmp_path / "node.log").read_text()
     (cx, cy), (w, h) = detections[0]["center"], detections[0]["size"]
     box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
-    assert iou(box, target) > 0.5, f"'{text}': box {box}, target {target}"
+    assert box_iou(np.asarray(box), np.asarray(target)) > 0.5, f"'{text}': box {box}, target {target}"

@@ -30,7 +30,7 @@ from csref_training.optim import EMA, build_optimizer_and_scheduler, set_train_m
 from csref_training.reproducibility import seed_all
 from csref_training.train_config import build_model_config, load_train_config
 from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
-from csref_training.synth import SynthConfig, generate_dataset
+from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for a few seconds per run on 2 CPU cores; same code paths as the tiny model.

@@ -1,4 +1,4 @@
-"""Spoken Shapes generator: layout, determinism, expressions, drawing and audio."""
+"""Spoken Shapes generator: layout, determinism, expressions and their parsing, drawing and audio."""
 
 import itertools
 import json
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from csref_training import synth
-from csref_training.synth import Expression, SceneObject, SynthConfig
+from csref_training.spoken_shapes import generate, grammar, render, scene, speech
+from csref_training.spoken_shapes.generate import SynthConfig
+from csref_training.spoken_shapes.grammar import Expression, SceneObject
 
 COUNTS = {"train": 6, "val": 2, "test": 3}
 
@@ -30,7 +31,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 def dataset(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("shapes")
     cfg = SynthConfig(out=out, seed=3, noise_prob=0.0)
-    annotations = synth.generate_dataset(cfg, COUNTS, workers=1)
+    annotations = generate.generate_dataset(cfg, COUNTS, workers=1)
     return out, annotations
 
 
@@ -39,9 +40,9 @@ def test_layout_matches_refcoco_speech(dataset):
     on_disk = json.loads((out / "anns" / "spoken_shapes.json").read_text())
     assert on_disk == annotations
     assert {k: len(v) for k, v in on_disk.items()} == COUNTS
-    iids = [e["iid"] for split in synth.SPLITS for e in on_disk[split]]
+    iids = [e["iid"] for split in generate.SPLITS for e in on_disk[split]]
     assert len(set(iids)) == len(iids)
-    for split in synth.SPLITS:
+    for split in generate.SPLITS:
         for entry in on_disk[split]:
             assert set(entry) == {"iid", "bbox", "sent_ids", "refs"}
             assert [r["sent_id"] for r in entry["refs"]] == entry["sent_ids"]
@@ -51,15 +52,15 @@ def test_layout_matches_refcoco_speech(dataset):
             assert 320 <= width <= 640 and 320 <= height <= 640
             x, y, w, h = entry["bbox"]
             assert all(isinstance(v, float) for v in entry["bbox"])
-            assert x >= synth.BOX_MARGIN_PX and y >= synth.BOX_MARGIN_PX
-            assert x + w <= width - synth.BOX_MARGIN_PX and y + h <= height - synth.BOX_MARGIN_PX
+            assert x >= scene.BOX_MARGIN_PX and y >= scene.BOX_MARGIN_PX
+            assert x + w <= width - scene.BOX_MARGIN_PX and y + h <= height - scene.BOX_MARGIN_PX
             assert w >= 0.09 * min(width, height) * 0.85 and h >= 0.09 * min(width, height) * 0.85
             for ref in entry["refs"]:
-                assert ref["speaker"] in {synth.speaker_dir_name(v) for v in synth.TRAIN_VOICES}
+                assert ref["speaker"] in {speech.speaker_dir_name(v) for v in speech.TRAIN_VOICES}
                 assert (out / "audios" / "spoken_shapes" / ref["speaker"] / f"{ref['sent_id']}.wav").is_file()
                 words = ref["sent"].split()
                 assert ref["sent"] == ref["sent"].lower() and "the" in words
-                assert any(shape in words for shape in synth.SHAPES)
+                assert any(shape in words for shape in grammar.SHAPES)
 
 
 def test_audio_format_and_silence_padding(dataset):
@@ -84,17 +85,17 @@ def test_same_seed_same_bytes_for_any_worker_count(tmp_path):
     runs = []
     for name, workers in (("a", 1), ("b", 2)):
         cfg = SynthConfig(out=tmp_path / name, seed=11, backgrounds=("photo", "gradient"))
-        synth.generate_dataset(cfg, counts, workers=workers)
+        generate.generate_dataset(cfg, counts, workers=workers)
         runs.append(_tree_bytes(tmp_path / name))
     assert runs[0] == runs[1]
     other = SynthConfig(out=tmp_path / "c", seed=12, backgrounds=("photo", "gradient"))
-    synth.generate_dataset(other, counts, workers=1)
+    generate.generate_dataset(other, counts, workers=1)
     assert _tree_bytes(tmp_path / "c")["anns/spoken_shapes.json"] != runs[0]["anns/spoken_shapes.json"]
 
 
 def test_noise_is_added_at_the_requested_snr(tmp_path):
     cfg = SynthConfig(out=tmp_path, seed=5, noise_prob=1.0, snr_db_range=(15.0, 15.0))
-    annotations = synth.generate_dataset(cfg, {"train": 4}, workers=1)
+    annotations = generate.generate_dataset(cfg, {"train": 4}, workers=1)
     for entry in annotations["train"]:
         ref = entry["refs"][0]
         assert ref["snr_db"] == 15.0
@@ -109,11 +110,11 @@ def test_noise_is_added_at_the_requested_snr(tmp_path):
 def test_existing_dataset_is_not_overwritten(dataset):
     out, _ = dataset
     with pytest.raises(FileExistsError, match="spoken_shapes.json"):
-        synth.generate_dataset(SynthConfig(out=out), {"train": 1}, workers=1)
+        generate.generate_dataset(SynthConfig(out=out), {"train": 1}, workers=1)
 
 
 def test_cli_writes_dataset_and_rejects_unknown_voice(tmp_path):
-    cmd = [sys.executable, "-m", "csref_training.synth", "--out", str(tmp_path / "d"), "--train", "3",
+    cmd = [sys.executable, "-m", "csref_training.spoken_shapes", "--out", str(tmp_path / "d"), "--train", "3",
            "--val", "1", "--test", "1", "--voices", "en-gb+f2,en-us+m3", "--no-noise", "--workers", "1",
            "--dataset-name", "tiny_shapes", "--backgrounds", "plain"]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -132,13 +133,13 @@ def test_cli_writes_dataset_and_rejects_unknown_voice(tmp_path):
 
 
 def test_voice_lists_are_valid_and_disjoint():
-    synth.check_voices(list(synth.TRAIN_VOICES) + list(synth.HELDOUT_VOICES))
-    assert not set(synth.TRAIN_VARIANTS) & set(synth.HELDOUT_VARIANTS)
-    assert not set(synth.TRAIN_VOICES) & set(synth.HELDOUT_VOICES)
-    assert len(synth.TRAIN_VOICES) >= 8 * 20
+    speech.check_voices(list(speech.TRAIN_VOICES) + list(speech.HELDOUT_VOICES))
+    assert not set(speech.TRAIN_VARIANTS) & set(speech.HELDOUT_VARIANTS)
+    assert not set(speech.TRAIN_VOICES) & set(speech.HELDOUT_VOICES)
+    assert len(speech.TRAIN_VOICES) >= 8 * 20
     with pytest.raises(ValueError, match="xx-nolang"):
-        synth.check_voices(["en-us+m3", "xx-nolang"])
-    assert synth.speaker_dir_name("en-us+Mr serious") == "en-us+Mr_serious"
+        speech.check_voices(["en-us+m3", "xx-nolang"])
+    assert speech.speaker_dir_name("en-us+Mr serious") == "en-us+Mr_serious"
 
 
 # --------------------------------------------------------------------------------------
@@ -158,48 +159,48 @@ def _all_expressions(target: SceneObject):
 def test_place_words_pick_the_extreme_candidate_with_margin():
     w, h = 640, 480
     pair = [_obj(100, 200), _obj(300, 200)]
-    assert synth.referents(Expression("circle", horizontal="left"), pair, w, h) == [0]
-    assert synth.referents(Expression("circle", horizontal="right"), pair, w, h) == [1]
-    assert synth.referents(Expression("circle", vertical="top"), pair, w, h) == []
+    assert grammar.referents(Expression("circle", horizontal="left"), pair, w, h) == [0]
+    assert grammar.referents(Expression("circle", horizontal="right"), pair, w, h) == [1]
+    assert grammar.referents(Expression("circle", vertical="top"), pair, w, h) == []
     rng = np.random.default_rng(0)
-    assert synth.describe(0, pair, w, h, rng) == Expression("circle", horizontal="left")
+    assert grammar.describe(0, pair, w, h, rng) == Expression("circle", horizontal="left")
     # Exactly 10% of the width apart still counts; just under it does not.
-    assert synth.referents(Expression("circle", horizontal="left"), [_obj(100, 200), _obj(164, 200)], w, h) == [0]
+    assert grammar.referents(Expression("circle", horizontal="left"), [_obj(100, 200), _obj(164, 200)], w, h) == [0]
     close = [_obj(100, 200), _obj(163.9, 200)]
-    assert synth.referents(Expression("circle", horizontal="left"), close, w, h) == []
-    assert synth.describe(0, close, w, h, rng) is None
+    assert grammar.referents(Expression("circle", horizontal="left"), close, w, h) == []
+    assert grammar.describe(0, close, w, h, rng) is None
     # Objects of another shape or colour are not candidates.
     mixed = [_obj(300, 200), _obj(100, 200, colour="blue"), _obj(50, 200, shape="star")]
-    assert synth.referents(Expression("circle", horizontal="left"), mixed, w, h) == [1]
-    assert synth.referents(Expression("circle", "red", horizontal="left"), mixed, w, h) == [0]
+    assert grammar.referents(Expression("circle", horizontal="left"), mixed, w, h) == [1]
+    assert grammar.referents(Expression("circle", "red", horizontal="left"), mixed, w, h) == [0]
 
 
 def test_two_place_words_and_middle():
     w, h = 600, 600
     grid = [_obj(100, 100), _obj(500, 100), _obj(100, 400), _obj(500, 400)]
-    assert synth.referents(Expression("circle", horizontal="left", vertical="top"), grid, w, h) == [0]
-    assert synth.referents(Expression("circle", horizontal="left"), grid, w, h) == []
-    assert synth.describe(3, grid, w, h, np.random.default_rng(0)) == Expression(
+    assert grammar.referents(Expression("circle", horizontal="left", vertical="top"), grid, w, h) == [0]
+    assert grammar.referents(Expression("circle", horizontal="left"), grid, w, h) == []
+    assert grammar.describe(3, grid, w, h, np.random.default_rng(0)) == Expression(
         "circle", horizontal="right", vertical="bottom")
     # Anti-diagonal: each is left-or-top of the other, so "on the left at the top" is ambiguous.
     diagonal = [_obj(100, 400), _obj(400, 100)]
-    assert synth.referents(Expression("circle", horizontal="left", vertical="top"), diagonal, w, h) == [0, 1]
+    assert grammar.referents(Expression("circle", horizontal="left", vertical="top"), diagonal, w, h) == [0, 1]
     row = [_obj(60, 300), _obj(300, 300), _obj(540, 300)]
-    assert synth.referents(Expression("circle", horizontal="middle"), row, w, h) == [1]
+    assert grammar.referents(Expression("circle", horizontal="middle"), row, w, h) == [1]
     # The nearest to the centre line must still lie in the central quarter of the width.
-    assert synth.referents(Expression("circle", horizontal="middle"), [_obj(60, 300), _obj(374, 300)], w, h) == [1]
-    assert synth.referents(Expression("circle", horizontal="middle"), [_obj(60, 300), _obj(376, 300)], w, h) == []
+    assert grammar.referents(Expression("circle", horizontal="middle"), [_obj(60, 300), _obj(374, 300)], w, h) == [1]
+    assert grammar.referents(Expression("circle", horizontal="middle"), [_obj(60, 300), _obj(376, 300)], w, h) == []
 
 
 def test_colour_and_size_are_preferred_over_place_words():
     w, h = 640, 480
     rng = np.random.default_rng(0)
     colours = [_obj(100, 200), _obj(400, 200, colour="blue")]
-    assert synth.describe(0, colours, w, h, rng) == Expression("circle", colour="red")
+    assert grammar.describe(0, colours, w, h, rng) == Expression("circle", colour="red")
     sizes = [_obj(100, 200, size="big", r=60), _obj(400, 200)]
-    assert synth.describe(1, sizes, w, h, rng) == Expression("circle", size="small")
+    assert grammar.describe(1, sizes, w, h, rng) == Expression("circle", size="small")
     alone = [_obj(100, 200), _obj(400, 200, shape="square")]
-    assert synth.describe(0, alone, w, h, rng).text == "the circle"
+    assert grammar.describe(0, alone, w, h, rng).text == "the circle"
     assert Expression("star", "yellow", "big", "left", "top").text == "the big yellow star on the left at the top"
 
 
@@ -207,13 +208,13 @@ def test_expressions_are_unique_and_shortest_on_random_scenes():
     for i in range(300):
         rng = np.random.default_rng([42, i])
         width, height = (int(rng.integers(320, 641)) for _ in range(2))
-        background = synth.make_background(rng, width, height, synth.BACKGROUNDS[i % 3])
-        objects, target, expression = synth.sample_layout(rng, background)
-        assert synth.referents(expression, objects, width, height) == [target]
+        background = render.make_background(rng, width, height, render.BACKGROUNDS[i % 3])
+        objects, target, expression = scene.sample_layout(rng, background)
+        assert grammar.referents(expression, objects, width, height) == [target]
         t = objects[target]
         assert expression.shape == t.shape
         assert expression.colour in (None, t.colour) and expression.size in (None, t.size)
-        unique = [e for e in _all_expressions(t) if synth.referents(e, objects, width, height) == [target]]
+        unique = [e for e in _all_expressions(t) if grammar.referents(e, objects, width, height) == [target]]
         assert min(e.num_optional for e in unique) == expression.num_optional
         same_length = [e for e in unique if e.num_optional == expression.num_optional]
         assert min(e.num_place for e in same_length) == expression.num_place
@@ -225,37 +226,37 @@ def test_random_layouts_respect_counts_margins_and_sizes(scene_scale):
     for i in range(200):
         rng = np.random.default_rng([7, i])
         width, height = (int(rng.integers(320, 641)) for _ in range(2))
-        objects, _, _ = synth.sample_layout(rng, synth.make_background(rng, width, height, "plain"), scene_scale)
+        objects, _, _ = scene.sample_layout(rng, render.make_background(rng, width, height, "plain"), scene_scale)
         assert 3 <= len(objects) <= 6
         unit = min(width, height)
         small_extents += [max(o.box[2] - o.box[0], o.box[3] - o.box[1]) / unit for o in objects if o.size == "small"]
-        assert all(max(o.box[2] - o.box[0], o.box[3] - o.box[1]) <= synth.MAX_EXTENT * unit + 1e-6 for o in objects)
+        assert all(max(o.box[2] - o.box[0], o.box[3] - o.box[1]) <= scene.MAX_EXTENT * unit + 1e-6 for o in objects)
         for o in objects:
             x0, y0, x1, y1 = o.box
-            m = synth.BOX_MARGIN_PX
+            m = scene.BOX_MARGIN_PX
             assert m <= x0 < x1 <= width - m and m <= y0 < y1 <= height - m
         for a, b in itertools.combinations(objects, 2):
             gap_x = max(b.box[0] - a.box[2], a.box[0] - b.box[2])
             gap_y = max(b.box[1] - a.box[3], a.box[1] - b.box[3])
-            assert max(gap_x, gap_y) >= synth.BOX_MARGIN_PX
+            assert max(gap_x, gap_y) >= scene.BOX_MARGIN_PX
         areas = {s: [(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for o in objects if o.size == s]
-                 for s in synth.SIZES}
+                 for s in grammar.SIZES}
         if areas["big"] and areas["small"]:
             assert min(areas["big"]) >= 2.5 * max(areas["small"])
-    lowest, highest = (synth.SMALL_EXTENT[0], synth.SMALL_EXTENT[1]) if scene_scale is None else \
-        (scene_scale[0], scene_scale[1] * synth.SMALL_EXTENT_FACTOR[1])
+    lowest, highest = (scene.SMALL_EXTENT[0], scene.SMALL_EXTENT[1]) if scene_scale is None else \
+        (scene_scale[0], scene_scale[1] * scene.SMALL_EXTENT_FACTOR[1])
     assert lowest - 1e-6 <= min(small_extents) < lowest + 0.01 and highest - 0.01 < max(small_extents) <= highest + 1e-6
 
 
-@pytest.mark.parametrize("shape", synth.SHAPES)
+@pytest.mark.parametrize("shape", grammar.SHAPES)
 def test_drawn_shape_fills_its_tight_box(shape):
     rng = np.random.default_rng(1)
     for _ in range(5):
-        w, h = synth.shape_box_size(shape, rng.uniform(30, 120))
+        w, h = scene.shape_box_size(shape, rng.uniform(30, 120))
         x0, y0 = rng.uniform(10, 60, size=2)
         obj = SceneObject(shape, "white", "big", (x0, y0, x0 + w, y0 + h))
         canvas = np.zeros((240, 240, 3), np.uint8)
-        synth.draw_object(canvas, obj, np.array([255.0, 255.0, 255.0]))
+        render.draw_object(canvas, obj, np.array([255.0, 255.0, 255.0]))
         alpha = canvas[:, :, 0].astype(np.float64) / 255
         cols, rows = np.flatnonzero(alpha.max(0) > 0), np.flatnonzero(alpha.max(1) > 0)
         assert abs(cols[0] - np.floor(x0)) <= 1 and abs(cols[-1] - (np.ceil(x0 + w) - 1)) <= 1
@@ -267,3 +268,52 @@ def test_drawn_shape_fills_its_tight_box(shape):
                     "cross": 5 / 9, "star": None}[shape]
         if expected is not None:
             assert coverage == pytest.approx(expected, abs=0.03)
+
+
+def test_parse_expression_inverts_every_expression_text():
+    for shape, colour, size, horizontal, vertical in itertools.product(
+        grammar.SHAPES, (None, *grammar.COLOURS), (None, *grammar.SIZES),
+        (None, *grammar.HORIZONTAL_PLACES), (None, *grammar.VERTICAL_PLACES),
+    ):
+        expression = Expression(shape, colour, size, horizontal, vertical)
+        assert grammar.parse_expression(expression.text) == expression
+    assert grammar.parse_expression("Pick up  the small, BLUE square on the left") == Expression(
+        "square", "blue", "small", horizontal="left")
+    assert grammar.parse_expression("where is the cross at the bottom") == Expression("cross", vertical="bottom")
+
+
+@pytest.mark.parametrize("text", [
+    "the red cup", "red circle", "the circle on the left on the right", "the circle at the top on the left",
+    "the blue small square", "please find the star", "",
+])
+def test_parse_expression_rejects_sentences_outside_the_grammar(text):
+    with pytest.raises(ValueError, match="is not a Spoken Shapes command. Say: "):
+        grammar.parse_expression(text)
+
+
+@pytest.mark.parametrize("text", [
+    "the red circle",
+    "pick up the circle",
+    "grab the small blue square on the left",
+    "the big yellow star at the top",
+    "find the white cross in the middle at the bottom",
+])
+def test_scene_for_text_is_one_the_generator_would_describe_so(text):
+    expression = grammar.parse_expression(text)
+    for seed in range(3):
+        rng = np.random.default_rng([7, seed])
+        background = render.make_background(rng, 560, 420, "gradient")
+        objects, target = scene.layout_for_expression(expression, rng, background)
+        assert grammar.referents(expression, objects, 560, 420) == [target]
+        shortest = grammar.describe(target, objects, 560, 420, rng)
+        assert (shortest.num_optional, shortest.num_place) == (expression.num_optional, expression.num_place)
+
+
+def test_layout_for_an_impossible_expression_says_why():
+    # Three big circles (the target and a twin per place word) 10% of the side apart do not fit
+    # between the 8 px border margins of a 60 px canvas.
+    rng = np.random.default_rng(0)
+    background = render.make_background(rng, 60, 60, "plain")
+    with pytest.raises(ValueError, match="could not draw a scene in which \"the big circle on the left at the top\""):
+        scene.layout_for_expression(Expression("circle", size="big", horizontal="left", vertical="top"), rng,
+                                    background, max_attempts=200)

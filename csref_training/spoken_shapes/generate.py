@@ -1,0 +1,127 @@
+"""Writing a Spoken Shapes dataset in the RefCOCO-speech layout (docs/SPOKEN_SHAPES.md,
+"On-disk layout"); see the package docstring for the files and the annotation entries.
+
+Determinism: every sample draws from its own numpy generator seeded by (seed, split, index),
+so the output is identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from csref_model.audio import SAMPLE_RATE
+from csref_training.spoken_shapes.grammar import CARRIER_PHRASES
+from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, render_scene
+from csref_training.spoken_shapes.scene import sample_layout
+from csref_training.spoken_shapes.speech import TRAIN_VOICES, check_voices, render_speech, speaker_dir_name
+
+SPLITS = ("train", "val", "test")
+JPEG_QUALITY = 92
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out: Path
+    dataset_name: str = "spoken_shapes"
+    seed: int = 0
+    voices: tuple[str, ...] = TRAIN_VOICES
+    rate_range: tuple[int, int] = (130, 210)
+    pitch_range: tuple[int, int] = (20, 80)
+    snr_db_range: tuple[float, float] = (10.0, 40.0)
+    noise_prob: float = 0.5  # fraction of utterances with additive noise; 0 = none
+    carrier_prob: float = 0.5
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+    image_size_range: tuple[int, int] = (320, 640)
+    scene_scale: tuple[float, float] | None = None  # None: scene.SMALL_EXTENT / BIG_EXTENT for every scene
+
+
+def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
+    """Generates, writes and returns the annotation entry of one sample (image, target, utterance)."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
+    width, height = (int(rng.integers(cfg.image_size_range[0], cfg.image_size_range[1] + 1)) for _ in range(2))
+    background = make_background(rng, width, height, cfg.backgrounds[rng.integers(len(cfg.backgrounds))])
+    objects, target, expression = sample_layout(rng, background, cfg.scene_scale)
+    image = render_scene(rng, background, objects)
+
+    text = expression.text
+    if rng.random() < cfg.carrier_prob:
+        text = f"{CARRIER_PHRASES[rng.integers(len(CARRIER_PHRASES))]} {text}"
+    voice = cfg.voices[rng.integers(len(cfg.voices))]
+    rate = int(rng.integers(cfg.rate_range[0], cfg.rate_range[1] + 1))
+    pitch = int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1))
+    snr_db = float(round(rng.uniform(*cfg.snr_db_range), 2)) if rng.random() < cfg.noise_prob else None
+    wave = render_speech(rng, text, voice, rate, pitch, snr_db)
+
+    sent_id = iid
+    speaker = speaker_dir_name(voice)
+    cv2.imwrite(str(cfg.out / "images" / f"{iid:012d}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    audio_dir = cfg.out / "audios" / cfg.dataset_name / speaker
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    sf.write(audio_dir / f"{sent_id}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+
+    x0, y0, x1, y1 = objects[target].box
+    return {
+        "iid": iid,
+        "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+        "sent_ids": [sent_id],
+        "refs": [{
+            "sent_id": sent_id,
+            "sent": text,
+            "speaker": speaker,
+            "rate": rate,
+            "pitch": pitch,
+            "snr_db": snr_db,
+        }],
+    }
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def _generate_job(args: tuple[SynthConfig, str, int, int]) -> dict:
+    return generate_sample(*args)
+
+
+def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1, progress: bool = False) -> dict:
+    """Writes the whole dataset under cfg.out and returns the annotation dict."""
+    ann_path = cfg.out / "anns" / f"{cfg.dataset_name}.json"
+    if ann_path.exists():
+        raise FileExistsError(f"{ann_path} already exists; choose another --out or --dataset-name, or delete it")
+    check_voices(list(cfg.voices))
+    for sub in ("anns", "images"):
+        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
+    jobs, next_iid = [], 0
+    for split in SPLITS:
+        for index in range(counts.get(split, 0)):
+            jobs.append((cfg, split, index, next_iid))
+            next_iid += 1
+    annotations: dict[str, list] = {split: [] for split in SPLITS}
+    if workers > 1:
+        # forkserver: workers never inherit a parent's thread pools (torch, OpenCV), which fork can deadlock.
+        ctx = multiprocessing.get_context("forkserver")
+        with ctx.Pool(workers, initializer=_init_worker) as pool:
+            results = _with_progress(pool.imap(_generate_job, jobs, chunksize=8), len(jobs), progress)
+            for (_, split, _, _), entry in zip(jobs, results):
+                annotations[split].append(entry)
+    else:
+        for job, entry in zip(jobs, _with_progress(map(_generate_job, jobs), len(jobs), progress)):
+            annotations[job[1]].append(entry)
+    tmp = ann_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(annotations))
+    os.replace(tmp, ann_path)
+    return annotations
+
+
+def _with_progress(entries: Iterable[dict], total: int, enabled: bool) -> Iterable[dict]:
+    return tqdm(entries, total=total, unit="sample") if enabled else entries
