@@ -6,7 +6,7 @@
 Speech (wav2vec2 + AttFlat) and text (frozen BERT) vectors of a batch of (utterance,
 transcript) pairs are L2-normalised and scored with a learnable temperature; the loss is the
 symmetric cross-entropy of matching each utterance to its transcript and back (CLIP). Each
-process uses its own batch as negatives, as the reference (REFERENCE_FACTS §9). The recipe is
+process uses its own batch as negatives, as the reference (docs/REFERENCE_FACTS.md §9). The recipe is
 the reference's: Adam 1e-4 (0.9, 0.98), warmup + cosine per iteration, clipping 0.15, no EMA
 and no AMP by default. The best checkpoint (`<output_dir>/best`) has the lowest validation
 loss; its `speech_encoder.*` weights initialise SREC (`init_speech_encoder` of an SREC config).

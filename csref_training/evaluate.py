@@ -12,7 +12,7 @@ SREC: Acc@0.5 exactly as the reference (IoU > 0.5, strictly, between the predict
 ground-truth box in original-image x1,y1,x2,y2 pixels, no clipping), plus Acc@0.75 and the mean
 IoU, per split. Batches of `--batch-size` (8, as the reference) in dataset order: wav2vec2's
 first GroupNorm normalises over the padded batch, so results depend slightly on batch
-composition (REFERENCE_FACTS §14.14). JSON: {"splits": {split: {count, acc_50, acc_75, mean_iou}}}.
+composition (docs/REFERENCE_FACTS.md §14.14). JSON: {"splits": {split: {count, acc_50, acc_75, mean_iou}}}.
 
 CSA (the checkpoint holds `text_encoder.*`): mean contrastive loss over batches, and
 speech->text / text->speech retrieval R@1/5/10 over the whole split. Identical sentences count

@@ -1,6 +1,6 @@
 """Optimisation: the reference's schedule, Adam, freezing, AMP, the update step and the EMA.
 
-The recipe is the reference's (REFERENCE_FACTS §10, docs/REFERENCE_FACTS.md): Adam, a linear
+The recipe is the reference's (docs/REFERENCE_FACTS.md §10): Adam, a linear
 warmup then a cosine decay stepped once per iteration, gradient clipping, and an exponential
 moving average of parameters and buffers whose weights are the ones evaluated and saved.
 """
@@ -15,7 +15,7 @@ from csref_training.train_config import TrainConfig
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and buffers (REFERENCE_FACTS §10).
+    """Exponential moving average of a model's parameters and buffers (docs/REFERENCE_FACTS.md §10).
 
     After every optimiser step: shadow = d * shadow + (1 - d) * current with
     d = min(alpha, (n + 1) / (n + 10)), n = number of updates so far. Integer buffers
@@ -112,7 +112,7 @@ def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm > 0:
-        # Unscale first so the norm is of the true gradients (REFERENCE_FACTS §14.5).
+        # Unscale first so the norm is of the true gradients (docs/REFERENCE_FACTS.md §14.5).
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)

@@ -3,7 +3,7 @@
     python -m csref_training.srec --config config/train/srec_refcoco_speech.yaml [key=value ...]
     torchrun --nproc_per_node 4 -m csref_training.srec --config ... [key=value ...]
 
-The recipe is the reference's (REFERENCE_FACTS §10): Adam 1e-4 (0.9, 0.98), per-iteration
+The recipe is the reference's (docs/REFERENCE_FACTS.md §10): Adam 1e-4 (0.9, 0.98), per-iteration
 warmup + cosine schedule, gradient clipping 0.15, EMA 0.9997 of parameters and buffers,
 multi-scale training on the letterboxed batch, the speech encoder initialised from a CSA
 checkpoint (to fine-tune, the whole model from an SREC checkpoint first). The run resumes

@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam + per-iteration linear warmup and cosine decay (REFERENCE_FACTS §10)."""
+    """Adam + per-iteration linear warmup and cosine decay (docs/REFERENCE_FACTS.md §10)."""
 
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -71,7 +71,7 @@ class EMAConfig:
 
 @dataclass
 class MultiScaleConfig:
-    # The reference never reads its `enabled` flag (REFERENCE_FACTS §14.6); we honour it.
+    # The reference never reads its `enabled` flag (docs/REFERENCE_FACTS.md §14.6); we honour it.
     enabled: bool = True
     # Square input sides drawn uniformly every iteration; multiples of 32.
     sizes: list[int] = field(default_factory=lambda: list(range(224, 641, 32)))
@@ -100,7 +100,7 @@ class TrainConfig:
     # whole model, strictly, to fine-tune it (own scenes and voices). Ignored when resuming.
     init_checkpoint: str | None = None
     # SREC only: CSA checkpoint (official .pth or our directory) whose speech_encoder.* weights
-    # initialise the SREC speech encoder (REFERENCE_FACTS §9.1), after `init_checkpoint`, so
+    # initialise the SREC speech encoder (docs/REFERENCE_FACTS.md §9.1), after `init_checkpoint`, so
     # they replace its speech encoder. Ignored when resuming.
     init_speech_encoder: str | None = None
     # Iterations between mid-epoch checkpoints (0 = only at the end of each epoch).
