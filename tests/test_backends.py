@@ -11,7 +11,7 @@ from torch import nn
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE
-from csref_model.runtime.contract import BackendUnavailable
+from csref_model.runtime.contract import Backend, BackendUnavailable
 from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from csref_model.runtime.selection import create_backend
 from csref_model.runtime.torch_backend import TorchBackend, fold_batchnorm
@@ -78,6 +78,7 @@ def test_onnxruntime_grounder_has_the_same_api_and_answers(tiny, tmp_path):
     torch_grounder = Grounder.from_model(model, config, backend="torch")
     ort_grounder = Grounder.from_model(model, config, backend="onnxruntime", onnx_dir=tmp_path, threads=1)
     assert isinstance(ort_grounder.backend, OnnxRuntimeBackend) and ort_grounder.backend.threads == 1
+    assert isinstance(ort_grounder.backend, Backend) and isinstance(torch_grounder.backend, Backend)
     images = [scene(0), scene(1)]
     audios = [voiced(1.2, 2), voiced(2.1, 3)]
     for image, audio in zip(images, audios):

@@ -16,7 +16,7 @@ import torch
 
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
-from csref_model.runtime.contract import GRAPHS, Manifest
+from csref_model.runtime.contract import GRAPHS, Backend, Manifest
 from csref_model.runtime.export import OPSET, ensure_onnx, export_onnx, model_hash
 from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from csref_model.runtime.tensorrt_backend import EngineSettings, TensorRTBackend, build_engines, profile_shapes
@@ -183,6 +183,7 @@ def test_tensorrt_engines_match_onnxruntime(tiny_export, tiny, tmp_path):
     engines = build_engines(directory, manifest, settings, cache_dir=tmp_path)
     assert set(engines) == set(GRAPHS)
     backend = TensorRTBackend(directory, manifest, settings, "cuda", cache_dir=tmp_path)
+    assert isinstance(backend, Backend)
     reference = OnnxRuntimeBackend(directory, "cpu")
     generator = torch.Generator().manual_seed(2)
     image = torch.rand(1, 3, config.image_size, config.image_size, generator=generator)

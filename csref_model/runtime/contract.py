@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -66,6 +66,7 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (missing package, device or engine); the message says why."""
 
 
+@runtime_checkable
 class Backend(Protocol):
     """The calls the Grounder makes; torch tensors in (CPU is fine), outputs on the backend's device
     except `ground_features`, whose boxes are float32."""
