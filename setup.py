@@ -53,7 +53,7 @@ setup(
     entry_points={
         "console_scripts": [
             "grounding_node = csref_ros.grounding_node:main",
-            "csref_ground = csref_model.ground:main",
+            "csref_ground = csref_model.cli.ground:main",
         ],
     },
 )

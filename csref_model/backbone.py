@@ -12,26 +12,12 @@ import torch
 import torch.nn as nn
 
 from csref_model.config import VisualBackboneConfig
+from csref_model.layers import ConvBnAct
 
 # Sequential indices whose outputs are returned: C3 after stride 8, C3 after stride 16, SPPF.
 OUTPUT_STAGES = (4, 6, 9)
 # Stages 0..7 are frozen by the reference's freeze_backbone (the last C3 and SPPF train).
 NUM_FROZEN_STAGES = 8
-
-
-class ConvBnAct(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d -> SiLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
-                 padding: int | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride,
-                              kernel // 2 if padding is None else padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
 
 
 class Bottleneck(nn.Module):

@@ -333,22 +333,3 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: ModelConfig
     logger.info("saved checkpoint %s (%d tensors)", directory, len(state_dict))
     return directory
 
-
-def build_srec_from_checkpoint(path: str | Path, config: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
-    """Builds an SREC model and loads a full checkpoint into it -> (model in eval mode, config).
-
-    `path` is an official `.pth` (then `config` is required) or our directory (its stored config
-    is used when `config` is None). Pretrained encoders named in the config are not loaded: the
-    checkpoint overwrites every weight anyway.
-    """
-    # Imported here because srec imports this module (load_visual_backbone).
-    from csref_model.srec import build_srec
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if config is None:
-        config = read_config(path)
-    model = build_srec(config, load_pretrained=False)
-    load_srec_weights(model, path)
-    return model.eval(), config

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from csref_model.layers import DarknetConv
+
 
 class SimpleFusion(nn.Module):
     """Projects the visual map and the speech vector to the same width and multiplies them."""
@@ -28,19 +30,6 @@ class SimpleFusion(nn.Module):
         return self.norm(visual * speech)  # (B, C, H, W)
 
 
-class ConvBnLeaky(nn.Module):
-    """Conv2d (no bias, same padding) -> BatchNorm2d -> LeakyReLU(0.1) ("darknet_conv")."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
-        self.batch_norm = nn.BatchNorm2d(out_channels)
-        self.leaky = nn.LeakyReLU(0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.leaky(self.batch_norm(self.conv(x)))
-
-
 class MultiScaleFusion(nn.Module):
     """Top-down then bottom-up mixing of the three fused maps (all `channels` wide).
 
@@ -54,20 +43,20 @@ class MultiScaleFusion(nn.Module):
         # Index 0 of each Sequential is the parameter-free resampling, as in the reference's keys.
         # UpsamplingBilinear2d uses align_corners=True; the released weights depend on it.
         self.up_modules = nn.ModuleList([
-            nn.Sequential(nn.UpsamplingBilinear2d(scale_factor=2), ConvBnLeaky(channels + half, half, 1),
-                          ConvBnLeaky(half, half, 3)),
-            nn.Sequential(nn.UpsamplingBilinear2d(scale_factor=2), ConvBnLeaky(channels, half, 1),
-                          ConvBnLeaky(half, half, 3)),
+            nn.Sequential(nn.UpsamplingBilinear2d(scale_factor=2), DarknetConv(channels + half, half, 1),
+                          DarknetConv(half, half, 3)),
+            nn.Sequential(nn.UpsamplingBilinear2d(scale_factor=2), DarknetConv(channels, half, 1),
+                          DarknetConv(half, half, 3)),
         ])
         self.down_modules = nn.ModuleList([
-            nn.Sequential(nn.AvgPool2d(2, 2), ConvBnLeaky(channels + half, half, 1),
-                          ConvBnLeaky(half, half, 3)),
-            nn.Sequential(nn.AvgPool2d(2, 2), ConvBnLeaky(2 * channels, half, 1),
-                          ConvBnLeaky(half, half, 3)),
+            nn.Sequential(nn.AvgPool2d(2, 2), DarknetConv(channels + half, half, 1),
+                          DarknetConv(half, half, 3)),
+            nn.Sequential(nn.AvgPool2d(2, 2), DarknetConv(2 * channels, half, 1),
+                          DarknetConv(half, half, 3)),
         ])
-        self.top_proj = ConvBnLeaky(channels + half, channels, 1)
-        self.mid_proj = ConvBnLeaky(2 * channels, channels, 1)
-        self.bot_proj = ConvBnLeaky(channels + half, channels, 1)
+        self.top_proj = DarknetConv(channels + half, channels, 1)
+        self.mid_proj = DarknetConv(2 * channels, channels, 1)
+        self.bot_proj = DarknetConv(channels + half, channels, 1)
 
     def _mix(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s8, s16, s32 = maps  # (B, C, 4G, 4G), (B, C, 2G, 2G), (B, C, G, G)

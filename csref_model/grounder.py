@@ -1,13 +1,13 @@
 """Inference API: an RGB image and a spoken referring expression in, the box meant out.
 
     grounder = Grounder.from_checkpoint("csref_refcoco_speech.pth", config="base")
-    result = grounder.ground(image_rgb_uint8, waveform_float32, sample_rate=16000)
+    result = grounder.ground(image_rgb_uint8, waveform_float32, sample_rate)
     result.box_xyxy, result.score          # original-image pixels, sigmoid objectness
 
 For a robot the two encoders run separately: the image once per camera frame, the speech once
 per utterance, then `ground_features` fuses them; the result is identical to `ground`.
 
-`backend` picks what runs the model (csref_model.backends): "torch" (default), "onnxruntime",
+`backend` picks what runs the model (csref_model/runtime/selection.py): "torch" (default), "onnxruntime",
 "tensorrt" or "auto" (the fastest available here); the API and the results (within the parity
 tolerance, or the precision asked for) are the same for all.
 """
@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from csref_model.backends import create_backend
-from csref_model.checkpoint import build_srec_from_checkpoint
+from csref_model.audio import SAMPLE_RATE
 from csref_model.config import ModelConfig, load_model_config
-from csref_model.audio import min_num_samples
 from csref_model.preprocessing import Letterbox, letterbox, prepare_waveform, speech_batch
+from csref_model.runtime.contract import min_speech_samples
+from csref_model.runtime.selection import create_backend
+from csref_model.srec import build_srec_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ class Grounder:
         self.model = model.eval()
         self.config = config
         self.backend = create_backend(backend, self.model, config, self.device, precision, onnx_dir, threads)
-        architecture = config.speech_encoder.architecture
-        self.min_samples = min_num_samples(architecture.conv_kernel, architecture.conv_stride)
+        self.min_samples = min_speech_samples(config)
 
     @classmethod
     def from_checkpoint(
@@ -91,7 +91,7 @@ class Grounder:
         return cls(model, config, device, **backend_options)
 
     @torch.inference_mode()
-    def ground(self, image: np.ndarray, audio: np.ndarray, sample_rate: int = 16000) -> GroundingResult:
+    def ground(self, image: np.ndarray, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> GroundingResult:
         """One H x W x 3 uint8 RGB image and one mono float waveform -> the box meant."""
         image_tensor, geometry = letterbox(image, self.config.image_size)
         input_values, attention_mask = self._speech_inputs([audio], sample_rate)
@@ -101,7 +101,7 @@ class Grounder:
 
     @torch.inference_mode()
     def ground_batch(
-        self, images: Sequence[np.ndarray], audios: Sequence[np.ndarray], sample_rate: int = 16000
+        self, images: Sequence[np.ndarray], audios: Sequence[np.ndarray], sample_rate: int = SAMPLE_RATE
     ) -> list[GroundingResult]:
         """Pairs of images and utterances, images encoded as one batch.
 
@@ -124,7 +124,7 @@ class Grounder:
         return ImageFeatures(maps=self.backend.encode_image(image_tensor[None]), letterbox=geometry)
 
     @torch.inference_mode()
-    def encode_speech(self, audio: np.ndarray, sample_rate: int = 16000) -> SpeechFeatures:
+    def encode_speech(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> SpeechFeatures:
         return SpeechFeatures(feature=self._encode_speech(audio, sample_rate))
 
     @torch.inference_mode()

@@ -11,25 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from csref_model.boxes import box_iou, cxcywh_to_xyxy
+from csref_model.layers import ConvBnAct
+
 STRIDE = 32
 IOU_LOSS_WEIGHT = 5.0
 CENTER_RADIUS = 2.5  # in strides: half-side of the square around the GT centre
 IOU_COST_WEIGHT = 3.0
 OUTSIDE_COST = 1e5  # cost of a candidate that is not both in the box and in the centre square
 DYNAMIC_K_CANDIDATES = 10
-
-
-class BaseConv(nn.Module):
-    """Conv2d (no bias, same padding) -> BatchNorm2d -> SiLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel, padding=(kernel - 1) // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
 
 
 def grid_cells(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -65,15 +55,6 @@ def decode_best_box(reg: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
     return corners[torch.arange(corners.shape[0], device=corners.device), best]  # (B, 5)
 
 
-def pairwise_iou_cxcywh(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of one (4,) box with (N, 4) boxes, all (cx, cy, w, h)."""
-    top_left = torch.max(box[:2] - box[2:] / 2, boxes[:, :2] - boxes[:, 2:] / 2)  # (N, 2)
-    bottom_right = torch.min(box[:2] + box[2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2)  # (N, 2)
-    overlap = (top_left < bottom_right).all(dim=1).to(boxes.dtype)
-    intersection = (bottom_right - top_left).prod(dim=1) * overlap
-    return intersection / (box[2:].prod() + boxes[:, 2:].prod(dim=1) - intersection)
-
-
 @torch.no_grad()
 def simota_assign(pred_boxes: torch.Tensor, gt_box: torch.Tensor, grid_size: int) -> torch.Tensor:
     """SimOTA for one image and one GT box, without a class cost.
@@ -91,7 +72,7 @@ def simota_assign(pred_boxes: torch.Tensor, gt_box: torch.Tensor, grid_size: int
     positives = torch.zeros(pred_boxes.shape[0], dtype=torch.bool, device=pred_boxes.device)
     if candidates.numel() == 0:
         return positives
-    ious = pairwise_iou_cxcywh(gt_box, pred_boxes[candidates])  # (K,)
+    ious = box_iou(cxcywh_to_xyxy(gt_box), cxcywh_to_xyxy(pred_boxes[candidates]))  # (K,)
     outside = ~(in_box & in_centre)[candidates]
     cost = IOU_COST_WEIGHT * -torch.log(ious + 1e-8) + OUTSIDE_COST * outside
     # dynamic k: truncated sum of the best (up to 10) IoUs, at least 1
@@ -102,22 +83,17 @@ def simota_assign(pred_boxes: torch.Tensor, gt_box: torch.Tensor, grid_size: int
 
 
 def iou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - IoU^2 per row of (N, 4) (cx, cy, w, h) pairs."""
-    top_left = torch.max(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)
-    bottom_right = torch.min(pred[:, :2] + pred[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2)
-    overlap = (top_left < bottom_right).all(dim=1).to(pred.dtype)
-    intersection = (bottom_right - top_left).prod(dim=1) * overlap
-    union = pred[:, 2:].prod(dim=1) + target[:, 2:].prod(dim=1) - intersection
-    return 1 - (intersection / (union + 1e-16)) ** 2
+    """1 - IoU^2 per row of (N, 4) (cx, cy, w, h) pairs; 1e-16 keeps empty unions finite, as the reference."""
+    return 1 - box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), eps=1e-16) ** 2
 
 
 class SRECHead(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int):
         super().__init__()
         # Single-element ModuleLists: the reference's key names (`stems.0`, `reg_convs.0.1`, ...).
-        self.stems = nn.ModuleList([BaseConv(in_channels, hidden_channels, 1)])
-        self.reg_convs = nn.ModuleList([nn.Sequential(BaseConv(hidden_channels, hidden_channels, 3),
-                                                      BaseConv(hidden_channels, hidden_channels, 3))])
+        self.stems = nn.ModuleList([ConvBnAct(in_channels, hidden_channels, 1)])
+        self.reg_convs = nn.ModuleList([nn.Sequential(ConvBnAct(hidden_channels, hidden_channels, 3),
+                                                      ConvBnAct(hidden_channels, hidden_channels, 3))])
         self.reg_preds = nn.ModuleList([nn.Conv2d(hidden_channels, 4, 1)])
         self.obj_preds = nn.ModuleList([nn.Conv2d(hidden_channels, 1, 1)])
 

@@ -6,14 +6,17 @@ each map x speech -> SimpleFusion; MultiScaleFusion -> top map; GARAN(speech, to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
 from csref_model.backbone import CSPDarknet
-from csref_model.checkpoint import load_visual_backbone
+from csref_model.checkpoint import load_srec_weights, load_visual_backbone, read_config
 from csref_model.config import ModelConfig, resolve_pretrained_path
 from csref_model.fusion import GaranAttention, MultiScaleFusion, SimpleFusion
 from csref_model.head import SRECHead
+from csref_model.runtime.contract import check_ground_inputs, check_image
 from csref_model.speech_encoder import SpeechEncoder, freeze_speech_encoder
 
 
@@ -49,13 +52,7 @@ class SREC(nn.Module):
         A batch of 1 on either side broadcasts against the other (one frame, several utterances).
         `image_maps` is not modified, so cached image features can be reused.
         """
-        if len(image_maps) != len(self.fusion_manner):
-            raise ValueError(f"ground_features needs the {len(self.fusion_manner)} image maps of encode_image "
-                             f"(strides 8, 16, 32), got {len(image_maps)}")
-        image_batch, speech_batch = image_maps[0].shape[0], speech_feat.shape[0]
-        if image_batch != speech_batch and 1 not in (image_batch, speech_batch):
-            raise ValueError(f"image batch {image_batch} and speech batch {speech_batch} differ "
-                             f"(one of them may be 1)")
+        check_ground_inputs(image_maps, speech_feat)
         fused = [fusion(visual, speech_feat) for fusion, visual in zip(self.fusion_manner, image_maps)]
         top = self.multi_scale_manner(fused)  # (B, C, G, G)
         top = self.attention_manner(speech_feat, top)  # (B, C, G, G)
@@ -83,13 +80,19 @@ def build_srec(cfg: ModelConfig, load_pretrained: bool = True) -> SREC:
     return model
 
 
-def check_image(image: torch.Tensor, size: int | None = None) -> None:
-    """The image input rules of every backend; `size` is the one side an exported graph accepts."""
-    if image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a float (B, 3, S, S) tensor, got {image.dtype} {tuple(image.shape)}")
-    height, width = image.shape[-2:]
-    if height != width or height % 32:
-        raise ValueError(f"image must be square with a side that is a multiple of 32 (letterbox it), "
-                         f"got {height}x{width}")
-    if size is not None and height != size:
-        raise ValueError(f"image must be {size}x{size}, the size the graphs were exported for, got {height}x{width}")
+
+def build_srec_from_checkpoint(path: str | Path, config: ModelConfig | None = None) -> tuple[SREC, ModelConfig]:
+    """Builds an SREC model and loads a full checkpoint into it -> (model in eval mode, config).
+
+    `path` is an official `.pth` (then `config` is required) or our directory (its stored config
+    is used when `config` is None). Pretrained encoders named in the config are not loaded: the
+    checkpoint overwrites every weight anyway.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if config is None:
+        config = read_config(path)
+    model = build_srec(config, load_pretrained=False)
+    load_srec_weights(model, path)
+    return model.eval(), config

@@ -7,7 +7,8 @@ config/grounding.yaml holds the same defaults (tests keep the two equal). Parame
 from dataclasses import dataclass
 from typing import Any
 
-from csref_model.backends import BACKENDS, PRECISIONS
+from csref_model.runtime.contract import PRECISIONS
+from csref_model.runtime.selection import BACKENDS
 from csref_ros.frame_buffer import FRAME_CHOICES
 from csref_ros.image_conversion import DEFAULT_MAX_PIXELS
 from csref_ros.vad import FRAME_MS_CHOICES, VadConfig

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from csref_model import Grounder
+from csref_model.cli.benchmark import voiced_audio
 from csref_model.config import load_model_config
 from csref_model.srec import build_srec
 
@@ -51,10 +52,7 @@ def main() -> None:
     grounder = Grounder.from_model(build_srec(config, load_pretrained=False), config)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(*args.image_size, 3), dtype=np.uint8)
-    t = np.arange(int(args.audio_seconds * 16000)) / 16000
-    # Voiced-speech-like signal with no leading/trailing silence, so trimming keeps all of it.
-    audio = (0.2 * np.sin(2 * np.pi * 140 * t) * (1.2 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    audio += 0.01 * rng.standard_normal(audio.shape).astype(np.float32)
+    audio = voiced_audio(args.audio_seconds)
 
     image_features = grounder.encode_image(image)
     speech_features = grounder.encode_speech(audio)

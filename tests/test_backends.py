@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from csref_model import Grounder
-from csref_model.backends import BackendUnavailable, OnnxRuntimeBackend, TorchBackend, create_backend, fold_batchnorm
+from csref_model.audio import SAMPLE_RATE
+from csref_model.runtime.contract import Backend, BackendUnavailable
+from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from csref_model.runtime.selection import create_backend
+from csref_model.runtime.torch_backend import TorchBackend, fold_batchnorm
 from csref_model.config import load_model_config
 from csref_model.srec import build_srec
 
@@ -64,7 +68,7 @@ def scene(seed: int) -> np.ndarray:
 
 def voiced(seconds: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     wave = 0.2 * np.sin(2 * np.pi * (120 + 40 * rng.random()) * t) * (1.1 + np.sin(2 * np.pi * 3 * t))
     return (wave + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
 
@@ -74,6 +78,7 @@ def test_onnxruntime_grounder_has_the_same_api_and_answers(tiny, tmp_path):
     torch_grounder = Grounder.from_model(model, config, backend="torch")
     ort_grounder = Grounder.from_model(model, config, backend="onnxruntime", onnx_dir=tmp_path, threads=1)
     assert isinstance(ort_grounder.backend, OnnxRuntimeBackend) and ort_grounder.backend.threads == 1
+    assert isinstance(ort_grounder.backend, Backend) and isinstance(torch_grounder.backend, Backend)
     images = [scene(0), scene(1)]
     audios = [voiced(1.2, 2), voiced(2.1, 3)]
     for image, audio in zip(images, audios):
@@ -93,7 +98,7 @@ def test_onnxruntime_grounder_has_the_same_api_and_answers(tiny, tmp_path):
 
 def test_auto_on_cpu_picks_onnxruntime_and_logs_it(tiny, tmp_path, caplog):
     model, config = tiny
-    with caplog.at_level(logging.INFO, logger="csref_model.backends"):
+    with caplog.at_level(logging.INFO, logger="csref_model.runtime.selection"):
         backend = create_backend("auto", model, config, "cpu", onnx_dir=tmp_path)
     assert backend.name == "onnxruntime"
     assert "backend 'auto' on cpu chose onnxruntime" in caplog.text

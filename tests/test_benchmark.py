@@ -6,14 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from csref_model.benchmark import METRICS
+from csref_model.cli.benchmark import METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "csref_model.benchmark", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "csref_model", "benchmark", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

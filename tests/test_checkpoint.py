@@ -11,7 +11,6 @@ import yaml
 
 from csref_model import checkpoint
 from csref_model.checkpoint import (
-    build_srec_from_checkpoint,
     load_csa_speech_encoder,
     load_srec_weights,
     load_visual_backbone,
@@ -20,7 +19,7 @@ from csref_model.checkpoint import (
     save_checkpoint,
 )
 from csref_model.config import load_model_config
-from csref_model.srec import build_srec
+from csref_model.srec import build_srec, build_srec_from_checkpoint
 
 POS_CONV = "speech_encoder.model.encoder.pos_conv_embed.conv."
 

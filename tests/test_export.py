@@ -14,10 +14,12 @@ import onnxruntime
 import pytest
 import torch
 
-from csref_model.backends import OnnxRuntimeBackend
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
-from csref_model.export import GRAPHS, OPSET, ensure_onnx, export_onnx, model_hash, read_manifest
+from csref_model.runtime.contract import GRAPHS, Backend, Manifest
+from csref_model.runtime.export import OPSET, ensure_onnx, export_onnx, model_hash
+from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from csref_model.runtime.tensorrt_backend import EngineSettings, TensorRTBackend, build_engines, profile_shapes
 from csref_model.srec import build_srec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +53,7 @@ def test_graph_files_opset_and_axes(tiny_export, tiny):
     directory, manifest = tiny_export
     _, config = tiny
     assert manifest.opset >= 17 and manifest.model_hash == model_hash(*tiny)
-    assert read_manifest(directory) == manifest
+    assert Manifest.read(directory) == manifest
     graphs = {name: onnx.load(str(directory / manifest.graphs[name]), load_external_data=False) for name in GRAPHS}
     for graph in graphs.values():
         onnx.checker.check_model(graph)
@@ -120,13 +122,13 @@ def test_ensure_onnx_reuses_matching_graphs_and_reexports_stale_ones(tiny, tmp_p
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
         changed.head.obj_preds[0].bias.add_(1.0)
-    with caplog.at_level("WARNING", logger="csref_model.export"):
+    with caplog.at_level("WARNING", logger="csref_model.runtime.export"):
         _, new_manifest = ensure_onnx(changed, config, directory)
     assert new_manifest.model_hash != manifest.model_hash and "re-exporting" in caplog.text
 
     (directory / "grounding_head.onnx").write_bytes(b"truncated")
     caplog.clear()
-    with caplog.at_level("WARNING", logger="csref_model.export"):
+    with caplog.at_level("WARNING", logger="csref_model.runtime.export"):
         _, repaired = ensure_onnx(changed, config, directory)
     assert "re-exporting" in caplog.text and onnx.load(str(directory / "grounding_head.onnx")) is not None
     assert repaired.model_hash == new_manifest.model_hash
@@ -148,7 +150,7 @@ def test_onnxruntime_base_matches_the_oracle(base_oracle, tmp_path):
 
 def run_export_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "csref_model.export", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "csref_model", "export", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -175,14 +177,13 @@ def test_export_cli_onnx_and_user_errors(tiny, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="tensorrt is not importable here (the TensorRT builder is not installable on these machines)")
 def test_tensorrt_engines_match_onnxruntime(tiny_export, tiny, tmp_path):
-    from csref_model.tensorrt_engine import EngineSettings, TensorRTBackend, build_engines
-
     directory, manifest = tiny_export
     model, config = tiny
     settings = EngineSettings(fp16=False, max_audio_seconds=4.0, max_batch=2)
     engines = build_engines(directory, manifest, settings, cache_dir=tmp_path)
     assert set(engines) == set(GRAPHS)
     backend = TensorRTBackend(directory, manifest, settings, "cuda", cache_dir=tmp_path)
+    assert isinstance(backend, Backend)
     reference = OnnxRuntimeBackend(directory, "cpu")
     generator = torch.Generator().manual_seed(2)
     image = torch.rand(1, 3, config.image_size, config.image_size, generator=generator)
@@ -206,8 +207,6 @@ def test_tensorrt_engines_match_onnxruntime(tiny_export, tiny, tmp_path):
 
 
 def test_tensorrt_profiles_cover_the_audio_range_and_batch():
-    from csref_model.tensorrt_engine import EngineSettings, profile_shapes
-
     settings = EngineSettings(max_audio_seconds=5.0, max_batch=3, min_samples=400)
     speech = profile_shapes("speech_encoder", {"input_values": (-1, -1), "attention_mask": (-1, -1)}, settings)
     assert speech["input_values"] == ((1, 400), (1, 48000), (3, 80000)) == speech["attention_mask"]

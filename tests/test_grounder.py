@@ -18,6 +18,7 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
 from csref_model.srec import build_srec
+from csref_model.visualize import PREDICTION_COLOUR
 from oracle_weights import deltas, srec_entries
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,7 +208,7 @@ def test_from_checkpoint_our_directory_and_errors(tmp_path, tiny_model, tiny_con
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "csref_model.ground", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "csref_model", "ground", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -228,7 +229,17 @@ def test_cli_json_and_visualisation(tmp_path, tiny_model, tiny_config, grounder)
     assert output["score"] == pytest.approx(expected.score, abs=1e-5)
     vis = cv2.imread(str(tmp_path / "vis.png"))
     assert vis.shape == (240, 320, 3)
-    assert np.all(vis == (0, 255, 0), axis=2).sum() >= 20  # the green box is drawn
+    assert np.all(vis[..., ::-1] == PREDICTION_COLOUR, axis=2).sum() >= 20  # the box is drawn (BGR file)
+
+
+def test_main_lists_the_commands_and_refuses_an_unknown_one():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    listed = subprocess.run([sys.executable, "-m", "csref_model", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and all(command in listed.stdout for command in ("ground", "export", "benchmark"))
+    unknown = subprocess.run([sys.executable, "-m", "csref_model", "grund"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "unknown command 'grund'" in unknown.stderr and unknown.stdout == ""
 
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path, tiny_model, tiny_config):

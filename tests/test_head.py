@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from csref_model.boxes import box_iou, cxcywh_to_xyxy
 from csref_model.head import SRECHead, decode_best_box, simota_assign
 
 
@@ -84,10 +85,5 @@ def test_head_learns_a_fixed_batch():
     assert losses[-1] < 0.3 * losses[0], losses
     with torch.no_grad():
         boxes = head(features)  # train-mode BatchNorm, same statistics as during the steps
-    gt = targets * 128
-    gt_xyxy = torch.cat([gt[:, :2] - gt[:, 2:] / 2, gt[:, :2] + gt[:, 2:] / 2], dim=1)
-    top_left = torch.max(boxes[:, :2], gt_xyxy[:, :2])
-    bottom_right = torch.min(boxes[:, 2:4], gt_xyxy[:, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
-    union = (boxes[:, 2:4] - boxes[:, :2]).prod(dim=1) + gt[:, 2:].prod(dim=1) - intersection
-    assert (intersection / union > 0.5).all(), boxes
+    gt_xyxy = cxcywh_to_xyxy(targets * 128)
+    assert (box_iou(boxes[:, :4], gt_xyxy) > 0.5).all(), boxes

@@ -1,6 +1,6 @@
 """Latency of the Grounder's calls on one backend, and of the reference-style eager forward.
 
-    python -m csref_model.benchmark --config base --device cpu --backend onnxruntime --threads 2 --json cpu.json
+    python -m csref_model benchmark --config base --device cpu --backend onnxruntime --threads 2 --json cpu.json
 
 Measured (milliseconds, median and p95 over `--iterations` calls after `--warmup` calls):
 * `speech_1s_ms`, `speech_3s_ms`, `speech_5s_ms`: `encode_speech` of 1, 3, 5 s of audio;
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import os
@@ -36,10 +37,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from csref_model.backends import BACKENDS, PRECISIONS
+from csref_model.audio import SAMPLE_RATE
+from csref_model.cli import USER_ERROR
 from csref_model.config import load_model_config
 from csref_model.grounder import Grounder
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
+from csref_model.runtime.contract import PRECISIONS
+from csref_model.runtime.selection import BACKENDS
+from csref_model.srec import build_srec
 
 SPEECH_SECONDS = (1.0, 3.0, 5.0)
 END_TO_END_AUDIO_SECONDS = 3.0
@@ -50,9 +55,9 @@ METRICS = ("speech_1s_ms", "speech_3s_ms", "speech_5s_ms", "image_ms", "fusion_h
 
 
 def voiced_audio(seconds: float, seed: int = 0) -> np.ndarray:
-    """Speech-like 16 kHz signal without leading/trailing silence, so trimming keeps all of it."""
+    """Speech-like signal at SAMPLE_RATE without leading/trailing silence, so trimming keeps all of it."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     audio = 0.2 * np.sin(2 * np.pi * 140 * t) * (1.2 + np.sin(2 * np.pi * 3 * t))
     return (audio + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
 
@@ -91,7 +96,7 @@ def cpu_model() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m csref_model.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m csref_model benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="base", help="base, tiny or a YAML path")
     parser.add_argument("--checkpoint", default=None, help="official .pth or our directory (default: random weights)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -123,8 +128,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.checkpoint:
         grounder = Grounder.from_checkpoint(args.checkpoint, config, device, **options)
     else:
-        from csref_model.srec import build_srec
-
         torch.manual_seed(0)
         grounder = Grounder.from_model(build_srec(config, load_pretrained=False), config, device, **options)
 
@@ -199,7 +202,7 @@ def reference_forward(grounder: Grounder, image: np.ndarray, audio: np.ndarray,
     @torch.no_grad()
     def forward() -> torch.Tensor:
         tensor, _ = letterbox(image, size)
-        input_values, attention_mask = speech_batch([prepare_waveform(audio, 16000, min_samples=grounder.min_samples)])
+        input_values, attention_mask = speech_batch([prepare_waveform(audio, SAMPLE_RATE, min_samples=grounder.min_samples)])
         cudnn_enabled = torch.backends.cudnn.enabled
         torch.backends.cudnn.enabled = device.type != "cuda"
         try:
@@ -211,8 +214,9 @@ def reference_forward(grounder: Grounder, image: np.ndarray, audio: np.ndarray,
 
 
 def _version(module: str) -> str | None:
+    """The version of an optional package (onnxruntime, tensorrt), None where it is not installed."""
     try:
-        return __import__(module).__version__
+        return importlib.import_module(module).__version__
     except ImportError:
         return None
 
@@ -243,14 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     print(format_table(result))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

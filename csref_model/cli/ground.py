@@ -1,6 +1,6 @@
 """Ground one spoken referring expression in one image from the command line.
 
-    python -m csref_model.ground --config base --checkpoint csref_refcoco_speech.pth \
+    python -m csref_model ground --config base --checkpoint csref_refcoco_speech.pth \
         --image scene.jpg --audio utterance.wav --json [--save-vis out.png]
 
 Prints {"box_xyxy": [x1, y1, x2, y2], "score": s, "image_size": [w, h]} with --json.
@@ -17,14 +17,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from csref_model.grounder import Grounder, GroundingResult
 from csref_model.audio import load_audio
-
-USER_ERROR = 2
+from csref_model.cli import USER_ERROR
+from csref_model.grounder import Grounder
+from csref_model.visualize import DrawnBox, draw_boxes, save_picture
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m csref_model.ground", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m csref_model ground", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="official .pth file or our checkpoint directory")
     parser.add_argument("--config", default=None,
                         help="model config: base, tiny or a YAML path (default: the one stored in our checkpoint directory)")
@@ -45,17 +45,6 @@ def read_image_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def save_visualisation(image_rgb: np.ndarray, result: GroundingResult, path: Path) -> None:
-    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    x1, y1, x2, y2 = (int(round(float(v))) for v in result.box_xyxy)
-    thickness = max(2, round(max(canvas.shape[:2]) / 300))
-    cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), thickness)
-    cv2.putText(canvas, f"{result.score:.2f}", (max(x1, 0), max(y1 - 2 * thickness, 12)),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thickness, (0, 255, 0), thickness)
-    if not cv2.imwrite(str(path), canvas):
-        raise ValueError(f"could not write visualisation to {path} (unknown extension or unwritable folder)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -65,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         grounder = Grounder.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
         result = grounder.ground(image, audio, sample_rate)
         if args.save_vis:
-            save_visualisation(image, result, Path(args.save_vis))
+            box = DrawnBox(xyxy=tuple(float(v) for v in result.box_xyxy), label=f"{result.score:.2f}")
+            save_picture(draw_boxes(image, [box]), args.save_vis)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
@@ -76,7 +66,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"box x1={x1:.1f} y1={y1:.1f} x2={x2:.1f} y2={y2:.1f}  score={result.score:.3f}  "
               f"image {result.image_size[0]}x{result.image_size[1]}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """TensorRT 10 engines built from the exported ONNX graphs, an engine cache, and the `tensorrt` backend.
 
-`tensorrt` is imported lazily: this module loads without it, and everything that needs it raises
-`BackendUnavailable` saying what to install.
+`tensorrt` is an optional dependency imported lazily (`import_tensorrt`): this module loads
+without it, and everything that needs it raises `BackendUnavailable` saying what to install.
 
 Engines live next to the graphs in `<onnx dir>/engines/` (or `cache_dir`): `<graph>.engine` plus
 `<graph>.engine.json`, the key it was built for: GPU name and compute capability, TensorRT version,
@@ -18,6 +18,7 @@ GroupNorm). Network inputs and outputs stay FP32.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from csref_model.backends import BackendUnavailable, _check_ground_inputs
-from csref_model.export import GRAPHS, SAMPLE_RATE, Manifest
-from csref_model.srec import check_image
+from csref_model.audio import WAV2VEC2_BASE_MIN_SAMPLES
+from csref_model.runtime.contract import (DEFAULT_MAX_AUDIO_SECONDS, GRAPHS, BackendUnavailable, Manifest,
+                                          check_ground_inputs, check_image, speech_samples)
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,13 @@ FP32_SCOPES = ("layer_norm", "LayerNorm", "GroupNorm")
 @dataclass(frozen=True)
 class EngineSettings:
     fp16: bool = False
-    max_audio_seconds: float = 10.0
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     max_batch: int = 4
-    min_samples: int = 400  # wav2vec2-base's conv stack needs 400 samples for one frame
+    min_samples: int = WAV2VEC2_BASE_MIN_SAMPLES  # a model passes its own: contract.min_speech_samples
 
 
 def import_tensorrt():
+    """The tensorrt module; imported here, not at the top, because it is optional and often absent."""
     try:
         import tensorrt
     except ImportError as error:
@@ -57,6 +59,15 @@ def import_tensorrt():
     return tensorrt
 
 
+def check_tensorrt(device: torch.device) -> None:
+    """Raises BackendUnavailable before any export work when TensorRT cannot run on `device`."""
+    if device.type != "cuda":
+        raise BackendUnavailable(f"backend 'tensorrt' needs a CUDA device, got {device}")
+    if importlib.util.find_spec("tensorrt") is None:
+        raise BackendUnavailable("backend 'tensorrt' needs the TensorRT 10 Python package "
+                                 "(pip install tensorrt-cu12 or tensorrt-cu13, or JetPack's python3-libnvinfer)")
+
+
 def _trt_logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
@@ -64,11 +75,11 @@ def _trt_logger(trt):
 def profile_shapes(graph: str, input_shapes: dict[str, tuple[int, ...]], settings: EngineSettings
                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) per input; -1 dims are the batch (axis 0) and, for speech, the samples (axis 1)."""
-    max_samples = int(settings.max_audio_seconds * SAMPLE_RATE)
+    max_samples = speech_samples(settings.max_audio_seconds)
     if max_samples < settings.min_samples:
         raise ValueError(f"max_audio_seconds {settings.max_audio_seconds} is shorter than the shortest utterance "
                          f"the speech encoder accepts ({settings.min_samples} samples)")
-    opt_samples = min(int(OPT_AUDIO_SECONDS * SAMPLE_RATE), max_samples)
+    opt_samples = min(speech_samples(OPT_AUDIO_SECONDS), max_samples)
     shapes = {}
     for name, shape in input_shapes.items():
         low, opt, high = list(shape), list(shape), list(shape)
@@ -122,7 +133,7 @@ def build_engine(onnx_path: Path, graph: str, settings: EngineSettings) -> bytes
     trt_logger = _trt_logger(trt)
     if not hasattr(trt, "Builder"):
         raise BackendUnavailable("this TensorRT is a runtime-only (lean) install and cannot build engines: build "
-                                 "them where the full TensorRT is installed (python -m csref_model.export "
+                                 "them where the full TensorRT is installed (python -m csref_model export "
                                  "--format tensorrt) on the same GPU model and TensorRT version, and copy the "
                                  "engines/ folder next to the graphs")
     builder = trt.Builder(trt_logger)
@@ -195,10 +206,11 @@ def build_engines(onnx_dir: Path, manifest: Manifest, settings: EngineSettings,
 
 
 class TensorRTGraph:
-    """One engine with its execution context; runs on torch CUDA tensors on the current stream."""
+    """One graph's engine with its execution context; runs on torch CUDA tensors on the current stream."""
 
-    def __init__(self, engine, device: torch.device):
+    def __init__(self, graph: str, engine, device: torch.device):
         trt = import_tensorrt()
+        self.graph = graph
         self.engine = engine
         self.device = device
         self.context = engine.create_execution_context()
@@ -211,7 +223,9 @@ class TensorRTGraph:
         # (min, opt, max) of profile 0, to refuse out-of-range shapes with a clear message.
         self.bounds = {n: engine.get_tensor_profile_shape(n, 0) for n in self.inputs}
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """`inputs` in the order of the graph's input names (contract.GRAPHS)."""
+        feeds = dict(zip(GRAPHS[self.graph].inputs, inputs, strict=True))
         keep_alive = []
         for name in self.inputs:
             x = feeds[name].to(self.device, self.dtypes[name], non_blocking=True).contiguous()
@@ -249,7 +263,7 @@ class TensorRTBackend:
         self.graphs = {}
         for graph in GRAPHS:
             engine, rebuilt = load_or_build_engine(Path(onnx_dir), manifest, graph, settings, self.device, cache_dir)
-            self.graphs[graph] = TensorRTGraph(engine, self.device)
+            self.graphs[graph] = TensorRTGraph(graph, engine, self.device)
             if rebuilt:
                 self.rebuilt.append(graph)
         logger.info("tensorrt backend on %s (%s), engines built now: %s", torch.cuda.get_device_name(self.device),
@@ -257,10 +271,10 @@ class TensorRTBackend:
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         check_image(image, self.image_size)
-        return self.graphs["image_encoder"]({"image": image})
+        return self.graphs["image_encoder"]((image,))
 
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.graphs["speech_encoder"]({"input_values": input_values, "attention_mask": attention_mask})[0]
+        return self.graphs["speech_encoder"]((input_values, attention_mask))[0]
 
     def encode_image_and_speech(self, image: torch.Tensor, input_values: torch.Tensor,
                                 attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -268,6 +282,5 @@ class TensorRTBackend:
         return self.encode_image(image), self.encode_speech(input_values, attention_mask)
 
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
-        _check_ground_inputs(maps, speech_feat)
-        s8, s16, s32 = maps
-        return self.graphs["grounding_head"]({"s8": s8, "s16": s16, "s32": s32, "speech_feat": speech_feat})[0]
+        check_ground_inputs(maps, speech_feat)
+        return self.graphs["grounding_head"]((*maps, speech_feat))[0]
