@@ -2,7 +2,7 @@
 
 Inference: decode every cell, keep the one with the highest objectness (no NMS, no clipping).
 Training: SimOTA assignment of cells to the single ground-truth box, squared-IoU loss on the
-positives and BCE objectness on all cells (REFERENCE_FACTS section 7).
+positives and BCE objectness on all cells (docs/REFERENCE_FACTS.md §7).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Our implementation of the `csref-seeded-v1` weight recipe (shared/reference/oracle/SEEDED_WEIGHTS.md §1).
+"""Our implementation of the `csref-seeded-v1` weight recipe (docs/SEEDED_WEIGHTS.md §1).
 
 Every state_dict entry is a pure function of (seed, reference key, shape, dtype); the oracle file
 stores the key list, the calibrated BatchNorm statistics, inputs, outputs and tolerances.
@@ -105,7 +105,7 @@ def _capture(module: torch.nn.Module, store: dict, name: str):
 
 @torch.no_grad()
 def srec_entries(model, oracle: dict) -> dict[str, torch.Tensor]:
-    """Every oracle entry our SREC produces, in upstream-to-downstream order (SEEDED_WEIGHTS.md §4)."""
+    """Every oracle entry our SREC produces, in upstream-to-downstream order (docs/SEEDED_WEIGHTS.md §4)."""
     x = oracle["inputs"]
     captured: dict = {}
     hooks = [_capture(model.speech_encoder.model, captured, "wav2vec2"),

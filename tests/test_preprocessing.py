@@ -88,7 +88,7 @@ def test_box_round_trip_and_full_image_box():
 
 
 def test_box_to_original_reference_formula():
-    # Oracle sample 1's box on its 500x375 picture, computed by hand from REFERENCE_FACTS 8.2.
+    # Oracle sample 1's box on its 500x375 picture, computed by hand from docs/REFERENCE_FACTS.md §8.2.
     geometry = letterbox_geometry(500, 375, 416)
     x1, y1, x2, y2 = -47.52, 243.67, 84.22, 273.69
     expected = [(x1 - 52) / 312 * 375, (y1 - 0) / 416 * 500]
