@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 AudioCallback = Callable[[np.ndarray, float], None]
 ErrorCallback = Callable[[str], None]
+AUDIO_SOURCE_COUNTERS = (
+    "microphone_overflows",  # PortAudio reported lost input
+    "microphone_blocks_dropped",  # capture queue full: the VAD fell behind
+    "microphone_opens",  # successful (re)opens of the device
+    "audio_file_passes",  # complete passes of audio_file
+)
 CLIPPING_LEVEL = 0.999  # |sample| at or above this is taken as clipped
 CLIPPING_FRACTION = 0.01  # report a chunk with more clipped samples than this
 
@@ -63,6 +69,10 @@ class AudioThread:
             self.thread = None
 
     def run(self) -> None:
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        """This source's counters (reported in /diagnostics), all of AUDIO_SOURCE_COUNTERS."""
         raise NotImplementedError
 
 
@@ -244,6 +254,9 @@ class WavFileSource(AudioThread):
     def start(self) -> None:
         self.finished.clear()
         super().start()
+
+    def counts(self) -> dict[str, int]:
+        return {"microphone_overflows": 0, "microphone_blocks_dropped": 0, "microphone_opens": 0, "audio_file_passes": self.passes}
 
     def run(self) -> None:
         # `finished` means the file played to its end: a stop() between two passes of a loop
