@@ -14,37 +14,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import soxr
+
+from csref_model.audio import SAMPLE_RATE, load_audio_16k
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 AudioCallback = Callable[[np.ndarray, float], None]
 ErrorCallback = Callable[[str], None]
+AUDIO_SOURCE_COUNTERS = (
+    "microphone_overflows",  # PortAudio reported lost input
+    "microphone_blocks_dropped",  # capture queue full: the VAD fell behind
+    "microphone_opens",  # successful (re)opens of the device
+    "audio_file_passes",  # complete passes of audio_file
+)
 CLIPPING_LEVEL = 0.999  # |sample| at or above this is taken as clipped
 CLIPPING_FRACTION = 0.01  # report a chunk with more clipped samples than this
 
 
 class AudioSourceError(RuntimeError):
-    """An audio source that cannot deliver audio; the message says why and what to do."""
-
-
-def load_audio_16k(path: str | Path) -> np.ndarray:
-    """Any soundfile-readable file -> float32 mono 16 kHz (channels averaged, soxr resampling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioSourceError(f"audio file not found: {path}")
-    try:
-        wave, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
-    except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise AudioSourceError(f"cannot read audio file {path}: {error} (expected WAV/FLAC/OGG)") from error
-    if len(wave) == 0:
-        raise AudioSourceError(f"audio file {path} contains no samples")
-    mono = wave.mean(axis=1)
-    if sample_rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ")  # librosa's default resampler
-    return mono.astype(np.float32)
+    """A live audio source (microphone) that cannot deliver audio; the message says why and what to do."""
 
 
 def sanitize_chunk(chunk: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -80,6 +69,10 @@ class AudioThread:
             self.thread = None
 
     def run(self) -> None:
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        """This source's counters (reported in /diagnostics), all of AUDIO_SOURCE_COUNTERS."""
         raise NotImplementedError
 
 
@@ -245,7 +238,7 @@ class WavFileSource(AudioThread):
     ) -> None:
         self.path = Path(path)
         super().__init__(f"wav:{self.path.name}")
-        wave = load_audio_16k(self.path)
+        wave = load_audio_16k(self.path)  # FileNotFoundError / ValueError with the reason
         silence = np.zeros(int(tail_silence_s * SAMPLE_RATE), dtype=np.float32)
         self.wave = np.concatenate([wave, silence])  # (N,) one pass
         self.on_audio, self.loop, self.realtime = on_audio, loop, realtime
@@ -262,10 +255,15 @@ class WavFileSource(AudioThread):
         self.finished.clear()
         super().start()
 
+    def counts(self) -> dict[str, int]:
+        return {"microphone_overflows": 0, "microphone_blocks_dropped": 0, "microphone_opens": 0, "audio_file_passes": self.passes}
+
     def run(self) -> None:
+        # `finished` means the file played to its end: a stop() between two passes of a loop
+        # returns at the next chunk's stop check and never reaches it.
         start = time.monotonic()
         delivered = 0  # samples since start, over all passes
-        while not self.stopping.is_set():
+        while True:
             for begin in range(0, len(self.wave), self.chunk_samples):
                 chunk = self.wave[begin : begin + self.chunk_samples]
                 delivered += len(chunk)
@@ -278,5 +276,5 @@ class WavFileSource(AudioThread):
                 self.on_audio(chunk, time.time())
             self.passes += 1
             if not self.loop:
-                break
-        self.finished.set()
+                self.finished.set()
+                return

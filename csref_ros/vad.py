@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import webrtcvad
 
-from csref_ros.audio import SAMPLE_RATE, AudioSourceError, load_audio_16k
+from csref_model.audio import SAMPLE_RATE, load_audio_16k
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def main() -> None:
     try:
         config = VadConfig(**{setting.name: getattr(args, setting.name) for setting in fields(VadConfig)})
         wave = load_audio_16k(args.file)
-    except (ValueError, AudioSourceError) as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")
     segments = [[round(u.start_s, 3), round(u.end_s, 3)] for u in segment_wave(wave, config)]
     if args.json:

@@ -13,7 +13,7 @@ import pytest
 import soundfile
 import soxr
 
-from csref_ros.audio import AudioSourceError, WavFileSource, load_audio_16k, sanitize_chunk
+from csref_ros.audio import WavFileSource, sanitize_chunk
 from csref_ros.vad import SpeechSegmenter
 from speech_support import SAMPLE_RATE, espeak_16k
 
@@ -38,25 +38,28 @@ def test_sanitize_reports_nan_and_clipping():
     assert "audio clipped" in sanitize_chunk(loud)[1][0]
 
 
-def test_load_audio_resamples_and_mixes(tmp_path, command):
+def test_wav_file_source_resamples_and_mixes(tmp_path, command):
     wave_44k = soxr.resample(command, SAMPLE_RATE, 44100)
     soundfile.write(tmp_path / "stereo.wav", np.stack([wave_44k, wave_44k], axis=1), 44100)
-    loaded = load_audio_16k(tmp_path / "stereo.wav")
+    loaded = WavFileSource(tmp_path / "stereo.wav", lambda chunk, t: None, tail_silence_s=0.0).wave
     assert loaded.dtype == np.float32
     assert abs(len(loaded) - len(command)) <= 2
     n = min(len(loaded), len(command))
     assert np.corrcoef(loaded[:n], command[:n])[0, 1] > 0.99
 
 
-def test_load_audio_errors(tmp_path):
-    with pytest.raises(AudioSourceError, match="audio file not found"):
-        load_audio_16k(tmp_path / "missing.wav")
+def test_wav_file_source_errors(tmp_path):
+    def open_file(name: str) -> WavFileSource:
+        return WavFileSource(tmp_path / name, lambda chunk, t: None)
+
+    with pytest.raises(FileNotFoundError, match="audio file not found"):
+        open_file("missing.wav")
     (tmp_path / "junk.wav").write_bytes(b"RIFF but not really a wave file")
-    with pytest.raises(AudioSourceError, match="cannot read audio file .*junk.wav"):
-        load_audio_16k(tmp_path / "junk.wav")
+    with pytest.raises(ValueError, match="could not read audio file .*junk.wav"):
+        open_file("junk.wav")
     soundfile.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), SAMPLE_RATE)
-    with pytest.raises(AudioSourceError, match="contains no samples"):
-        load_audio_16k(tmp_path / "empty.wav")
+    with pytest.raises(ValueError, match="contains no samples"):
+        open_file("empty.wav")
 
 
 def test_wav_file_plays_in_real_time(tmp_path, command):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from csref_ros.vad import SAMPLE_RATE, SpeechSegmenter, VadConfig, segment_wave
+from csref_model.audio import SAMPLE_RATE
+from csref_ros.vad import SpeechSegmenter, VadConfig, segment_wave
 from speech_support import add_noise, espeak_16k, speech_with_pauses
 
 COMMANDS = [
