@@ -161,6 +161,10 @@ class MicrophoneSource(AudioThread):
         except queue.Full:
             self.dropped_blocks += 1
 
+    def counts(self) -> dict[str, int]:
+        return {"microphone_overflows": self.overflows, "microphone_blocks_dropped": self.dropped_blocks,
+                "microphone_opens": self.opened, "audio_file_passes": 0}
+
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
