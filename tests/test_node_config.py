@@ -60,3 +60,29 @@ def test_ros_doc_lists_every_parameter():
     doc = (REPO_ROOT / "docs" / "ROS.md").read_text()
     missing = [spec.name for spec in PARAMETERS if f"`{spec.name}`" not in doc]
     assert missing == [], f"docs/ROS.md does not describe {missing}"
+
+
+def documented_defaults(path: Path) -> dict[str, object]:
+    """Parameter name -> default from the Markdown table rows "| `a`, `b` | `x`, `y` | ..." of a
+    document; rows whose second cell does not give one backticked value per name are skipped."""
+    defaults = {}
+    for line in path.read_text().splitlines():
+        cells = line.split("|")
+        if len(cells) < 4 or not cells[1].strip().startswith("`"):
+            continue
+        names = re.findall(r"`([a-z_0-9]+)`", cells[1])
+        values = re.findall(r"`([^`]*)`", cells[2])
+        if names and len(names) == len(values) and all(name in PARAMETERS_BY_NAME for name in names):
+            defaults.update({name: yaml.safe_load(value) for name, value in zip(names, values)})
+    return defaults
+
+
+def test_documented_defaults_match_the_parameter_table():
+    ros_doc = documented_defaults(REPO_ROOT / "docs" / "ROS.md")
+    assert set(ros_doc) == set(PARAMETERS_BY_NAME), "docs/ROS.md's table must list every parameter"
+    readme = documented_defaults(REPO_ROOT / "README.md")
+    assert len(readme) >= 10, "README.md's parameter table was not found"
+    for source, defaults in (("docs/ROS.md", ros_doc), ("README.md", readme)):
+        wrong = {name: value for name, value in defaults.items()
+                 if value != PARAMETERS_BY_NAME[name].default}
+        assert wrong == {}, f"{source} gives defaults that csref_ros/parameters.py does not: {wrong}"
