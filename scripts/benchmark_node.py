@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from csref_ros.loopback import loopback_environment
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
     ("pick up the red cup on the left", "en-us+m3"),
@@ -85,13 +87,7 @@ def main() -> None:
     parser.add_argument("--domain-id", type=int, default=90 + os.getpid() % 10, help="90..101 never meet the tests")
     args = parser.parse_args()
 
-    os.environ.update(
-        ROS_DOMAIN_ID=str(args.domain_id),
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
-        FASTDDS_DEFAULT_PROFILES_FILE=str(REPO_ROOT / "config" / "fastdds_loopback.xml"),
-        HF_HUB_OFFLINE="1",
-    )
+    os.environ.update(loopback_environment(args.domain_id, REPO_ROOT / "config" / "fastdds_loopback.xml"))
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import MultiThreadedExecutor

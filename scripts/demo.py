@@ -28,13 +28,11 @@ Exit status: 0 when a box arrived, 1 when none came within --timeout (or the nod
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ from csref_training.spoken_shapes.generate import SynthConfig
 from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, parse_expression
 from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, render_scene
 from csref_training.spoken_shapes.scene import layout_for_expression, sample_layout
+from csref_ros.loopback import lock_domain_id, loopback_environment
 from csref_training.spoken_shapes.speech import HELDOUT_VOICES, check_voices, render_speech
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +60,6 @@ DEMO_SEED_STREAM = 20261122
 # Domain ids 90..101 are the scripts' (tests use 1..89); a lock file per id, shared with the
 # tests' locks, keeps two demos apart.
 DOMAIN_IDS = range(90, 102)
-DOMAIN_LOCK_DIR = Path(tempfile.gettempdir()) / "csref_ros_test_domains"
 # The scene `make demo` shows without SEED; tests/test_demo.py requires the demo model to get it right.
 DEFAULT_SEED = 0
 IMAGE_TOPIC = "/csref_demo/camera/image_raw"
@@ -156,33 +154,6 @@ def user_scene(image_path: Path, audio_path: Path | None, text: str | None, voic
 # --------------------------------------------------------------------------------------
 # ROS: the node as a subprocess, the camera and the listener in this process
 # --------------------------------------------------------------------------------------
-def lock_domain_id() -> tuple[int, object]:
-    """A ROS domain id no other demo, benchmark or test run holds, and its lock (keep it open)."""
-    DOMAIN_LOCK_DIR.mkdir(exist_ok=True)
-    for domain_id in DOMAIN_IDS:
-        lock_file = open(DOMAIN_LOCK_DIR / f"{domain_id}.lock", "w")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            continue
-        return domain_id, lock_file
-    raise RuntimeError(f"all ROS domain ids {DOMAIN_IDS.start}..{DOMAIN_IDS.stop - 1} are in use (locks in {DOMAIN_LOCK_DIR})")
-
-
-def ros_environment(domain_id: int, out_dir: Path) -> dict[str, str]:
-    return dict(
-        os.environ,
-        ROS_DOMAIN_ID=str(domain_id),
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
-        FASTDDS_DEFAULT_PROFILES_FILE=str(FASTDDS_PROFILE),
-        ROS_LOG_DIR=str(out_dir / "ros_log"),
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-
-
 def start_node(checkpoint: Path, wav_path: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "csref_ros.grounding_node", "--ros-args",
@@ -433,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f'said     "{scene.said}" (voice {scene.voice}, {speech})')
 
-    domain_id, domain_lock = lock_domain_id()
-    env = ros_environment(domain_id, out_dir)
+    domain_id, domain_lock = lock_domain_id(DOMAIN_IDS)
+    env = loopback_environment(domain_id, FASTDDS_PROFILE, out_dir / "ros_log")
     os.environ.update(env)  # this process's own ROS participant, before rclpy starts
     node_log = out_dir / "node.log"
     print(f"node     model {checkpoint}, ROS domain {domain_id} on loopback, log {node_log}")

@@ -1,16 +1,16 @@
 """Running real ROS 2 processes from tests: a private domain id, loopback only, our DDS profile."""
 
-import fcntl
 import json
 import os
 import random
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from csref_ros.loopback import lock_domain_id, loopback_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = Path(__file__).resolve().parent / "programs"
@@ -18,35 +18,15 @@ FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_loopback.xml"
 # Domain ids up to 101 keep Fast DDS ports below the ephemeral range; 90..101 are left to
 # scripts (scripts/benchmark_node.py) so that they never meet a test.
 DOMAIN_IDS = range(1, 90)
-LOCK_DIR = Path(tempfile.gettempdir()) / "csref_ros_test_domains"
 
 
 @pytest.fixture
 def ros_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for ROS child processes on a domain id no other test run holds."""
-    LOCK_DIR.mkdir(exist_ok=True)
     candidates = list(DOMAIN_IDS)
     random.shuffle(candidates)
-    for domain_id in candidates:
-        lock_file = open(LOCK_DIR / f"{domain_id}.lock", "w")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            continue
-        break
-    else:
-        raise RuntimeError(f"all ROS domain ids {DOMAIN_IDS} are held by other test runs (locks in {LOCK_DIR})")
-    env = dict(os.environ)
-    env.update(
-        ROS_DOMAIN_ID=str(domain_id),
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
-        FASTDDS_DEFAULT_PROFILES_FILE=str(FASTDDS_PROFILE),
-        ROS_LOG_DIR=str(tmp_path / "ros_log"),
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
+    domain_id, lock_file = lock_domain_id(candidates)
+    env = loopback_environment(domain_id, FASTDDS_PROFILE, tmp_path / "ros_log")
     try:
         yield env
     finally:
