@@ -144,6 +144,10 @@ class MicrophoneSource(AudioThread):
         self.device_name, self.device_rate = info["name"], rate
         return stream
 
+    def counts(self) -> dict[str, int]:
+        return {"microphone_overflows": self.overflows, "microphone_blocks_dropped": self.dropped_blocks,
+                "microphone_opens": self.opened, "audio_file_passes": 0}
+
     @staticmethod
     def input_device_names(sounddevice) -> str:
         try:
@@ -160,10 +164,6 @@ class MicrophoneSource(AudioThread):
             self.blocks.put_nowait((indata.copy(), time.time()))
         except queue.Full:
             self.dropped_blocks += 1
-
-    def counts(self) -> dict[str, int]:
-        return {"microphone_overflows": self.overflows, "microphone_blocks_dropped": self.dropped_blocks,
-                "microphone_opens": self.opened, "audio_file_passes": 0}
 
     def run(self) -> None:
         while not self.stopping.is_set():

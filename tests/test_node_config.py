@@ -1,12 +1,17 @@
-"""The node's parameter table, config/grounding.yaml and the launch file agree with each other."""
+"""The node's parameter table, config/grounding.yaml, the docs' tables, the launch file and the diagnostics agree."""
 
 import ast
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
-from csref_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, check_value
+from csref_ros.audio import AUDIO_SOURCE_COUNTERS
+from csref_ros.diagnostics import grounding_status
+from csref_ros.grounding_node import NODE_COUNTERS
+from csref_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, TABLE_BEGIN, check_value, generated_files
+from csref_ros.pipeline import PIPELINE_COUNTERS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,27 +67,32 @@ def test_ros_doc_lists_every_parameter():
     assert missing == [], f"docs/ROS.md does not describe {missing}"
 
 
-def documented_defaults(path: Path) -> dict[str, object]:
-    """Parameter name -> default from the Markdown table rows "| `a`, `b` | `x`, `y` | ..." of a
-    document; rows whose second cell does not give one backticked value per name are skipped."""
-    defaults = {}
-    for line in path.read_text().splitlines():
-        cells = line.split("|")
-        if len(cells) < 4 or not cells[1].strip().startswith("`"):
-            continue
-        names = re.findall(r"`([a-z_0-9]+)`", cells[1])
-        values = re.findall(r"`([^`]*)`", cells[2])
-        if names and len(names) == len(values) and all(name in PARAMETERS_BY_NAME for name in names):
-            defaults.update({name: yaml.safe_load(value) for name, value in zip(names, values)})
-    return defaults
+def test_yaml_and_parameter_tables_are_generated_from_the_table():
+    stale = [str(path) for path, content in generated_files().items() if path.read_text() != content]
+    assert stale == [], f"run python -m csref_ros.parameters --write: {stale} differ from csref_ros/parameters.py"
 
 
-def test_documented_defaults_match_the_parameter_table():
-    ros_doc = documented_defaults(REPO_ROOT / "docs" / "ROS.md")
-    assert set(ros_doc) == set(PARAMETERS_BY_NAME), "docs/ROS.md's table must list every parameter"
-    readme = documented_defaults(REPO_ROOT / "README.md")
-    assert len(readme) >= 10, "README.md's parameter table was not found"
-    for source, defaults in (("docs/ROS.md", ros_doc), ("README.md", readme)):
-        wrong = {name: value for name, value in defaults.items()
-                 if value != PARAMETERS_BY_NAME[name].default}
-        assert wrong == {}, f"{source} gives defaults that csref_ros/parameters.py does not: {wrong}"
+def test_a_table_that_disagrees_is_found(tmp_path):
+    for name in ("config", "docs"):
+        (tmp_path / name).mkdir()
+    for relative in ("docs/ROS.md", "README.md"):
+        (tmp_path / relative).write_text((REPO_ROOT / relative).read_text())
+    generated = generated_files(tmp_path)
+    ros_doc = tmp_path / "docs" / "ROS.md"
+    edited = ros_doc.read_text().replace("| `score_threshold` | `0.0` |", "| `score_threshold` | `0.5` |")
+    assert edited != ros_doc.read_text()
+    assert generated[ros_doc] != edited  # the generator restores the table's default
+    ros_doc.write_text(TABLE_BEGIN + "\n| a table without its end marker |\n")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        generated_files(tmp_path)
+
+
+def test_every_counter_is_reported_and_documented():
+    counters = [*NODE_COUNTERS, *PIPELINE_COUNTERS, *AUDIO_SOURCE_COUNTERS]
+    assert len(set(counters)) == len(counters)
+    status = grounding_status("grounding_node", "", True, True, 1.0, dict.fromkeys(counters, 7), [0.5], [0.1],
+                              {"image_topic": "/camera"}, "")
+    reported = {value.key: value.value for value in status.values}
+    assert all(reported[name] == "7" for name in counters)
+    doc = (REPO_ROOT / "docs" / "ROS.md").read_text()
+    assert [name for name in counters if f"`{name}`" not in doc] == []
