@@ -1,7 +1,6 @@
 """Running real ROS 2 processes from tests: a private domain id, loopback only, our DDS profile."""
 
 import json
-import os
 import random
 import subprocess
 import sys

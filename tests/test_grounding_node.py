@@ -6,9 +6,6 @@ The model is a randomly initialised tiny CSRef: its box must lie in the image; w
 demo model the box must match the spoken target (tests/test_demo_model.py).
 """
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
