@@ -6,7 +6,8 @@ Official CSRef files (`.pth`, read with `torch.load(weights_only=True)` only):
 * CSA checkpoints, of which only the `speech_encoder.*` entries are used (speech encoder init);
 * `cspdarknet_coco.pth`, CSPDarknet weights keyed `model.<idx>...` (visual backbone init).
 
-Our format is a directory holding `model.safetensors` and `config.yaml` (`ModelConfig.to_dict()`).
+Our format is a directory holding `model.safetensors` and `config.yaml` (the model config's
+`to_dict()`: `ModelConfig` for CSRef models, each other model its own config dataclass).
 
 Loading is strict: every tensor the module expects must come from the file with the right shape and
 nothing in the file may go unused, unless a loader says otherwise. Errors name the keys.
@@ -21,7 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import safetensors.torch
 import torch
@@ -41,6 +42,12 @@ WEIGHT_NORM_NAMES = ((".weight_g", ".parametrizations.weight.original0"),
                      (".weight_v", ".parametrizations.weight.original1"))
 # How many key names an error message lists before summarising the rest.
 KEYS_SHOWN = 8
+
+
+class SerialisableConfig(Protocol):
+    """A model config that `config.yaml` can hold: `ModelConfig` or another model's config dataclass."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -298,7 +305,7 @@ def load_visual_backbone(backbone: nn.Module, path: str | Path) -> LoadReport:
 # Our format
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, config: ModelConfig) -> Path:
+def save_checkpoint(directory: str | Path, model: nn.Module, config: SerialisableConfig) -> Path:
     """Writes `model.safetensors` + `config.yaml` into `directory`, atomically.
 
     Everything is written to a temporary directory beside it first and swapped in with renames,

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from csref_model.checkpoint import SerialisableConfig
 from csref_model.checkpoint import save_checkpoint as save_model_dir
-from csref_model.config import ModelConfig
 from csref_training.distributed import DistInfo, barrier
 from csref_training.optim import EMA
 from csref_training.reproducibility import rng_state, set_rng_state
@@ -51,7 +51,7 @@ def write_checkpoint_dir(
     *,
     step: int,
     weights_model: nn.Module,
-    model_cfg: ModelConfig,
+    model_cfg: SerialisableConfig,
     trainer_state: dict[str, Any],
     is_best: bool,
     keep: bool,
@@ -111,7 +111,7 @@ class Progress:
 def save_training_checkpoint(
     output_dir: Path,
     cfg: TrainConfig,
-    model_cfg: ModelConfig,
+    model_cfg: SerialisableConfig,
     model: nn.Module,
     ema: EMA | None,
     optimizer: torch.optim.Optimizer,

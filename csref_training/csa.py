@@ -26,7 +26,7 @@ from csref_training import trainer
 from csref_training.datasets import build_csa_dataset, collate_csa
 from csref_training.distributed import DistInfo
 from csref_training.evaluate import evaluate_csa
-from csref_training.train_config import TrainConfig
+from csref_training.train_config import TrainConfig, build_model_config
 
 
 class CSATask:
@@ -35,6 +35,7 @@ class CSATask:
     name = "csa"
     best_metric = "loss"
     higher_is_better = False
+    model_config = staticmethod(build_model_config)
     collate = staticmethod(collate_csa)
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import yaml
 
-from csref_model.config import ModelConfig
+from csref_model.checkpoint import SerialisableConfig
 from csref_training.distributed import mean_over_ranks
 from csref_training.train_config import TrainConfig
 
@@ -31,7 +31,7 @@ def setup_logging(output_dir: Path, rank: int, name: str) -> None:
     )
 
 
-def save_run_config(output_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+def save_run_config(output_dir: Path, cfg: TrainConfig, model_cfg: SerialisableConfig) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "train_config.yaml").open("w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -31,7 +31,7 @@ from csref_training.datasets import build_srec_dataset, collate_srec
 from csref_training.distributed import DistInfo
 from csref_training.evaluate import evaluate_srec
 from csref_training.reproducibility import derive_seed
-from csref_training.train_config import TrainConfig
+from csref_training.train_config import TrainConfig, build_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class SRECTask:
     name = "srec"
     best_metric = "acc_50"
     higher_is_better = True
+    model_config = staticmethod(build_model_config)
     collate = staticmethod(collate_srec)
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo) -> None:

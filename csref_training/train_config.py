@@ -79,7 +79,8 @@ class MultiScaleConfig:
 
 @dataclass
 class TrainConfig:
-    # Model config: "base", "tiny" or a YAML path (csref_model.config.load_model_config) ...
+    # The task's model config: for CSA and SREC "base", "tiny" or a YAML path
+    # (csref_model.config.load_model_config) ...
     model: str = "base"
     # ... and nested overrides merged into it (same keys as the model YAML).
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +121,10 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # Settings only one task reads (a detector's box count, RefCLIP's candidate count, ...): the
+    # task checks them against its own dataclass (csref_model.typed_yaml.from_dict), so unknown
+    # keys are still errors, named by the task.
+    task: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

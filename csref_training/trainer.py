@@ -8,8 +8,10 @@ resume (or the task's initialisation), then epochs of (seeded step: task loss un
 backward, clipping, optimiser + schedule + EMA step; logging; mid-epoch checkpoints) each ended
 by the task's validation, a checkpoint and the best-metric bookkeeping. A task (`csa.py`,
 `srec.py`) gives the model, its datasets and collate function, its loss on a batch, its
-validation metrics, the metric that picks `best` and its direction, and any initialisation of
-a fresh run. Everything else (DDP, exact resumption, EMA, warmup + cosine, AMP, clipping,
+validation metrics, the metric that picks `best` and its direction, any initialisation of
+a fresh run, and the config of its model (what checkpoints store beside the weights; settings
+only one task reads live in the training YAML's free-form `task:` section, which the task parses
+into its own dataclass). Everything else (DDP, exact resumption, EMA, warmup + cosine, AMP, clipping,
 atomic checkpoints, tensorboard, tqdm, logs) is here, once.
 """
 
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from csref_model.config import ModelConfig
+from csref_model.checkpoint import SerialisableConfig
 from csref_training.checkpointing import Progress, find_resume_checkpoint, resume_training, save_training_checkpoint
 from csref_training.distributed import DistInfo, cleanup_distributed, per_rank_batch_size, setup_distributed
 from csref_training.optim import (
@@ -46,7 +48,7 @@ from csref_training.reproducibility import (
     derive_seed,
     seed_all,
 )
-from csref_training.train_config import TrainConfig, build_model_config, load_train_config
+from csref_training.train_config import TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,11 @@ class Task(Protocol):
     best_metric: ClassVar[str]  # the key of evaluate()'s metrics that picks `best`
     higher_is_better: ClassVar[bool]
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]  # items -> batch, in DataLoader workers
+    # cfg -> the config of the model this task trains (from cfg.model + cfg.model_overrides); it is
+    # what each checkpoint's config.yaml holds: csref_model's ModelConfig for CSA and SREC.
+    model_config: Callable[[TrainConfig], SerialisableConfig]
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo) -> None: ...
+    def __init__(self, cfg: TrainConfig, model_cfg: SerialisableConfig, dist_info: DistInfo) -> None: ...
 
     def build_model(self) -> nn.Module: ...
 
@@ -84,7 +89,7 @@ def train(cfg: TrainConfig, task_class: type[Task]) -> dict[str, float | int | N
     setup_logging(output_dir, dist_info.rank, task_class.name)
     configure_determinism(cfg.deterministic)
     seed_all(cfg.seed)
-    model_cfg = build_model_config(cfg)
+    model_cfg = task_class.model_config(cfg)
     per_rank_batch = per_rank_batch_size(cfg.batch_size, dist_info.world_size)
     if dist_info.is_main:
         save_run_config(output_dir, cfg, model_cfg)
