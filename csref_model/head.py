@@ -2,7 +2,8 @@
 
 Inference: decode every cell, keep the one with the highest objectness (no NMS, no clipping).
 Training: SimOTA assignment of cells to the single ground-truth box, squared-IoU loss on the
-positives and BCE objectness on all cells (docs/REFERENCE_FACTS.md §7).
+positives and BCE objectness on all cells (docs/REFERENCE_FACTS.md §7). The class-agnostic
+detector (`csref_model.detector`) trains the same head with the same loss on every object's box.
 """
 
 from __future__ import annotations
@@ -42,44 +43,81 @@ def decode_cells(reg: torch.Tensor) -> torch.Tensor:
     return torch.cat([centres, sizes], dim=-1)
 
 
-def decode_best_box(reg: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
-    """(B, 4, G, G), (B, 1, G, G) -> (B, 5) x1, y1, x2, y2, score of the highest-scoring cell."""
+def decode_cell_corners(reg: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
+    """(B, 4, G, G), (B, 1, G, G) -> (B, G*G, 5) x1, y1, x2, y2, objectness of every cell."""
     boxes = decode_cells(reg)  # (B, G*G, 4) cx, cy, w, h
     scores = torch.sigmoid(obj.flatten(1))  # (B, G*G)
     # Same operation order as the reference: x1 = cx - w/2, then x2 = x1 + w.
     x1 = boxes[..., 0] - boxes[..., 2] / 2
     y1 = boxes[..., 1] - boxes[..., 3] / 2
-    corners = torch.stack([x1, y1, x1 + boxes[..., 2], y1 + boxes[..., 3], scores], dim=-1)  # (B, G*G, 5)
+    return torch.stack([x1, y1, x1 + boxes[..., 2], y1 + boxes[..., 3], scores], dim=-1)
+
+
+def decode_best_box(reg: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
+    """(B, 4, G, G), (B, 1, G, G) -> (B, 5) x1, y1, x2, y2, score of the highest-scoring cell."""
+    corners = decode_cell_corners(reg, obj)  # (B, G*G, 5)
     # argmax over the sigmoid scores returns the first index on ties, as the reference.
-    best = scores.argmax(dim=1)  # (B,)
+    best = corners[..., 4].argmax(dim=1)  # (B,)
     return corners[torch.arange(corners.shape[0], device=corners.device), best]  # (B, 5)
 
 
 @torch.no_grad()
-def simota_assign(pred_boxes: torch.Tensor, gt_box: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """SimOTA for one image and one GT box, without a class cost.
+def simota_assign(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """SimOTA for one image and its GT boxes, without a class cost (YOLOX's assignment, class-agnostic).
 
-    pred_boxes: (G*G, 4) decoded (cx, cy, w, h) px; gt_box: (4,) (cx, cy, w, h) px.
-    Returns the (G*G,) bool mask of positive cells.
+    pred_boxes: (G*G, 4) decoded (cx, cy, w, h) px; gt_boxes: (M, 4) (cx, cy, w, h) px.
+    Returns the (G*G,) index of the GT box each cell is a positive for, -1 for negatives. With one
+    GT box this is exactly the reference's single-box assignment (docs/REFERENCE_FACTS.md §7).
     """
-    cell_centres = (grid_cells(grid_size, pred_boxes.device, pred_boxes.dtype) + 0.5) * STRIDE  # (G*G, 2)
+    num_cells = pred_boxes.shape[0]
+    matched = torch.full((num_cells,), -1, dtype=torch.long, device=pred_boxes.device)
+    if gt_boxes.shape[0] == 0:
+        return matched
+    cell_centres = (grid_cells(grid_size, pred_boxes.device, pred_boxes.dtype) + 0.5) * STRIDE  # (N, 2)
     # Strict inequalities written as the reference computes them (matters only at exact borders).
-    box_low, box_high = gt_box[:2] - 0.5 * gt_box[2:], gt_box[:2] + 0.5 * gt_box[2:]
-    centre_low, centre_high = gt_box[:2] - CENTER_RADIUS * STRIDE, gt_box[:2] + CENTER_RADIUS * STRIDE
-    in_box = ((cell_centres - box_low > 0) & (box_high - cell_centres > 0)).all(dim=1)  # (G*G,)
-    in_centre = ((cell_centres - centre_low > 0) & (centre_high - cell_centres > 0)).all(dim=1)  # (G*G,)
-    candidates = (in_box | in_centre).nonzero().squeeze(1)  # (K,)
-    positives = torch.zeros(pred_boxes.shape[0], dtype=torch.bool, device=pred_boxes.device)
+    offsets = cell_centres[None] - gt_boxes[:, None, :2]  # (M, N, 2)
+    half_sides = 0.5 * gt_boxes[:, None, 2:]  # (M, 1, 2)
+    in_box = ((offsets + half_sides > 0) & (half_sides - offsets > 0)).all(dim=2)  # (M, N)
+    radius = CENTER_RADIUS * STRIDE
+    in_centre = ((offsets + radius > 0) & (radius - offsets > 0)).all(dim=2)  # (M, N)
+    candidates = (in_box | in_centre).any(dim=0).nonzero().squeeze(1)  # (K,) cells near any GT
     if candidates.numel() == 0:
-        return positives
-    ious = box_iou(cxcywh_to_xyxy(gt_box), cxcywh_to_xyxy(pred_boxes[candidates]))  # (K,)
-    outside = ~(in_box & in_centre)[candidates]
-    cost = IOU_COST_WEIGHT * -torch.log(ious + 1e-8) + OUTSIDE_COST * outside
-    # dynamic k: truncated sum of the best (up to 10) IoUs, at least 1
-    top_ious = ious.topk(min(DYNAMIC_K_CANDIDATES, ious.numel())).values
-    k = max(1, int(top_ious.sum()))
-    positives[candidates[cost.topk(k, largest=False).indices]] = True
-    return positives
+        return matched
+    ious = box_iou(cxcywh_to_xyxy(gt_boxes)[:, None], cxcywh_to_xyxy(pred_boxes[candidates])[None])  # (M, K)
+    outside = ~(in_box & in_centre)[:, candidates]  # (M, K)
+    cost = IOU_COST_WEIGHT * -torch.log(ious + 1e-8) + OUTSIDE_COST * outside  # (M, K)
+    matching = torch.zeros_like(cost, dtype=torch.bool)  # (M, K)
+    for gt_index in range(gt_boxes.shape[0]):
+        # dynamic k: truncated sum of the best (up to 10) IoUs, at least 1
+        top_ious = ious[gt_index].topk(min(DYNAMIC_K_CANDIDATES, candidates.numel())).values
+        k = max(1, int(top_ious.sum()))
+        matching[gt_index, cost[gt_index].topk(k, largest=False).indices] = True
+    # A cell chosen by several GT boxes goes to the cheapest one.
+    cost = torch.where(matching, cost, torch.full_like(cost, float("inf")))
+    chosen = matching.any(dim=0)  # (K,)
+    matched[candidates[chosen]] = cost[:, chosen].argmin(dim=0)
+    return matched
+
+
+def box_objectness_loss(reg: torch.Tensor, obj: torch.Tensor, gt_boxes: list[torch.Tensor]) -> torch.Tensor:
+    """The YOLOX-style loss of one-level head outputs against each image's GT boxes.
+
+    reg: (B, 4, G, G) raw; obj: (B, 1, G, G) logits; gt_boxes[b]: (M_b, 4) (cx, cy, w, h) input px.
+    5 x (1 - IoU^2) on SimOTA's positives + BCE objectness on every cell, both over the positives.
+    """
+    batch, _, grid_size, _ = reg.shape
+    pred_boxes = decode_cells(reg)  # (B, G*G, 4)
+    obj_logits = obj.flatten(1)  # (B, G*G)
+    matched = torch.stack([simota_assign(pred_boxes[index].detach(), gt_boxes[index].to(reg.dtype), grid_size)
+                           for index in range(batch)])  # (B, G*G)
+    positives = matched >= 0
+    num_positives = max(int(positives.sum()), 1)
+    matched_gt = torch.cat([gt_boxes[index].to(reg.dtype)[matched[index][positives[index]]]
+                            for index in range(batch)])  # (P, 4), in the order of pred_boxes[positives]
+    loss_iou = iou_loss(pred_boxes[positives], matched_gt).sum() / num_positives
+    loss_obj = F.binary_cross_entropy_with_logits(obj_logits, positives.to(obj_logits.dtype),
+                                                  reduction="sum") / num_positives
+    return IOU_LOSS_WEIGHT * loss_iou + loss_obj
 
 
 def iou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -114,16 +152,6 @@ class SRECHead(nn.Module):
         if targets.shape != (batch, 4):
             raise ValueError(f"targets must be ({batch}, 4) normalised cx, cy, w, h, got {tuple(targets.shape)}")
         gt_boxes = targets.to(reg.dtype) * (grid_size * STRIDE)  # (B, 4) input pixels
-        pred_boxes = decode_cells(reg)  # (B, G*G, 4)
-        obj_logits = obj.flatten(1)  # (B, G*G)
-        positives = torch.zeros_like(obj_logits, dtype=torch.bool)
-        for index in range(batch):
-            # An all-zero label row means "no object" in the reference (no positives).
-            if targets[index].sum() > 0:
-                positives[index] = simota_assign(pred_boxes[index].detach(), gt_boxes[index], grid_size)
-        num_positives = max(int(positives.sum()), 1)
-        matched_gt = gt_boxes[:, None, :].expand_as(pred_boxes)[positives]  # (P, 4)
-        loss_iou = iou_loss(pred_boxes[positives], matched_gt).sum() / num_positives
-        loss_obj = F.binary_cross_entropy_with_logits(obj_logits, positives.to(obj_logits.dtype),
-                                                      reduction="sum") / num_positives
-        return IOU_LOSS_WEIGHT * loss_iou + loss_obj
+        # An all-zero label row means "no object" in the reference (no positives).
+        return box_objectness_loss(reg, obj, [gt_boxes[index:index + 1] if targets[index].sum() > 0
+                                              else gt_boxes[index:index] for index in range(batch)])

@@ -43,8 +43,9 @@ def test_simota_single_positive_is_the_cell_holding_the_gt_centre():
     # matches it exactly (IoU 1); the 4 side neighbours overlap 8x40 (IoU 320/2880 = 0.111), the
     # 4 diagonals 8x8 (IoU 64/3136 = 0.020), the rest 0. Sum of the top 10 IoUs = 1.53 -> k = 1.
     predictions = cell_centred_predictions(4, 40.0, 40.0)
-    positives = simota_assign(predictions, torch.tensor([48.0, 48.0, 40.0, 40.0]), grid_size=4)
-    assert positives.nonzero().flatten().tolist() == [1 * 4 + 1]
+    matched = simota_assign(predictions, torch.tensor([[48.0, 48.0, 40.0, 40.0]]), grid_size=4)
+    assert (matched >= 0).nonzero().flatten().tolist() == [1 * 4 + 1]
+    assert matched[1 * 4 + 1] == 0
 
 
 def test_simota_k_grows_with_overlap_and_prefers_in_box_cells():
@@ -54,8 +55,32 @@ def test_simota_k_grows_with_overlap_and_prefers_in_box_cells():
     # (12, 22), (row 1, col 2) 0.439 (20, 22), then <= 0.33; the top-10 sum is 3.83 -> k = 3,
     # the three cheapest (highest-IoU) in-box cells.
     predictions = cell_centred_predictions(4, 96.0, 96.0)
-    positives = simota_assign(predictions, torch.tensor([60.0, 70.0, 96.0, 96.0]), grid_size=4)
-    assert sorted(positives.nonzero().flatten().tolist()) == [1 * 4 + 1, 2 * 4 + 1, 2 * 4 + 2]
+    matched = simota_assign(predictions, torch.tensor([[60.0, 70.0, 96.0, 96.0]]), grid_size=4)
+    assert sorted((matched >= 0).nonzero().flatten().tolist()) == [1 * 4 + 1, 2 * 4 + 1, 2 * 4 + 2]
+
+
+def test_simota_assigns_each_gt_box_its_own_cells():
+    # Two 40x40 boxes centred on cells (1, 1) and (6, 6) of an 8x8 grid: each gets exactly the cell
+    # under its centre (k = 1, as in the single-box case), and no cell serves both.
+    predictions = cell_centred_predictions(8, 40.0, 40.0)
+    gt = torch.tensor([[48.0, 48.0, 40.0, 40.0], [208.0, 208.0, 40.0, 40.0]])
+    matched = simota_assign(predictions, gt, grid_size=8)
+    assert (matched >= 0).nonzero().flatten().tolist() == [1 * 8 + 1, 6 * 8 + 6]
+    assert matched[1 * 8 + 1] == 0 and matched[6 * 8 + 6] == 1
+
+
+def test_simota_cell_wanted_by_two_gt_boxes_goes_to_the_cheaper():
+    # Two identical-size boxes whose centres both lie in cell (1, 1); the cell's prediction (a
+    # 40x40 box at the cell centre) matches the first box exactly, the second (shifted 6 px) less.
+    predictions = cell_centred_predictions(4, 40.0, 40.0)
+    gt = torch.tensor([[54.0, 48.0, 40.0, 40.0], [48.0, 48.0, 40.0, 40.0]])
+    matched = simota_assign(predictions, gt, grid_size=4)
+    assert matched[1 * 4 + 1] == 1
+
+
+def test_simota_without_gt_boxes_has_no_positives():
+    matched = simota_assign(cell_centred_predictions(4, 40.0, 40.0), torch.zeros(0, 4), grid_size=4)
+    assert (matched == -1).all()
 
 
 def test_loss_on_perfect_single_positive_is_objectness_only():

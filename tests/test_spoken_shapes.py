@@ -44,7 +44,14 @@ def test_layout_matches_refcoco_speech(dataset):
     assert len(set(iids)) == len(iids)
     for split in generate.SPLITS:
         for entry in on_disk[split]:
-            assert set(entry) == {"iid", "bbox", "sent_ids", "refs"}
+            assert set(entry) == {"iid", "bbox", "objects", "target_index", "sent_ids", "refs"}
+            assert 3 <= len(entry["objects"]) <= 6
+            assert entry["objects"][entry["target_index"]]["bbox"] == entry["bbox"]
+            for obj in entry["objects"]:
+                assert obj["shape"] in grammar.SHAPES and obj["colour"] in grammar.COLOURS
+            # The target's attributes are all consistent with its spoken description.
+            target = entry["objects"][entry["target_index"]]
+            assert target["shape"] in entry["refs"][0]["sent"].split()
             assert [r["sent_id"] for r in entry["refs"]] == entry["sent_ids"]
             image = cv2.imread(str(out / "images" / f"{entry['iid']:012d}.jpg"))
             assert image is not None

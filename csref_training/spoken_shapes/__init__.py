@@ -28,8 +28,10 @@ On-disk layout (``--dataset-name`` defaults to ``spoken_shapes``)::
     <out>/audios/<dataset>/<speaker>/<sent_id>.wav   16 kHz mono 16-bit PCM
     <out>/<dataset>_generator.json       the generator settings, for provenance
 
-Each annotation entry is ``{"iid", "bbox": [x, y, w, h] (floats, original pixels), "sent_ids":
-[sent_id], "refs": [{"sent_id", "sent", "speaker", "rate", "pitch", "snr_db"}]}`` with one image,
+Each annotation entry is ``{"iid", "bbox": [x, y, w, h] (floats, original pixels), "objects":
+[{"bbox", "shape", "colour", "size"}, ...] (every object of the scene, the target at
+"target_index"), "sent_ids": [sent_id], "refs": [{"sent_id", "sent", "speaker", "rate", "pitch",
+"snr_db"}]}`` with one image,
 one target and one sentence per entry (``sent_id == iid``). Every sentence is rendered with ONE
 voice; its speaker directory is the voice string (``en-us+m3``), also recorded in the ref. Loaders
 look a sentence up as ``<speaker>/<sent_id>.wav`` in whichever selected speaker directory has it

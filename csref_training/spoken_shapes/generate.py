@@ -69,10 +69,14 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
     audio_dir.mkdir(parents=True, exist_ok=True)
     sf.write(audio_dir / f"{sent_id}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
 
-    x0, y0, x1, y1 = objects[target].box
     return {
         "iid": iid,
-        "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+        "bbox": _xywh(objects[target].box),
+        # Every object of the scene, for the class-agnostic detector and failure analysis by kind;
+        # grounding never reads them.
+        "objects": [{"bbox": _xywh(obj.box), "shape": obj.shape, "colour": obj.colour, "size": obj.size}
+                    for obj in objects],
+        "target_index": int(target),
         "sent_ids": [sent_id],
         "refs": [{
             "sent_id": sent_id,
@@ -83,6 +87,11 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
             "snr_db": snr_db,
         }],
     }
+
+
+def _xywh(box: tuple[float, float, float, float]) -> list[float]:
+    x0, y0, x1, y1 = box
+    return [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)]
 
 
 def _init_worker() -> None:

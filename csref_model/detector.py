@@ -1,0 +1,109 @@
+"""A class-agnostic object detector: the candidate boxes weakly supervised grounding chooses from.
+
+It plays the part of RefCLIP's frozen COCO YOLOv3 (docs/WEAK_SUPERVISION.md): CSPDarknet ->
+1x1 projections of the stride 8/16/32 maps -> the top-down/bottom-up `MultiScaleFusion` ->
+the YOLOX-style anchor-free head of SREC on the stride-32 grid, one box and one objectness per
+cell, trained with multi-box SimOTA (`head.box_objectness_loss`). It has one class, "object":
+colour, size and position are never labels, and it never sees an expression.
+
+    detector = build_detector(DetectorConfig(image_size=320))
+    cells = detector(images)  # (B, G*G, 5) x1, y1, x2, y2, objectness of every cell, input px
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from csref_model.backbone import CSPDarknet
+from csref_model.checkpoint import CONFIG_FILE, load_into, load_visual_backbone, read_checkpoint_dir
+from csref_model.config import HeadConfig, VisualBackboneConfig, resolve_pretrained_path
+from csref_model.fusion import MultiScaleFusion
+from csref_model.head import SRECHead, box_objectness_loss, decode_cell_corners
+from csref_model.layers import ConvBnAct
+from csref_model.runtime.contract import check_image
+from csref_model.typed_yaml import from_dict
+
+DETECTOR_KIND = "class_agnostic_detector"
+
+
+@dataclass
+class DetectorConfig:
+    # Marks a detector checkpoint's config.yaml (CSRef configs have no `kind`).
+    kind: str = DETECTOR_KIND
+    image_size: int = 416
+    visual_backbone: VisualBackboneConfig = field(default_factory=VisualBackboneConfig)
+    # Width of the projected maps and of MultiScaleFusion.
+    neck_channels: int = 256
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "DetectorConfig":
+        config = from_dict(cls, data, source)
+        if config.kind != DETECTOR_KIND:
+            raise ValueError(f"{source}: kind must be {DETECTOR_KIND!r} for a detector config, got {config.kind!r}")
+        if config.image_size <= 0 or config.image_size % 32:
+            raise ValueError(f"{source}: image_size must be a positive multiple of 32, got {config.image_size}")
+        if config.neck_channels % 2:
+            raise ValueError(f"{source}: neck_channels must be even, got {config.neck_channels}")
+        return config
+
+
+class ObjectDetector(nn.Module):
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        self.image_size = cfg.image_size
+        self.visual_encoder = CSPDarknet(cfg.visual_backbone)
+        self.neck_proj = nn.ModuleList([ConvBnAct(channels, cfg.neck_channels, 1)
+                                        for channels in self.visual_encoder.out_channels])
+        self.neck = MultiScaleFusion(cfg.neck_channels)
+        self.head = SRECHead(cfg.neck_channels, cfg.head.hidden_size)
+
+    def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) RGB in [0, 1] -> [(B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]."""
+        check_image(image)
+        return self.visual_encoder(image)
+
+    def raw_outputs(self, image_maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone maps -> raw regression (B, 4, G, G) and objectness logits (B, 1, G, G)."""
+        top = self.neck([proj(visual) for proj, visual in zip(self.neck_proj, image_maps)])  # (B, N, G, G)
+        return self.head.raw_outputs(top)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, G*G, 5) x1, y1, x2, y2, objectness of every stride-32 cell (row-major)."""
+        return decode_cell_corners(*self.raw_outputs(self.encode_image(image)))
+
+    def loss(self, image: torch.Tensor, gt_boxes: list[torch.Tensor]) -> torch.Tensor:
+        """gt_boxes[b]: (M_b, 4) (cx, cy, w, h) in letterboxed-input pixels -> scalar loss."""
+        return box_objectness_loss(*self.raw_outputs(self.encode_image(image)), gt_boxes)
+
+
+def top_cells(cells: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, 5) decoded cells -> their k highest-objectness cells (B, k, 5) and indices (B, k), best first."""
+    indices = cells[..., 4].topk(min(k, cells.shape[1]), dim=1).indices  # (B, k)
+    return torch.gather(cells, 1, indices[..., None].expand(-1, -1, cells.shape[2])), indices
+
+
+def build_detector(cfg: DetectorConfig, load_pretrained: bool = True) -> ObjectDetector:
+    """A detector, its backbone from `visual_backbone.pretrained_path` (cspdarknet_coco.pth) if set."""
+    model = ObjectDetector(cfg)
+    if load_pretrained and cfg.visual_backbone.pretrained_path is not None:
+        load_visual_backbone(model.visual_encoder, resolve_pretrained_path(cfg.visual_backbone.pretrained_path))
+    return model
+
+
+def build_detector_from_checkpoint(path: str | Path) -> tuple[ObjectDetector, DetectorConfig]:
+    """Our checkpoint directory (model.safetensors + config.yaml) -> (detector in eval mode, config)."""
+    state_dict, config_dict = read_checkpoint_dir(path)
+    config = DetectorConfig.from_dict(config_dict, source=str(Path(path) / CONFIG_FILE))
+    model = ObjectDetector(config)
+    load_into(model, state_dict, str(path))
+    return model.eval(), config
