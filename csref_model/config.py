@@ -22,7 +22,8 @@ from csref_model.typed_yaml import from_dict, read_yaml
 logger = logging.getLogger(__name__)
 
 PYTHON_PACKAGE_PREFIX = "python-package:"
-BUILTIN_CONFIGS = ("base", "tiny")
+# Names of the YAML files in config/models/: CSRef models, then class-agnostic detectors.
+BUILTIN_CONFIGS = ("base", "tiny", "detector_base", "detector_tiny")
 
 
 @dataclass

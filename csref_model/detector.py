@@ -1,6 +1,6 @@
 """A class-agnostic object detector: the candidate boxes weakly supervised grounding chooses from.
 
-It plays the part of RefCLIP's frozen COCO YOLOv3 (docs/WEAK_SUPERVISION.md): CSPDarknet ->
+It plays the part of RefCLIP's frozen COCO YOLOv3 (docs/TRAINING.md, "Candidate detector"): CSPDarknet ->
 1x1 projections of the stride 8/16/32 maps -> the top-down/bottom-up `MultiScaleFusion` ->
 the YOLOX-style anchor-free head of SREC on the stride-32 grid, one box and one objectness per
 cell, trained with multi-box SimOTA (`head.box_objectness_loss`). It has one class, "object":
@@ -8,6 +8,7 @@ colour, size and position are never labels, and it never sees an expression.
 
     detector = build_detector(DetectorConfig(image_size=320))
     cells = detector(images)  # (B, G*G, 5) x1, y1, x2, y2, objectness of every cell, input px
+    loss = detector(images, gt_boxes)  # gt_boxes[b]: (M_b, 4) cx, cy, w, h, input px
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch import nn
 
 from csref_model.backbone import CSPDarknet
 from csref_model.checkpoint import CONFIG_FILE, load_into, load_visual_backbone, read_checkpoint_dir
-from csref_model.config import HeadConfig, VisualBackboneConfig, resolve_pretrained_path
+from csref_model.config import HeadConfig, VisualBackboneConfig, resolve_config_path, resolve_pretrained_path
 from csref_model.fusion import MultiScaleFusion
 from csref_model.head import SRECHead, box_objectness_loss, decode_cell_corners
 from csref_model.layers import ConvBnAct
 from csref_model.runtime.contract import check_image
-from csref_model.typed_yaml import from_dict
+from csref_model.typed_yaml import from_dict, read_yaml
 
 DETECTOR_KIND = "class_agnostic_detector"
 
@@ -57,6 +58,12 @@ class DetectorConfig:
         return config
 
 
+def load_detector_config(name_or_path: str | Path) -> DetectorConfig:
+    """"detector_base", "detector_tiny" (config/models/) or a YAML file -> a validated `DetectorConfig`."""
+    path = resolve_config_path(name_or_path)
+    return DetectorConfig.from_dict(read_yaml(path, "detector config"), source=str(path))
+
+
 class ObjectDetector(nn.Module):
     def __init__(self, cfg: DetectorConfig):
         super().__init__()
@@ -77,13 +84,13 @@ class ObjectDetector(nn.Module):
         top = self.neck([proj(visual) for proj, visual in zip(self.neck_proj, image_maps)])  # (B, N, G, G)
         return self.head.raw_outputs(top)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, G*G, 5) x1, y1, x2, y2, objectness of every stride-32 cell (row-major)."""
-        return decode_cell_corners(*self.raw_outputs(self.encode_image(image)))
-
-    def loss(self, image: torch.Tensor, gt_boxes: list[torch.Tensor]) -> torch.Tensor:
-        """gt_boxes[b]: (M_b, 4) (cx, cy, w, h) in letterboxed-input pixels -> scalar loss."""
-        return box_objectness_loss(*self.raw_outputs(self.encode_image(image)), gt_boxes)
+    def forward(self, image: torch.Tensor, gt_boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, G*G, 5) x1, y1, x2, y2, objectness of every stride-32 cell (row-major);
+        with gt_boxes[b] (M_b, 4) (cx, cy, w, h) in input pixels, the training loss (scalar)."""
+        reg, obj = self.raw_outputs(self.encode_image(image))
+        if gt_boxes is None:
+            return decode_cell_corners(reg, obj)
+        return box_objectness_loss(reg, obj, gt_boxes)
 
 
 def top_cells(cells: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

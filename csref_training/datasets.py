@@ -756,3 +756,70 @@ def build_csa_dataset(data: DataConfig, split: str, train: bool) -> Dataset:
         return SpeechTextPairs(layout.ann_path, layout.audio_root, split, data.speakers, train, data.use_trim,
                                data.max_duration, data.skip_broken)
     raise ValueError(f"data.format {data.format!r} cannot feed CSA; use 'librispeech' or 'refcoco'")
+
+
+# --------------------------------------------------------------------------------------
+# Every object's box, for the class-agnostic detector
+# --------------------------------------------------------------------------------------
+class SceneObjectsDataset(Dataset):
+    """One item per image of a RefCOCO-layout split whose entries list every object's box
+    (`"objects": [{"bbox": [x, y, w, h]}, ...]`, written by the Spoken Shapes generator).
+
+    No expression, speaker or target is read: the detector learns "object" and nothing else.
+    """
+
+    def __init__(self, layout: RefCocoLayout, split: str, image_size: int) -> None:
+        if not layout.ann_path.is_file():
+            raise FileNotFoundError(f"annotation file not found: {layout.ann_path}")
+        annotations = json.loads(layout.ann_path.read_text())
+        self.image_size = image_size
+        self.images: dict[int, tuple[Path, list[tuple[float, float, float, float]], str]] = {}
+        for split_name in _split_names(split):
+            if split_name not in annotations:
+                raise ValueError(f"{layout.ann_path} has no split {split_name!r}; it has {sorted(annotations)}")
+            for index, raw in enumerate(annotations[split_name]):
+                where = f"{layout.ann_path} {split_name}[{index}] (iid {raw.get('iid')})"
+                if "objects" not in raw:
+                    raise ValueError(f"{where} lists no objects: the detector needs every object's box "
+                                     "(regenerate with python -m csref_training.spoken_shapes)")
+                path = layout.image_dir / image_file_name(layout.image_pattern, raw["iid"])
+                boxes = [tuple(float(v) for v in obj["bbox"]) for obj in raw["objects"]]
+                self.images.setdefault(raw["iid"], (path, boxes, where))
+        self.iids = sorted(self.images)
+        if not self.iids:
+            raise ValueError(f"{layout.ann_path} split {split!r} has no images")
+
+    def __len__(self) -> int:
+        return len(self.iids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, boxes, where = self.images[self.iids[index]]
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise BrokenEntryError(f"{where}: cannot read image {path}")
+        tensor, geometry = letterbox(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), self.image_size)  # (3, S, S)
+        xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=np.float64)  # (M, 4) original
+        labels = geometry.box_to_label(xyxy) * self.image_size  # (M, 4) cx, cy, w, h input px
+        return {"image": tensor, "letterbox": geometry, "boxes": torch.from_numpy(labels).float(),
+                "gt_xyxy": xyxy, "iid": self.iids[index]}
+
+
+def collate_detector(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the images; each image keeps its own number of boxes."""
+    return {
+        "image": torch.stack([item["image"] for item in items]),  # (B, 3, S, S)
+        "boxes": [item["boxes"] for item in items],  # B x (M_b, 4) cx, cy, w, h input px
+        "gt_xyxy": [item["gt_xyxy"] for item in items],  # B x (M_b, 4) original pixels
+        "letterbox": [item["letterbox"] for item in items],
+        "iid": [item["iid"] for item in items],
+    }
+
+
+def build_detector_dataset(data: DataConfig, split: str, image_size: int) -> Dataset:
+    """The detector dataset a training config's `data:` section describes (RefCOCO layout with objects)."""
+    if data.format != "refcoco":
+        raise ValueError(f"data.format {data.format!r} cannot feed the detector; use 'refcoco' with per-object "
+                         "boxes (Spoken Shapes writes them)")
+    layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root,
+                            data.image_pattern)
+    return SceneObjectsDataset(layout, split, image_size)

@@ -48,7 +48,8 @@ from csref_model.csa import build_csa
 from csref_model.srec import build_srec
 from csref_model.text_encoder import load_tokenizer
 from csref_model.visualize import PREDICTION_COLOUR, TARGET_COLOUR, DrawnBox, draw_boxes, save_picture
-from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
+from csref_model.detector import top_cells
+from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_detector, collate_srec
 from csref_training.distributed import cleanup_distributed, setup_distributed, sum_over_ranks
 from csref_training.optim import autocast_context
 from csref_training.reporting import format_metrics
@@ -102,6 +103,40 @@ def evaluate_srec(
     if count == 0:
         raise ValueError("the evaluation split is empty")
     return {"count": int(count), "acc_50": hits_50 / count, "acc_75": hits_75 / count, "mean_iou": iou_sum / count}
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: nn.Module,
+    dataset: Dataset,
+    candidates: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Candidate recall of a class-agnostic detector: the fraction of objects that one of the image's
+    `candidates` highest-objectness cells covers with IoU > 0.5 (original-image pixels), and the
+    mean best IoU per object. This is what weakly supervised grounding can at best choose from."""
+    model.eval()
+    loader = DataLoader(eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_detector)
+    objects, covered, best_iou_sum, images = 0, 0, 0.0, 0
+    for batch in loader:
+        top, _ = top_cells(model(batch["image"].to(device)).float(), candidates)  # (B, k, 5) input px
+        for boxes, geometry, gt in zip(top.cpu().numpy(), batch["letterbox"], batch["gt_xyxy"]):
+            iou = box_iou(gt[:, None, :], geometry.box_to_original(boxes[:, :4])[None])  # (M, k)
+            best = iou.max(axis=1)  # (M,)
+            objects += len(best)
+            covered += int((best > 0.5).sum())
+            best_iou_sum += float(best.sum())
+            images += 1
+    objects, covered, best_iou_sum, images = sum_over_ranks([objects, covered, best_iou_sum, images], device)
+    if objects == 0:
+        raise ValueError("the evaluation split has no objects")
+    return {"images": int(images), "objects": int(objects), "recall_50": covered / objects,
+            "mean_best_iou": best_iou_sum / objects}
 
 
 def save_visualisations(vis_dir: Path, batch: dict[str, Any], pred: np.ndarray, iou: np.ndarray) -> None:

@@ -1,0 +1,87 @@
+"""Train the class-agnostic candidate detector that weakly supervised grounding chooses from.
+
+    python -m csref_training.detector --config config/train/detector_spoken_shapes.yaml [key=value ...]
+
+It plays the part of RefCLIP's frozen COCO YOLOv3: it is trained on every object's box of scenes
+generated from a seed disjoint from the grounding data, and never sees an expression, a target
+or an attribute (colour, size and place are not classes; there is one class, "object"). The
+model is `csref_model.detector` (CSPDarknet, MultiScaleFusion neck, SREC's anchor-free head on
+the stride-32 grid, multi-box SimOTA). `best` is the checkpoint with the highest candidate
+recall: the fraction of objects covered (IoU > 0.5) by the top `task.candidates` cells, the 17
+that RefCLIP keeps.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from csref_model.detector import DetectorConfig, build_detector, load_detector_config
+from csref_model.typed_yaml import from_dict, merge
+from csref_training import trainer
+from csref_training.datasets import build_detector_dataset, collate_detector
+from csref_training.distributed import DistInfo
+from csref_training.evaluate import evaluate_detector
+from csref_training.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectorTaskConfig:
+    """The training YAML's `task:` section for the detector."""
+
+    # Cells kept per image when measuring candidate recall (RefCLIP's SELECT_NUM).
+    candidates: int = 17
+
+
+def detector_model_config(cfg: TrainConfig) -> DetectorConfig:
+    """`cfg.model` ("detector_tiny", "detector_base" or a YAML path) with `cfg.model_overrides` merged in."""
+    model_cfg = load_detector_config(cfg.model)
+    if not cfg.model_overrides:
+        return model_cfg
+    return DetectorConfig.from_dict(merge(model_cfg.to_dict(), cfg.model_overrides),
+                                    source=f"{cfg.model} + model_overrides")
+
+
+class DetectorTask:
+    name = "detector"
+    best_metric = "recall_50"
+    higher_is_better = True
+    model_config = staticmethod(detector_model_config)
+    collate = staticmethod(collate_detector)
+
+    def __init__(self, cfg: TrainConfig, model_cfg: DetectorConfig, dist_info: DistInfo) -> None:
+        self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
+        self.settings = from_dict(DetectorTaskConfig, cfg.task, "training config", section="task")
+
+    def build_model(self) -> nn.Module:
+        return build_detector(self.model_cfg)
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        return build_detector_dataset(self.cfg.data, split, self.model_cfg.image_size)
+
+    def initialise(self, model: nn.Module) -> None:
+        """Nothing beyond the backbone weights `build_detector` already loaded."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
+        device = self.dist_info.device
+        image = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
+        boxes = [b.to(device, non_blocking=True) for b in batch["boxes"]]  # B x (M_b, 4) cx, cy, w, h px
+        return model(image, boxes)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        return evaluate_detector(model, dataset, self.settings.candidates, self.cfg.eval_batch_size,
+                                 self.dist_info.device, self.dist_info.rank, self.dist_info.world_size,
+                                 num_workers=self.cfg.data.num_workers)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float | int | None]:
+    return trainer.main(DetectorTask, __doc__.split("\n")[0], argv)
+
+
+if __name__ == "__main__":
+    main()
