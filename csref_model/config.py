@@ -22,8 +22,8 @@ from csref_model.typed_yaml import from_dict, read_yaml
 logger = logging.getLogger(__name__)
 
 PYTHON_PACKAGE_PREFIX = "python-package:"
-# Names of the YAML files in config/models/: CSRef models, then class-agnostic detectors.
-BUILTIN_CONFIGS = ("base", "tiny", "detector_base", "detector_tiny")
+# Names of the YAML files in config/models/: CSRef models, class-agnostic detectors, RefCLIP.
+BUILTIN_CONFIGS = ("base", "tiny", "detector_base", "detector_tiny", "refclip_base", "refclip_tiny")
 
 
 @dataclass

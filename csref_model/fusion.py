@@ -31,39 +31,46 @@ class SimpleFusion(nn.Module):
 
 
 class MultiScaleFusion(nn.Module):
-    """Top-down then bottom-up mixing of the three fused maps (all `channels` wide).
+    """Top-down then bottom-up mixing of three maps (strides 8, 16, 32) into `channels`-wide outputs.
 
-    CSRef uses only the stride-32 output (`forward`); the stride-8/16 projections exist so official
-    checkpoints load strictly, and `forward_all_scales` computes them (parity tests).
+    CSRef feeds the three fused maps, all `channels` wide, upsampled bilinearly. RefCLIP feeds the
+    backbone's own maps (`in_channels` = their widths) and upsamples by nearest neighbour; with equal
+    widths both are the same module. CSRef uses only the stride-32 output (`forward`); the
+    stride-8/16 projections exist so official checkpoints load strictly, and `forward_all_scales`
+    computes them (parity tests).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, in_channels: tuple[int, int, int] | None = None,
+                 upsampling: str = "bilinear"):
         super().__init__()
+        c8, c16, c32 = in_channels or (channels, channels, channels)
         half = channels // 2
+        if upsampling == "bilinear":
+            # UpsamplingBilinear2d uses align_corners=True; the released CSRef weights depend on it.
+            upsample = nn.UpsamplingBilinear2d
+        elif upsampling == "nearest":
+            upsample = nn.UpsamplingNearest2d
+        else:
+            raise ValueError(f"upsampling must be 'bilinear' or 'nearest', got {upsampling!r}")
         # Index 0 of each Sequential is the parameter-free resampling, as in the reference's keys.
-        # UpsamplingBilinear2d uses align_corners=True; the released weights depend on it.
         self.up_modules = nn.ModuleList([
-            nn.Sequential(nn.UpsamplingBilinear2d(scale_factor=2), DarknetConv(channels + half, half, 1),
-                          DarknetConv(half, half, 3)),
-            nn.Sequential(nn.UpsamplingBilinear2d(scale_factor=2), DarknetConv(channels, half, 1),
-                          DarknetConv(half, half, 3)),
+            nn.Sequential(upsample(scale_factor=2), DarknetConv(c16 + half, half, 1), DarknetConv(half, half, 3)),
+            nn.Sequential(upsample(scale_factor=2), DarknetConv(c32, half, 1), DarknetConv(half, half, 3)),
         ])
         self.down_modules = nn.ModuleList([
-            nn.Sequential(nn.AvgPool2d(2, 2), DarknetConv(channels + half, half, 1),
-                          DarknetConv(half, half, 3)),
-            nn.Sequential(nn.AvgPool2d(2, 2), DarknetConv(2 * channels, half, 1),
-                          DarknetConv(half, half, 3)),
+            nn.Sequential(nn.AvgPool2d(2, 2), DarknetConv(c8 + half, half, 1), DarknetConv(half, half, 3)),
+            nn.Sequential(nn.AvgPool2d(2, 2), DarknetConv(c16 + channels, half, 1), DarknetConv(half, half, 3)),
         ])
-        self.top_proj = DarknetConv(channels + half, channels, 1)
-        self.mid_proj = DarknetConv(2 * channels, channels, 1)
-        self.bot_proj = DarknetConv(channels + half, channels, 1)
+        self.top_proj = DarknetConv(c32 + half, channels, 1)
+        self.mid_proj = DarknetConv(c16 + channels, channels, 1)
+        self.bot_proj = DarknetConv(c8 + half, channels, 1)
 
     def _mix(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s8, s16, s32 = maps  # (B, C, 4G, 4G), (B, C, 2G, 2G), (B, C, G, G)
-        s16 = torch.cat([self.up_modules[1](s32), s16], dim=1)  # (B, C + C/2, 2G, 2G)
-        s8 = torch.cat([self.up_modules[0](s16), s8], dim=1)  # (B, C + C/2, 4G, 4G)
-        s16 = torch.cat([self.down_modules[0](s8), s16], dim=1)  # (B, 2C, 2G, 2G)
-        s32 = torch.cat([self.down_modules[1](s16), s32], dim=1)  # (B, C + C/2, G, G)
+        s8, s16, s32 = maps  # (B, C8, 4G, 4G), (B, C16, 2G, 2G), (B, C32, G, G)
+        s16 = torch.cat([self.up_modules[1](s32), s16], dim=1)  # (B, C/2 + C16, 2G, 2G)
+        s8 = torch.cat([self.up_modules[0](s16), s8], dim=1)  # (B, C/2 + C8, 4G, 4G)
+        s16 = torch.cat([self.down_modules[0](s8), s16], dim=1)  # (B, C + C16, 2G, 2G)
+        s32 = torch.cat([self.down_modules[1](s16), s32], dim=1)  # (B, C/2 + C32, G, G)
         return s8, s16, s32
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:

@@ -84,8 +84,14 @@ def evaluate_srec(
     num_workers: int = 0,
     vis_dir: Path | None = None,
     show_progress: bool = False,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Acc@0.5, Acc@0.75 and mean IoU of `model` (put in eval mode) on `dataset`."""
+    """Acc@0.5, Acc@0.75 and mean IoU of `model` (put in eval mode) on `dataset`.
+
+    `model(image, input_values, attention_mask)` returns (B, 5) boxes in letterboxed-input pixels
+    (SREC, RefCLIP). With `records`, this process's items are appended to it as
+    {"sent_id", "sentence", "speaker", "iid", "iou", "score", "pred_xyxy", "image_wh"} (original pixels).
+    """
     model.eval()
     loader = DataLoader(eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_srec)
@@ -97,6 +103,12 @@ def evaluate_srec(
         gt = batch["gt_xyxy"].numpy().astype(np.float64)  # (B, 4) original pixels
         iou, sums = score_boxes(pred_original, gt)
         totals = {key: totals[key] + sums[key] for key in totals}
+        if records is not None:
+            records.extend({"sent_id": batch["sent_id"][i], "sentence": batch["sentence"][i],
+                            "speaker": batch["speaker"][i], "iid": batch["iid"][i], "iou": float(iou[i]),
+                            "score": float(pred[i, 4]), "pred_xyxy": pred_original[i].tolist(),
+                            "image_wh": (batch["letterbox"][i].w, batch["letterbox"][i].h)}
+                           for i in range(len(iou)))
         if vis_dir is not None:
             save_visualisations(vis_dir, batch, pred_original, iou)
     count, hits_50, hits_75, iou_sum = sum_over_ranks(list(totals.values()), device)

@@ -20,12 +20,16 @@ import yaml
 from safetensors.torch import load_file
 
 from csref_model.checkpoint import save_checkpoint
+from csref_model.config import resolve_config_path
+from csref_model.refclip import RefCLIPConfig
 from csref_model.csa import build_csa
 from csref_model.srec import build_srec
 from csref_model.text_encoder import load_tokenizer
-from csref_model.typed_yaml import set_dotted
+from csref_model.typed_yaml import read_yaml, set_dotted
 from csref_training import evaluate
 from csref_training.checkpointing import TRAINER_STATE
+from csref_training.detector import detector_model_config
+from csref_training.refclip import task_settings as refclip_task_settings
 from csref_training.optim import EMA, build_optimizer_and_scheduler, set_train_mode, warmup_cosine_lr
 from csref_training.reproducibility import seed_all
 from csref_training.train_config import build_model_config, load_train_config
@@ -111,9 +115,20 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_training_configs_load(path: Path) -> None:
+    """Every shipped YAML loads, and so does its task's model config (named by the file's prefix)."""
     cfg = load_train_config(path)
-    model_cfg = build_model_config(cfg)
-    assert cfg.epochs > 0 and model_cfg.image_size > 0
+    task = path.name.split("_")[0]
+    if task in ("csa", "srec"):
+        assert build_model_config(cfg).image_size > 0
+    elif task == "detector":
+        assert detector_model_config(cfg).image_size > 0
+    else:
+        assert task == "refclip"
+        # Its detector and speech-encoder configs come from checkpoints that are trained first.
+        settings = refclip_task_settings(cfg)
+        model_tree = read_yaml(resolve_config_path(cfg.model), "RefCLIP model config")
+        assert RefCLIPConfig.from_dict(model_tree).select_num == 17 and settings.detector_checkpoint
+    assert cfg.epochs > 0
 
 
 def test_schedule_matches_reference_formula(tmp_path: Path) -> None:

@@ -1,0 +1,235 @@
+"""Weakly supervised grounding: train RefCLIP on (image, spoken command) pairs without boxes, then
+pseudo-label the training set so that an ordinary SREC can be trained on it.
+
+    python -m csref_training.refclip --config config/train/refclip_spoken_shapes.yaml [key=value ...]
+    python -m csref_training.refclip evaluate --config Y --checkpoint runs/refclip/best --split test
+    python -m csref_training.refclip pseudo-label --config Y --checkpoint runs/refclip/best --out data/pseudo
+
+The model is `csref_model.refclip`: a frozen class-agnostic detector (`csref_training.detector`)
+proposes the 17 most object-like stride-32 cells, a frozen CSA speech encoder gives the
+command's aligned vector, and RefCLIP learns only a MultiScaleFusion and two projections with
+its anchor-contrastive loss. Training never reads a box: the loss takes the image and the speech
+only (`RefCLIPTask.loss`), and a test checks that scrambling the training boxes changes nothing.
+Validation Acc@0.5 (IoU > 0.5 on original-image boxes, as the paper) picks `best` where the
+validation split has boxes.
+
+Recipe (RefCLIP's refcoco.yaml): Adam 1e-4 (0.9, 0.98), 25 epochs, 3 warmup epochs then cosine,
+EMA 0.9997, gradient clipping 0.15. The official train.py calls net.train(), which puts the
+frozen detector's BatchNorms back in training mode, so its candidates drift with each batch's
+statistics; we keep every fully frozen module in eval mode (`frozen_modules_train_mode: false`),
+so the candidates are exactly the detector's; `frozen_modules_train_mode=true` restores the
+official behaviour.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from csref_model.boxes import box_iou
+from csref_model.checkpoint import load_csa_speech_encoder, load_into, read_checkpoint_dir, read_config, read_state_dict
+from csref_model.config import resolve_config_path
+from csref_model.refclip import RefCLIPConfig, RefCLIP, build_refclip_from_checkpoint
+from csref_model.typed_yaml import from_dict, merge, read_yaml
+from csref_training import trainer
+from csref_training.datasets import build_srec_dataset, collate_srec, refcoco_layout
+from csref_training.distributed import DistInfo
+from csref_training.evaluate import evaluate_srec
+from csref_training.spoken_shapes.grammar import parse_expression
+from csref_training.train_config import TrainConfig, load_train_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RefCLIPTaskConfig:
+    """The training YAML's `task:` section for RefCLIP."""
+
+    # Our detector checkpoint directory (python -m csref_training.detector): frozen candidates.
+    detector_checkpoint: str | None = None
+    # CSA checkpoint (our directory or an official .pth): the frozen speech encoder.
+    speech_checkpoint: str | None = None
+
+
+def task_settings(cfg: TrainConfig) -> RefCLIPTaskConfig:
+    settings = from_dict(RefCLIPTaskConfig, cfg.task, "training config", section="task")
+    for name in ("detector_checkpoint", "speech_checkpoint"):
+        if not getattr(settings, name):
+            raise ValueError(f"training config: task.{name} is required for RefCLIP (a "
+                             f"{'detector' if name.startswith('detector') else 'CSA'} checkpoint)")
+    return settings
+
+
+def refclip_model_config(cfg: TrainConfig) -> RefCLIPConfig:
+    """`cfg.model` + `cfg.model_overrides`, with the detector and speech-encoder configs stored in the
+    checkpoints the task section names (when they are our directories), so shapes always match."""
+    settings = task_settings(cfg)
+    tree = merge(read_yaml(resolve_config_path(cfg.model), "RefCLIP model config"), cfg.model_overrides)
+    tree["detector"] = read_checkpoint_dir(settings.detector_checkpoint)[1]
+    if Path(settings.speech_checkpoint).is_dir():
+        tree["speech_encoder"] = read_config(settings.speech_checkpoint).to_dict()["speech_encoder"]
+    tree.setdefault("speech_encoder", {})["layer_fusion"] = False  # CSA's aligned vector
+    return RefCLIPConfig.from_dict(tree, source=f"{cfg.model} + model_overrides + task checkpoints")
+
+
+class RefCLIPTask:
+    name = "refclip"
+    best_metric = "acc_50"
+    higher_is_better = True
+    model_config = staticmethod(refclip_model_config)
+    collate = staticmethod(collate_srec)
+
+    def __init__(self, cfg: TrainConfig, model_cfg: RefCLIPConfig, dist_info: DistInfo) -> None:
+        self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
+        self.settings = task_settings(cfg)
+
+    def build_model(self) -> nn.Module:
+        return RefCLIP(self.model_cfg)
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        return build_srec_dataset(self.cfg.data, split=split, image_size=self.model_cfg.detector.image_size,
+                                  train=train)
+
+    def initialise(self, model: nn.Module) -> None:
+        """The frozen detector and the frozen CSA speech encoder from their checkpoints, strictly."""
+        load_into(model.detector, read_state_dict(self.settings.detector_checkpoint), self.settings.detector_checkpoint)
+        load_csa_speech_encoder(model, self.settings.speech_checkpoint)
+        logger.info("detector from %s, speech encoder from %s", self.settings.detector_checkpoint,
+                    self.settings.speech_checkpoint)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
+        # Image and speech only: weak supervision never reads batch["label"] or batch["gt_xyxy"].
+        device = self.dist_info.device
+        return model(batch["image"].to(device, non_blocking=True), batch["input_values"].to(device, non_blocking=True),
+                     batch["attention_mask"].to(device, non_blocking=True), return_loss=True)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        return evaluate_srec(model, dataset, self.cfg.eval_batch_size, self.dist_info.device, self.dist_info.rank,
+                             self.dist_info.world_size, num_workers=self.cfg.data.num_workers)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation by kind of expression, and pseudo-labels
+# ----------------------------------------------------------------------------------------
+def expression_kind(sentence: str) -> str:
+    """The attributes a Spoken Shapes command names besides its shape ("colour+place", "shape only")."""
+    try:
+        expression = parse_expression(sentence)
+    except ValueError:
+        return "other"
+    named = [name for name, value in (("colour", expression.colour), ("size", expression.size),
+                                      ("place", expression.horizontal or expression.vertical)) if value]
+    return "+".join(named) or "shape only"
+
+
+def chance_level(ann_path: Path, split: str) -> float | None:
+    """Mean of 1 / (objects in the image) over the split's entries; None without object lists."""
+    entries = json.loads(ann_path.read_text())[split]
+    if not entries or any("objects" not in entry for entry in entries):
+        return None
+    return float(np.mean([1.0 / len(entry["objects"]) for entry in entries]))
+
+
+def predict(checkpoint: Path, cfg: TrainConfig, split: str, records: list[dict[str, Any]]) -> dict[str, float]:
+    model, model_cfg = build_refclip_from_checkpoint(checkpoint)
+    dataset = build_srec_dataset(cfg.data, split=split, image_size=model_cfg.detector.image_size, train=False)
+    return evaluate_srec(model, dataset, cfg.eval_batch_size, torch.device("cpu"), num_workers=cfg.data.num_workers,
+                         records=records)
+
+
+def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
+    records: list[dict[str, Any]] = []
+    metrics = predict(args.checkpoint, cfg, args.split, records)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        by_kind[expression_kind(record["sentence"])].append(record["iou"] > 0.5)
+    layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
+                            cfg.data.audio_root, cfg.data.image_pattern)
+    result = {**metrics, "chance_acc_50": chance_level(layout.ann_path, args.split),
+              "acc_50_by_kind": {kind: {"count": len(hits), "acc_50": float(np.mean(hits))}
+                                 for kind, hits in sorted(by_kind.items())}}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def pseudo_label_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
+    """Write <out>/anns/<dataset>.json: the chosen splits' boxes replaced by RefCLIP's predictions
+    (one entry per sentence, marked "pseudo" with the score), the other splits copied unchanged."""
+    layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
+                            cfg.data.audio_root, cfg.data.image_pattern)
+    annotations = json.loads(layout.ann_path.read_text())
+    report: dict[str, Any] = {}
+    for split in args.splits.split(","):
+        records: list[dict[str, Any]] = []
+        predict(args.checkpoint, cfg, split, records)
+        best: dict[int, dict[str, Any]] = {}  # sent_id -> the highest-scoring speaker's prediction
+        for record in records:
+            if record["sent_id"] not in best or record["score"] > best[record["sent_id"]]["score"]:
+                best[record["sent_id"]] = record
+        pseudo_entries, hits, unusable = [], [], 0
+        for entry in annotations[split]:
+            for ref in entry["refs"]:
+                if ref["sent_id"] not in best:
+                    continue  # no audio for it: nothing to learn from
+                record = best[ref["sent_id"]]
+                # Predictions are not clipped (as the reference's); a label must lie in the image.
+                width, height = record["image_wh"]
+                x1, y1, x2, y2 = np.clip(record["pred_xyxy"], 0, [width, height, width, height]).tolist()
+                if x2 - x1 < 1 or y2 - y1 < 1:
+                    unusable += 1
+                    continue
+                if "bbox" in entry:
+                    truth = np.array(entry["bbox"], dtype=np.float64)
+                    truth[2:] += truth[:2]
+                    hits.append(float(box_iou(np.array([x1, y1, x2, y2]), truth)) > 0.5)
+                # Only what a box-free user has: the image, the sentence and the prediction.
+                pseudo_entries.append({"iid": entry["iid"], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                       "sent_ids": [ref["sent_id"]], "refs": [ref], "pseudo": True,
+                                       "pseudo_score": record["score"]})
+        annotations[split] = pseudo_entries
+        report[split] = {"entries": len(pseudo_entries), "outside_the_image": unusable,
+                         "pseudo_label_acc_50": float(np.mean(hits)) if hits else None}
+    out_ann = Path(args.out) / "anns" / f"{cfg.data.dataset}.json"
+    out_ann.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_ann.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(annotations))
+    tmp.replace(out_ann)
+    report["ann_path"] = str(out_ann)
+    report["train_srec_with"] = (f"python -m csref_training.srec --config config/train/srec_spoken_shapes.yaml "
+                                 f"data.ann_path={out_ann} data.image_dir={layout.image_dir} "
+                                 f"data.audio_root={layout.audio_root}")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("evaluate", "pseudo-label"):
+        return trainer.main(RefCLIPTask, __doc__.split("\n")[0], argv)
+    parser = argparse.ArgumentParser(prog=f"python -m csref_training.refclip {argv[0]}")
+    parser.add_argument("--config", required=True, help="the RefCLIP training YAML (its data section)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a RefCLIP checkpoint directory")
+    if argv[0] == "evaluate":
+        parser.add_argument("--split", default="test")
+    else:
+        parser.add_argument("--splits", default="train,val",
+                            help="splits whose boxes are replaced (default train,val: no truth is used for "
+                                 "training or model selection); the others are copied unchanged")
+        parser.add_argument("--out", required=True, type=Path, help="directory for anns/<dataset>.json")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
+    args = parser.parse_args(argv[1:])
+    cfg = load_train_config(args.config, args.overrides)
+    return evaluate_main(args, cfg) if argv[0] == "evaluate" else pseudo_label_main(args, cfg)
+
+
+if __name__ == "__main__":
+    main()

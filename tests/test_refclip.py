@@ -1,0 +1,122 @@
+"""RefCLIP for speech: its loss, box-free training through the shared loop, evaluation by kind of
+expression, pseudo-labels, and SREC trained on them. Real files, real (small) models."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from csref_model.checkpoint import save_checkpoint
+from csref_model.config import load_model_config
+from csref_model.csa import build_csa
+from csref_model.detector import DetectorConfig, build_detector
+from csref_model.refclip import anchor_contrastive_loss
+from csref_model.typed_yaml import merge
+from csref_training import refclip, srec
+from csref_training.checkpointing import TRAINER_STATE
+from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
+from test_training import TEST_MODEL
+
+SPLITS = {"train": 8, "val": 4, "test": 4}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small Spoken Shapes set, a (random) CSA checkpoint and a (random) detector checkpoint:
+    RefCLIP's machinery, not its accuracy, is under test here."""
+    root = tmp_path_factory.mktemp("refclip")
+    generate_dataset(SynthConfig(out=root / "data", seed=3, voices=("en-us+m3", "en-gb+f2")), SPLITS)
+    csa_config = load_model_config("tiny")
+    csa_config = type(csa_config).from_dict(merge(csa_config.to_dict(), {"speech_encoder": TEST_MODEL["speech_encoder"]}))
+    save_checkpoint(root / "csa", build_csa(csa_config), csa_config)
+    detector_config = DetectorConfig(image_size=128, neck_channels=16)
+    detector_config.visual_backbone.depth_multiple, detector_config.visual_backbone.width_multiple = 0.33, 0.125
+    detector_config.head.hidden_size = 16
+    save_checkpoint(root / "detector", build_detector(detector_config), detector_config)
+    return {"root": root, "data": root / "data", "csa": root / "csa", "detector": root / "detector"}
+
+
+def overrides(setup: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
+    return [f"data.root={setup['data']}", f"output_dir={output_dir}", f"task.detector_checkpoint={setup['detector']}",
+            f"task.speech_checkpoint={setup['csa']}", "data.num_workers=0", "batch_size=4", "eval_batch_size=4",
+            "model_overrides.select_num=8", "model_overrides.fusion_channels=32", "model_overrides.hidden_size=16",
+            *extra]
+
+
+def train(setup: dict[str, Path], output_dir: Path, *extra: str) -> dict:
+    return refclip.main(["--config", "config/train/refclip_spoken_shapes.yaml", *overrides(setup, output_dir, *extra)])
+
+
+def test_loss_uses_best_anchors_and_other_images_second_best():
+    # Expression b, image a, candidate k. Expression 0's logits: best of image 0 (3.0), best of
+    # image 1 (1.0), second-best of image 1 (0.5); its own image's second best (2.0) is not a negative.
+    scores = torch.tensor([[[3.0, 2.0, -1.0], [1.0, 0.5, 0.0]],
+                           [[0.2, 0.1, 0.0], [4.0, -2.0, 1.5]]])  # (2 expressions, 2 images, 3)
+    expected_0 = -math.log(math.exp(3.0) / (math.exp(3.0) + math.exp(1.0) + math.exp(0.5)))
+    # Expression 1: best of image 0 (0.2), best of image 1 (4.0, the target), second of image 0 (0.1).
+    expected_1 = -math.log(math.exp(4.0) / (math.exp(0.2) + math.exp(4.0) + math.exp(0.1)))
+    torch.testing.assert_close(anchor_contrastive_loss(scores), torch.tensor((expected_0 + expected_1) / 2))
+
+
+def test_training_never_reads_a_box(setup, tmp_path):
+    first = train(setup, tmp_path / "a", "epochs=1", "data.val_split=val")
+    # The same run on annotations whose training boxes are all wrong gives the same weights.
+    annotations = json.loads((setup["data"] / "anns" / "spoken_shapes.json").read_text())
+    for entry in annotations["train"]:
+        entry["bbox"] = [1.0, 1.0, 5.0, 5.0]
+        del entry["objects"], entry["target_index"]
+    scrambled = tmp_path / "scrambled.json"
+    scrambled.write_text(json.dumps(annotations))
+    second = train(setup, tmp_path / "b", "epochs=1", f"data.ann_path={scrambled}",
+                   f"data.image_dir={setup['data'] / 'images'}", f"data.audio_root={setup['data'] / 'audios' / 'spoken_shapes'}")
+    assert first["global_step"] == second["global_step"] == 2
+    weights_a = load_file(tmp_path / "a" / "last" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+    # ... and training moved the trainable parts: the raw weights left the EMA (~ initial) ones.
+    raw = torch.load(tmp_path / "a" / "last" / TRAINER_STATE, weights_only=True)["raw_model"]
+    assert not torch.equal(raw["linear_ts.weight"], weights_a["linear_ts.weight"])
+    assert torch.equal(raw["detector.head.obj_preds.0.weight"], weights_a["detector.head.obj_preds.0.weight"])
+
+
+def test_evaluate_reports_chance_and_kinds_then_pseudo_labels_train_srec(setup, tmp_path, capsys):
+    train(setup, tmp_path / "run", "max_steps=2")
+    checkpoint = tmp_path / "run" / "last"
+    config = "config/train/refclip_spoken_shapes.yaml"
+    base = overrides(setup, tmp_path / "run")
+    result = refclip.main(["evaluate", "--config", config, "--checkpoint", str(checkpoint), "--split", "test", *base])
+    assert result["count"] == SPLITS["test"]
+    annotations = json.loads((setup["data"] / "anns" / "spoken_shapes.json").read_text())
+    expected_chance = sum(1 / len(e["objects"]) for e in annotations["test"]) / SPLITS["test"]
+    assert result["chance_acc_50"] == pytest.approx(expected_chance)
+    assert sum(kind["count"] for kind in result["acc_50_by_kind"].values()) == SPLITS["test"]
+
+    report = refclip.main(["pseudo-label", "--config", config, "--checkpoint", str(checkpoint),
+                           "--out", str(tmp_path / "pseudo"), *base])
+    pseudo = json.loads(Path(report["ann_path"]).read_text())
+    for split in ("train", "val"):
+        # An untrained model may put a box wholly outside the image: such a label is dropped, counted.
+        assert len(pseudo[split]) + report[split]["outside_the_image"] == SPLITS[split]
+    assert pseudo["test"] == annotations["test"]  # evaluation split untouched
+    for entry in pseudo["train"] + pseudo["val"]:
+        assert entry["pseudo"] is True and isinstance(entry["pseudo_score"], float)
+        assert "objects" not in entry and "target_index" not in entry
+    assert 0.0 <= report["train"]["pseudo_label_acc_50"] <= 1.0
+    # The existing SREC trainer takes the copy as it is.
+    srec_result = srec.main(["--config", "config/train/srec_spoken_shapes.yaml", "model=tiny",
+                             f"output_dir={tmp_path / 'srec'}", f"data.ann_path={report['ann_path']}",
+                             f"data.image_dir={setup['data'] / 'images'}",
+                             f"data.audio_root={setup['data'] / 'audios' / 'spoken_shapes'}",
+                             "data.num_workers=0", "batch_size=4", "eval_batch_size=4", "max_steps=1",
+                             "init_speech_encoder=null", "multi_scale.enabled=false"])
+    assert srec_result["global_step"] == 1
+
+
+def test_missing_checkpoints_are_named(setup, tmp_path):
+    with pytest.raises(ValueError, match="task.detector_checkpoint is required"):
+        refclip.main(["--config", "config/train/refclip_spoken_shapes.yaml", "task.detector_checkpoint=",
+                      f"output_dir={tmp_path}"])
