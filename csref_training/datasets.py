@@ -195,8 +195,13 @@ def _prepare(wave: np.ndarray, sample_rate: int, use_trim: bool, max_duration: f
     return wave
 
 
-def _letterboxed_item(image: np.ndarray, box_xywh: tuple[float, ...], image_size: int) -> dict[str, Any]:
+def _letterboxed_item(image: np.ndarray, box_xywh: tuple[float, ...] | None, image_size: int) -> dict[str, Any]:
+    """Letterboxed image and its box; without a box (weak supervision) an all-zero label ("no
+    object", as the reference) and a NaN ground truth that evaluation skips."""
     tensor, geometry = letterbox(image, image_size)  # (3, S, S)
+    if box_xywh is None:
+        return {"image": tensor, "letterbox": geometry, "label": torch.zeros(4),
+                "gt_xyxy": torch.full((4,), float("nan"), dtype=torch.float64)}
     x, y, w, h = box_xywh
     xyxy = np.array([x, y, x + w, y + h], dtype=np.float64)
     return {
@@ -274,7 +279,7 @@ class Utterance:
 class RefEntry:
     where: str  # "<ann file> <split>[<index>] (iid <iid>)", for messages
     iid: int
-    box_xywh: tuple[float, float, float, float]
+    box_xywh: tuple[float, float, float, float] | None  # None: box-free data (weak supervision)
     image_path: Path | None
     sentences: tuple[tuple[Utterance, ...], ...]  # per sent_id: one utterance per speaker
 
@@ -288,11 +293,13 @@ def load_refcoco_entries(
     image_pattern: str = SYNTH_IMAGE_PATTERN,
     need_text: bool = False,
     skip_broken: bool = False,
+    need_box: bool = True,
 ) -> tuple[list[RefEntry], list[str]]:
     """Checked entries of the `split` (joined with '+') of a RefCOCO-layout annotation file.
 
     With `image_dir` the image and box are checked too (SREC); without, only speech and text
-    (CSA). Returns (entries, messages of the skipped broken entries).
+    (CSA). With `need_box=False` an entry may have no box (box-free data for weak supervision).
+    Returns (entries, messages of the skipped broken entries).
     """
     if not ann_path.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_path}")
@@ -309,7 +316,8 @@ def load_refcoco_entries(
         for index, raw in enumerate(annotations[split_name]):
             where = f"{ann_path} {split_name}[{index}] (iid {raw.get('iid') if isinstance(raw, dict) else '?'})"
             try:
-                entries.append(_check_entry(raw, where, speakers, box_key, image_dir, image_pattern, need_text, image_sizes))
+                entries.append(_check_entry(raw, where, speakers, box_key, image_dir, image_pattern, need_text,
+                                            image_sizes, need_box))
             except BrokenEntryError as err:
                 broken.add(err)
     broken.report()
@@ -325,6 +333,7 @@ def _check_entry(
     image_pattern: str,
     need_text: bool,
     image_sizes: dict[Path, tuple[int, int]],
+    need_box: bool = True,
 ) -> RefEntry:
     if not isinstance(raw, dict) or "iid" not in raw or "sent_ids" not in raw:
         raise BrokenEntryError(f"{where}: entry needs 'iid' and 'sent_ids', got {str(raw)[:200]}")
@@ -334,10 +343,11 @@ def _check_entry(
         texts = {int(r["sent_id"]): str(r.get("sent", "")) for r in raw.get("refs", []) if "sent_id" in r}
     except (TypeError, ValueError) as err:
         raise BrokenEntryError(f"{where}: 'iid', 'sent_ids' and refs' 'sent_id' must be integers: {err}") from err
-    box, image_path = (0.0, 0.0, 0.0, 0.0), None
+    box, image_path = None, None
     if image_dir is not None:
-        if box_key not in raw:
-            raise BrokenEntryError(f"{where}: entry has no {box_key!r} box (keys: {sorted(raw)})")
+        if box_key not in raw and need_box:
+            raise BrokenEntryError(f"{where}: entry has no {box_key!r} box (keys: {sorted(raw)}); for box-free "
+                                   "data (weak supervision) set data.boxes=false")
         image_path = image_dir / image_file_name(image_pattern, iid)
         if image_path not in image_sizes:
             if not image_path.is_file():
@@ -348,7 +358,8 @@ def _check_entry(
             except OSError as err:
                 raise BrokenEntryError(f"{where}: unreadable image file {image_path}: {err}") from err
         width, height = image_sizes[image_path]
-        box = _check_box(raw[box_key], width, height, where)
+        if box_key in raw:
+            box = _check_box(raw[box_key], width, height, where)
     if not sent_ids:
         raise BrokenEntryError(f"{where}: 'sent_ids' is empty")
     sentences = []
@@ -406,6 +417,7 @@ class SpeechGroundingDataset(Dataset):
         use_trim: bool = True,
         max_duration: float | None = None,
         skip_broken: bool = False,
+        need_box: bool = True,
     ) -> None:
         self.layout = layout
         self.image_size = image_size
@@ -414,7 +426,7 @@ class SpeechGroundingDataset(Dataset):
         self.speakers = SpeakerIndex(layout.audio_root, speakers)
         entries, self.broken = load_refcoco_entries(
             layout.ann_path, split, self.speakers, layout.box_key, layout.image_dir, layout.image_pattern,
-            need_text=False, skip_broken=skip_broken,
+            need_text=False, skip_broken=skip_broken, need_box=need_box,
         )
         self.num_broken = len(self.broken)
         self.choice = _UtteranceChoice(entries, train)
@@ -739,7 +751,7 @@ def build_srec_dataset(data: DataConfig, split: str, image_size: int, train: boo
         layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root,
                                 data.image_pattern)
         return SpeechGroundingDataset(layout, split, image_size, data.speakers, train, data.use_trim,
-                                      data.max_duration, data.skip_broken)
+                                      data.max_duration, data.skip_broken, need_box=data.boxes)
     if data.format == "hf":
         return HFSpeechGroundingDataset(data.root, split, image_size, box_key_for(data.dataset), train,
                                         data.use_trim, data.max_duration, data.skip_broken)

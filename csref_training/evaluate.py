@@ -74,6 +74,45 @@ def score_boxes(pred_xyxy: np.ndarray, gt_xyxy: np.ndarray) -> tuple[np.ndarray,
 
 
 @torch.no_grad()
+def predict_boxes(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    vis_dir: Path | None = None,
+    show_progress: bool = False,
+) -> list[dict[str, Any]]:
+    """The box `model` (put in eval mode) chooses for each of this process's items of `dataset`.
+
+    `model(image, input_values, attention_mask)` returns (B, 5) boxes in letterboxed-input pixels
+    (SREC, RefCLIP). One record per item: {"sent_id", "sentence", "speaker", "iid", "score",
+    "pred_xyxy" and "image_wh" (original pixels), "iou" (NaN where the item has no box)}.
+    """
+    model.eval()
+    loader = DataLoader(eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_srec)
+    records = []
+    for batch in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
+        pred = model(batch["image"].to(device), batch["input_values"].to(device), batch["attention_mask"].to(device))
+        pred = pred.float().cpu().numpy()  # (B, 5) x1, y1, x2, y2, score in letterboxed-input pixels
+        pred_original = np.stack([lb.box_to_original(p[:4]) for lb, p in zip(batch["letterbox"], pred)])
+        gt = batch["gt_xyxy"].numpy().astype(np.float64)  # (B, 4) original pixels, NaN rows: no box
+        boxed = ~np.isnan(gt).any(axis=1)
+        iou = np.full(len(gt), np.nan)  # (B,)
+        iou[boxed] = score_boxes(pred_original[boxed], gt[boxed])[0]
+        records.extend({"sent_id": batch["sent_id"][i], "sentence": batch["sentence"][i],
+                        "speaker": batch["speaker"][i], "iid": batch["iid"][i], "iou": float(iou[i]),
+                        "score": float(pred[i, 4]), "pred_xyxy": pred_original[i].tolist(),
+                        "image_wh": (batch["letterbox"][i].w, batch["letterbox"][i].h)}
+                       for i in range(len(iou)))
+        if vis_dir is not None:
+            save_visualisations(vis_dir, batch, pred_original, iou)
+    return records
+
+
 def evaluate_srec(
     model: nn.Module,
     dataset: Dataset,
@@ -84,36 +123,15 @@ def evaluate_srec(
     num_workers: int = 0,
     vis_dir: Path | None = None,
     show_progress: bool = False,
-    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Acc@0.5, Acc@0.75 and mean IoU of `model` (put in eval mode) on `dataset`.
-
-    `model(image, input_values, attention_mask)` returns (B, 5) boxes in letterboxed-input pixels
-    (SREC, RefCLIP). With `records`, this process's items are appended to it as
-    {"sent_id", "sentence", "speaker", "iid", "iou", "score", "pred_xyxy", "image_wh"} (original pixels).
-    """
-    model.eval()
-    loader = DataLoader(eval_subset(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate_srec)
-    totals = {"count": 0, "hits_50": 0, "hits_75": 0, "iou_sum": 0.0}
-    for batch in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
-        pred = model(batch["image"].to(device), batch["input_values"].to(device), batch["attention_mask"].to(device))
-        pred = pred.float().cpu().numpy()  # (B, 5) x1, y1, x2, y2, score in letterboxed-input pixels
-        pred_original = np.stack([lb.box_to_original(p[:4]) for lb, p in zip(batch["letterbox"], pred)])
-        gt = batch["gt_xyxy"].numpy().astype(np.float64)  # (B, 4) original pixels
-        iou, sums = score_boxes(pred_original, gt)
-        totals = {key: totals[key] + sums[key] for key in totals}
-        if records is not None:
-            records.extend({"sent_id": batch["sent_id"][i], "sentence": batch["sentence"][i],
-                            "speaker": batch["speaker"][i], "iid": batch["iid"][i], "iou": float(iou[i]),
-                            "score": float(pred[i, 4]), "pred_xyxy": pred_original[i].tolist(),
-                            "image_wh": (batch["letterbox"][i].w, batch["letterbox"][i].h)}
-                           for i in range(len(iou)))
-        if vis_dir is not None:
-            save_visualisations(vis_dir, batch, pred_original, iou)
-    count, hits_50, hits_75, iou_sum = sum_over_ranks(list(totals.values()), device)
+    """Acc@0.5, Acc@0.75 and mean IoU of `model` on the items of `dataset` that have a box."""
+    records = predict_boxes(model, dataset, batch_size, device, rank, world_size, num_workers, vis_dir,
+                            show_progress)
+    iou = np.array([r["iou"] for r in records if not np.isnan(r["iou"])])
+    sums = [len(iou), int((iou > 0.5).sum()), int((iou > 0.75).sum()), float(iou.sum())]
+    count, hits_50, hits_75, iou_sum = sum_over_ranks(sums, device)
     if count == 0:
-        raise ValueError("the evaluation split is empty")
+        raise ValueError("the evaluation split is empty or has no boxes (data.boxes=false data gives no Acc@0.5)")
     return {"count": int(count), "acc_50": hits_50 / count, "acc_75": hits_75 / count, "mean_iou": iou_sum / count}
 
 
@@ -156,6 +174,8 @@ def save_visualisations(vis_dir: Path, batch: dict[str, Any], pred: np.ndarray, 
     the sentence as caption: `<sent_id>_ok.jpg` (IoU > 0.5) or `<sent_id>_miss.jpg`."""
     vis_dir.mkdir(parents=True, exist_ok=True)
     for i, image_path in enumerate(batch["image_path"]):
+        if np.isnan(iou[i]):
+            continue  # no box to compare with (box-free data)
         if image_path is None:
             logger.warning("--save-vis needs image files; this dataset (Hugging Face variant) has none")
             return

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from csref_model.boxes import box_iou
 from csref_model.checkpoint import load_csa_speech_encoder, load_into, read_checkpoint_dir, read_config, read_state_dict
@@ -42,8 +42,9 @@ from csref_model.refclip import RefCLIPConfig, RefCLIP, build_refclip_from_check
 from csref_model.typed_yaml import from_dict, merge, read_yaml
 from csref_training import trainer
 from csref_training.datasets import build_srec_dataset, collate_srec, refcoco_layout
-from csref_training.distributed import DistInfo
-from csref_training.evaluate import evaluate_srec
+from csref_training.distributed import DistInfo, sum_over_ranks
+from csref_training.evaluate import evaluate_srec, predict_boxes
+from csref_training.reproducibility import eval_subset
 from csref_training.spoken_shapes.grammar import parse_expression
 from csref_training.train_config import TrainConfig, load_train_config
 
@@ -58,10 +59,16 @@ class RefCLIPTaskConfig:
     detector_checkpoint: str | None = None
     # CSA checkpoint (our directory or an official .pth): the frozen speech encoder.
     speech_checkpoint: str | None = None
+    # What picks `best`: "acc_50" on the validation boxes (the paper), or "val_loss", the RefCLIP
+    # loss on the validation pairs, for box-free data (data.boxes=false) where there is no Acc@0.5.
+    select_best_by: str = "acc_50"
 
 
 def task_settings(cfg: TrainConfig) -> RefCLIPTaskConfig:
     settings = from_dict(RefCLIPTaskConfig, cfg.task, "training config", section="task")
+    if settings.select_best_by not in ("acc_50", "val_loss"):
+        raise ValueError(f"training config: task.select_best_by must be 'acc_50' or 'val_loss', "
+                         f"got {settings.select_best_by!r}")
     for name in ("detector_checkpoint", "speech_checkpoint"):
         if not getattr(settings, name):
             raise ValueError(f"training config: task.{name} is required for RefCLIP (a "
@@ -91,6 +98,11 @@ class RefCLIPTask:
     def __init__(self, cfg: TrainConfig, model_cfg: RefCLIPConfig, dist_info: DistInfo) -> None:
         self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
         self.settings = task_settings(cfg)
+        if self.settings.select_best_by == "acc_50" and not cfg.data.boxes:
+            raise ValueError("training config: data.boxes=false gives no Acc@0.5 to select `best` by; "
+                             "set task.select_best_by=val_loss")
+        self.best_metric = self.settings.select_best_by
+        self.higher_is_better = self.settings.select_best_by == "acc_50"
 
     def build_model(self) -> nn.Module:
         return RefCLIP(self.model_cfg)
@@ -113,8 +125,34 @@ class RefCLIPTask:
                      batch["attention_mask"].to(device, non_blocking=True), return_loss=True)
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
-        return evaluate_srec(model, dataset, self.cfg.eval_batch_size, self.dist_info.device, self.dist_info.rank,
-                             self.dist_info.world_size, num_workers=self.cfg.data.num_workers)
+        """The RefCLIP loss on the validation pairs, and Acc@0.5 where the split has boxes."""
+        metrics = {"val_loss": contrastive_val_loss(model, dataset, self.cfg.eval_batch_size, self.dist_info)}
+        if self.cfg.data.boxes:
+            metrics.update(evaluate_srec(model, dataset, self.cfg.eval_batch_size, self.dist_info.device,
+                                         self.dist_info.rank, self.dist_info.world_size,
+                                         num_workers=self.cfg.data.num_workers))
+        return metrics
+
+
+@torch.no_grad()
+def contrastive_val_loss(model: nn.Module, dataset: Dataset, batch_size: int, dist_info: DistInfo) -> float:
+    """The training loss over the validation pairs in batches of `batch_size` (a batch of one has no
+    negatives and is left out), averaged per pair over the processes."""
+    model.eval()
+    loader = DataLoader(eval_subset(dataset, dist_info.rank, dist_info.world_size), batch_size=batch_size,
+                        collate_fn=collate_srec)
+    loss_sum, pairs = 0.0, 0
+    for batch in loader:
+        if len(batch["sent_id"]) < 2:
+            continue
+        device = dist_info.device
+        loss = model(batch["image"].to(device), batch["input_values"].to(device), batch["attention_mask"].to(device),
+                     return_loss=True)
+        loss_sum, pairs = loss_sum + float(loss) * len(batch["sent_id"]), pairs + len(batch["sent_id"])
+    loss_sum, pairs = sum_over_ranks([loss_sum, pairs], dist_info.device)
+    if pairs == 0:
+        raise ValueError("the validation split needs at least 2 pairs for the RefCLIP loss")
+    return loss_sum / pairs
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,16 +177,20 @@ def chance_level(ann_path: Path, split: str) -> float | None:
     return float(np.mean([1.0 / len(entry["objects"]) for entry in entries]))
 
 
-def predict(checkpoint: Path, cfg: TrainConfig, split: str, records: list[dict[str, Any]]) -> dict[str, float]:
+def predict(checkpoint: Path, cfg: TrainConfig, split: str) -> list[dict[str, Any]]:
+    """One record per utterance of `split` (csref_training.evaluate.predict_boxes)."""
     model, model_cfg = build_refclip_from_checkpoint(checkpoint)
     dataset = build_srec_dataset(cfg.data, split=split, image_size=model_cfg.detector.image_size, train=False)
-    return evaluate_srec(model, dataset, cfg.eval_batch_size, torch.device("cpu"), num_workers=cfg.data.num_workers,
-                         records=records)
+    return predict_boxes(model, dataset, cfg.eval_batch_size, torch.device("cpu"), num_workers=cfg.data.num_workers)
 
 
 def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
-    records: list[dict[str, Any]] = []
-    metrics = predict(args.checkpoint, cfg, args.split, records)
+    records = [r for r in predict(args.checkpoint, cfg, args.split) if not np.isnan(r["iou"])]
+    if not records:
+        raise ValueError(f"split {args.split!r} has no boxes to evaluate against")
+    iou = np.array([r["iou"] for r in records])
+    metrics = {"count": len(iou), "acc_50": float((iou > 0.5).mean()), "acc_75": float((iou > 0.75).mean()),
+               "mean_iou": float(iou.mean())}
     by_kind: dict[str, list[float]] = defaultdict(list)
     for record in records:
         by_kind[expression_kind(record["sentence"])].append(record["iou"] > 0.5)
@@ -169,8 +211,7 @@ def pseudo_label_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, A
     annotations = json.loads(layout.ann_path.read_text())
     report: dict[str, Any] = {}
     for split in args.splits.split(","):
-        records: list[dict[str, Any]] = []
-        predict(args.checkpoint, cfg, split, records)
+        records = predict(args.checkpoint, cfg, split)
         best: dict[int, dict[str, Any]] = {}  # sent_id -> the highest-scoring speaker's prediction
         for record in records:
             if record["sent_id"] not in best or record["score"] > best[record["sent_id"]]["score"]:

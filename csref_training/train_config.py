@@ -43,6 +43,9 @@ class DataConfig:
     image_pattern: str | None = None
     # Skip broken entries (and count them) instead of failing on the first one.
     skip_broken: bool = False
+    # false: entries may have no referent box (your own (image, command) pairs for weak
+    # supervision, `python -m csref_training.refclip`); Acc@0.5 is then measured only where one is.
+    boxes: bool = True
     num_workers: int = 2
 
 

@@ -57,8 +57,10 @@ class Task(Protocol):
     """What one trainer supplies to `train`. Built once per run, after the process group."""
 
     name: ClassVar[str]  # "srec": <output_dir>/srec.log, python -m csref_training.srec
-    best_metric: ClassVar[str]  # the key of evaluate()'s metrics that picks `best`
-    higher_is_better: ClassVar[bool]
+    # The key of evaluate()'s metrics that picks `best`, and its direction (a task may choose them
+    # per run from its settings).
+    best_metric: str
+    higher_is_better: bool
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]  # items -> batch, in DataLoader workers
     # cfg -> the config of the model this task trains (from cfg.model + cfg.model_overrides); it is
     # what each checkpoint's config.yaml holds: csref_model's ModelConfig for CSA and SREC.

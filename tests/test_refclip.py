@@ -3,9 +3,12 @@ expression, pseudo-labels, and SREC trained on them. Real files, real (small) mo
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import cv2
 import pytest
+import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
@@ -13,11 +16,14 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.csa import build_csa
 from csref_model.detector import DetectorConfig, build_detector
+from csref_model.grounder import Grounder
 from csref_model.refclip import anchor_contrastive_loss
+from csref_model.srec import build_srec
 from csref_model.typed_yaml import merge
-from csref_training import refclip, srec
+from csref_training import import_pairs, refclip, srec
 from csref_training.checkpointing import TRAINER_STATE
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
+from csref_training.train_config import build_model_config, load_train_config
 from test_training import TEST_MODEL
 
 SPLITS = {"train": 8, "val": 4, "test": 4}
@@ -120,3 +126,46 @@ def test_missing_checkpoints_are_named(setup, tmp_path):
     with pytest.raises(ValueError, match="task.detector_checkpoint is required"):
         refclip.main(["--config", "config/train/refclip_spoken_shapes.yaml", "task.detector_checkpoint=",
                       f"output_dir={tmp_path}"])
+
+
+def test_robot_folder_to_fine_tuned_node_model_without_boxes(setup, tmp_path):
+    """docs/TRAINING.md "Fine-tuning without boxes": pairs folder -> box-free dataset -> RefCLIP
+    selected by validation loss -> pseudo-labels -> SREC fine-tuned from a node model -> Grounder."""
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    annotations = json.loads((setup["data"] / "anns" / "spoken_shapes.json").read_text())
+    entries = annotations["train"][:6]
+    for index, entry in enumerate(entries):
+        ref = entry["refs"][0]
+        image = cv2.imread(str(setup["data"] / "images" / f"{entry['iid']:012d}.jpg"))
+        # One frame as PNG: the importer re-encodes it.
+        cv2.imwrite(str(pairs / f"frame_{index:02d}.{'png' if index == 0 else 'jpg'}"), image)
+        shutil.copyfile(setup["data"] / "audios" / "spoken_shapes" / ref["speaker"] / f"{ref['sent_id']}.wav",
+                        pairs / f"frame_{index:02d}.wav")
+    (pairs / "frame_99.wav").write_bytes((pairs / "frame_00.wav").read_bytes())  # no image: left out
+    imported = import_pairs.main(["--pairs", str(pairs), "--out", str(tmp_path / "robot"), "--val-fraction", "0.3"])
+    assert (imported["pairs"], imported["train"], imported["val"]) == (6, 4, 2)
+
+    data = [f"data.root={tmp_path / 'robot'}", "data.dataset=my_robot", "data.boxes=false"]
+    with pytest.raises(ValueError, match="task.select_best_by=val_loss"):
+        train(setup, tmp_path / "refclip", *data)
+    result = train(setup, tmp_path / "refclip", *data, "task.select_best_by=val_loss", "max_steps=2")
+    assert result["best_val_loss"] > 0
+    base = overrides(setup, tmp_path / "refclip") + data
+    report = refclip.main(["pseudo-label", "--config", "config/train/refclip_spoken_shapes.yaml", "--checkpoint",
+                           str(tmp_path / "refclip" / "best"), "--out", str(tmp_path / "pseudo"), *base])
+    assert report["train"]["pseudo_label_acc_50"] is None  # no truth exists for these pairs
+
+    srec_args = ["model=tiny", "data.dataset=my_robot", f"data.ann_path={report['ann_path']}",
+                 f"data.image_dir={tmp_path / 'robot' / 'images'}",
+                 f"data.audio_root={tmp_path / 'robot' / 'audios' / 'my_robot'}", "data.num_workers=0",
+                 "batch_size=2", "eval_batch_size=2", "max_steps=1", "init_speech_encoder=null",
+                 "multi_scale.enabled=false", f"output_dir={tmp_path / 'srec'}"]
+    srec_config = "config/train/srec_spoken_shapes.yaml"
+    node_model_config = build_model_config(load_train_config(srec_config, srec_args))
+    save_checkpoint(tmp_path / "node_model", build_srec(node_model_config), node_model_config)
+    srec.main(["--config", srec_config, *srec_args, f"init_checkpoint={tmp_path / 'node_model'}"])
+    grounder = Grounder.from_checkpoint(tmp_path / "srec" / "last")
+    wave, _ = sf.read(pairs / "frame_01.wav", dtype="float32")
+    result = grounder.ground(cv2.cvtColor(cv2.imread(str(pairs / "frame_01.jpg")), cv2.COLOR_BGR2RGB), wave)
+    assert result.box_xyxy.shape == (4,) and 0.0 <= result.score <= 1.0
