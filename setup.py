@@ -1,4 +1,5 @@
 from glob import glob
+from os.path import dirname
 
 from setuptools import find_packages, setup
 
@@ -18,7 +19,8 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
         (f"share/{PACKAGE}/config/models", glob("config/models/*.yaml")),
         (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
-        (f"share/{PACKAGE}/msg/vision_msgs", glob("msg/vision_msgs/*")),
+        # Interface definitions (msg/<package>/...), for building them where ROS 2 lacks them.
+        *((f"share/{PACKAGE}/{folder}", glob(f"{folder}/*.*")) for folder in sorted({dirname(f) for f in glob("msg/**/*.*", recursive=True)})),
     ],
     # torch is deliberately unpinned: users bring their CUDA or Jetson build.
     install_requires=[
@@ -41,6 +43,10 @@ setup(
             "ros-sensor-msgs",
             "ros-std-msgs",
             "ros-diagnostic-msgs",
+            "ros-std-srvs",
+            "ros-action-msgs",  # csref_interfaces' Ground action
+            "ros-unique-identifier-msgs",
+            "ros-builtin-interfaces",
             "ros-lifecycle-msgs",
             "ros-rmw-fastrtps-cpp",
             "sounddevice>=0.4.6",

@@ -1,4 +1,4 @@
-"""The grounding node: speech from a microphone (or a WAV file) + camera frames -> the box meant.
+"""The grounding node: speech from a microphone, a WAV file or a topic + camera frames -> the box meant.
 
     python -m csref_ros.grounding_node --ros-args -p model_checkpoint:=<checkpoint> \\
         -p audio_source:=file -p audio_file:=<wav> -p image_topic:=/camera/image_raw
@@ -7,7 +7,11 @@ A managed (lifecycle) node; with autostart (default) it configures and activates
 - configure: loads the model (a failure leaves the node unconfigured, the reason logged and in
   /diagnostics), creates the publishers, starts the pipeline's inference thread;
 - activate: subscribes to the camera and starts audio capture (a WAV file starts playing when the
-  first image arrives).
+  first image arrives; audio_source=topic subscribes to audio_common_msgs/AudioStamped).
+
+Requests: the csref/ground action (a goal with its own speech, or one that waits for the next
+utterance; matched in csref_ros.ground_requests) and the std_srvs/SetBool service csref/enable
+(mute: audio is dropped while disabled). Each grounded utterance goes out on csref/utterance.
 
 This module is the rclpy glue. The work is in csref_ros.pipeline (VAD, pairing, work ahead,
 the inference thread; its docstring says which thread owns what), the watchdog on image
@@ -29,33 +33,46 @@ from typing import Any
 import numpy as np
 import rclpy
 import torch
+from audio_common_msgs.msg import AudioStamped
+from builtin_interfaces.msg import Time
+from csref_interfaces.action import Ground
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action.server import ServerGoalHandle
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.duration import Duration
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter as RosParameter
-from rclpy.qos import QoSProfile
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
-from vision_msgs.msg import Detection2D, ObjectHypothesisWithPose
+from std_srvs.srv import SetBool
+from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
 
 from csref_model import Grounder
-from csref_model.audio import SAMPLE_RATE
+from csref_model.audio import SAMPLE_RATE, resample
 from csref_model.visualize import DrawnBox, draw_boxes
 from csref_ros.audio import AUDIO_SOURCE_COUNTERS, MicrophoneSource, WavFileSource
+from csref_ros.audio_messages import FLOAT32_FORMAT, AudioMessageError, AudioStream, audio_to_mono, has_samples
 from csref_ros.counters import Counters
 from csref_ros.diagnostics import ImageRate, grounding_status
+from csref_ros.ground_requests import GroundRequests, Outcome, Request
 from csref_ros.image_conversion import ImageConversionError, compressed_image_to_rgb, fill_image, image_to_rgb
 from csref_ros.image_watchdog import WATCHDOG_COUNTERS, ImageWatchdog, subscription_qos
 from csref_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, check_value
 from csref_ros.pipeline import Box, CameraFrame, Pipeline, PipelineCallbacks, PipelineSettings, UtteranceJob
+from csref_ros.qos_events import SubscriptionEventCallbacks
 
 NODE_NAME = "grounding_node"
 # Image stamps further than this from the node's clock are not trusted for pairing with speech
 # (another machine's clock, a replayed log): the arrival time is used instead.
 STAMP_TRUST_S = 5.0
+GOAL_CHECK_PERIOD_S = 0.1  # how often goal timeouts and cancel requests are looked at
+GOAL_STATUS = {"ok": Ground.Result.OK, "no_match": Ground.Result.NO_MATCH, "no_frame": Ground.Result.NO_FRAME,
+               "timeout": Ground.Result.TIMEOUT}
 NODE_COUNTERS = (
     "images",  # camera messages received while active
     "images_rejected",  # not convertible to RGB (encoding, size, truncated data)
@@ -87,6 +104,11 @@ def time_to_s(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
+def s_to_time(seconds: float) -> Time:
+    nanoseconds = round(seconds * 1e9)
+    return Time(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+
+
 class GroundingNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
@@ -95,8 +117,10 @@ class GroundingNode(LifecycleNode):
         self.last_problem = ""
         self.configure_error = ""
         self.values: Mapping[str, Any] = MappingProxyType({spec.name: spec.default for spec in PARAMETERS})
+        self.requests = GroundRequests()
         callbacks = PipelineCallbacks(
-            publish=self.publish_result, report_problem=self.report_problem, log=self.get_logger().info, now_s=self.now_s
+            publish=self.publish_result, unanswered=self.on_unanswered, speech_event=self.requests.speech_event,
+            report_problem=self.report_problem, log=self.get_logger().info, now_s=self.now_s,
         )
         self.pipeline = Pipeline(PipelineSettings.from_parameters(self.values), callbacks)
         self.add_on_set_parameters_callback(self.on_parameters)
@@ -107,8 +131,19 @@ class GroundingNode(LifecycleNode):
         self.model_description = ""
         self.detection_publisher = None
         self.debug_image_publisher = None
+        self.utterance_publisher = None
         self.image_subscription = None
         self.image_group = MutuallyExclusiveCallbackGroup()
+        self.audio_subscription = None
+        self.audio_group = MutuallyExclusiveCallbackGroup()
+        self.audio_stream = AudioStream()
+        request_group = ReentrantCallbackGroup()  # goals wait (await) side by side
+        self.ground_server = ActionServer(
+            self, Ground, "csref/ground", execute_callback=self.execute_ground, goal_callback=self.accept_goal,
+            cancel_callback=lambda goal_handle: CancelResponse.ACCEPT, callback_group=request_group,
+        )
+        self.goal_timer = self.create_timer(GOAL_CHECK_PERIOD_S, lambda: self.requests.expire(self.now_s()), request_group)
+        self.enable_service = self.create_service(SetBool, "csref/enable", self.on_enable)
         self.watchdog: ImageWatchdog | None = None
         self.audio_source: MicrophoneSource | WavFileSource | None = None
         self.image_rate = ImageRate()
@@ -156,6 +191,7 @@ class GroundingNode(LifecycleNode):
         self.configure_error = ""
         self.detection_publisher = self.create_publisher(Detection2D, "csref/target_box", 10)
         self.debug_image_publisher = self.create_publisher(Image, "csref/debug_image", 2)
+        self.utterance_publisher = self.create_publisher(AudioStamped, "csref/utterance", 10)
         self.pipeline.start(self.grounder)
         self.get_logger().info(f"configured: {self.model_description}")
         return TransitionCallbackReturn.SUCCESS
@@ -213,11 +249,16 @@ class GroundingNode(LifecycleNode):
                 channels=values["audio_channels"],
             )
             self.audio_source.start()
+        elif values["audio_source"] == "topic":
+            qos = QoSProfile(depth=values["audio_topic_depth"], reliability=qos_profile_sensor_data.reliability,
+                             durability=qos_profile_sensor_data.durability)
+            self.audio_subscription = self.create_subscription(
+                AudioStamped, values["audio_topic"], self.on_audio_message, qos, callback_group=self.audio_group
+            )
         elif self.audio_source is None:  # reactivated after a deactivate: replay the file
             self.audio_source = self.wav_file_source(values)
-        self.get_logger().info(
-            f"active: images from {self.image_topic()} ({values['image_transport']}), speech from {values['audio_source']}"
-        )
+        speech_from = self.audio_subscription.topic_name if self.audio_subscription is not None else values["audio_source"]
+        self.get_logger().info(f"active: images from {self.image_topic()} ({values['image_transport']}), speech from {speech_from}")
         return super().on_activate(state)
 
     def image_topic(self) -> str:
@@ -244,6 +285,10 @@ class GroundingNode(LifecycleNode):
 
     def stop_capture(self) -> None:
         self.pipeline.deactivate()
+        self.requests.close_all(Outcome("stopped", "the node stopped listening (deactivated)"))
+        if self.audio_subscription is not None:
+            self.destroy_subscription(self.audio_subscription)
+            self.audio_subscription = None
         if self.audio_source is not None:
             self.audio_source.stop()
             self.audio_source = None
@@ -260,10 +305,10 @@ class GroundingNode(LifecycleNode):
 
     def release_model(self) -> None:
         self.pipeline.stop()
-        for publisher in (self.detection_publisher, self.debug_image_publisher):
+        for publisher in (self.detection_publisher, self.debug_image_publisher, self.utterance_publisher):
             if publisher is not None:
                 self.destroy_publisher(publisher)
-        self.detection_publisher = self.debug_image_publisher = None
+        self.detection_publisher = self.debug_image_publisher = self.utterance_publisher = None
         self.grounder = None
         self.audio_source = None
 
@@ -282,7 +327,6 @@ class GroundingNode(LifecycleNode):
     def on_image(self, msg: Image | CompressedImage) -> None:
         if not self.pipeline.active:
             return
-        received_s = self.now_s()
         watchdog = self.watchdog  # None once a deactivation (another callback group) has begun
         if watchdog is not None:
             watchdog.image_arrived()
@@ -294,19 +338,109 @@ class GroundingNode(LifecycleNode):
             self.counters.add("images_rejected")
             self.report_problem(f"image rejected on {self.image_topic()}: {error}")
             return
-        stamp_s = time_to_s(msg.header.stamp)
-        if abs(received_s - stamp_s) > STAMP_TRUST_S:
-            self.report_problem(
-                f"image stamps are {received_s - stamp_s:.1f} s off this node's clock (stamp {stamp_s:.3f}); "
-                "pairing speech with frames by arrival time instead",
-                kind="image stamps off",
-            )
-            stamp_s = received_s
-        self.pipeline.add_frame(stamp_s, CameraFrame(rgb, msg.header))
+        self.pipeline.add_frame(self.trusted_stamp(time_to_s(msg.header.stamp), "image"), CameraFrame(rgb, msg.header))
         source = self.audio_source
         if isinstance(source, WavFileSource) and source.thread is None:
             self.get_logger().info(f"images arriving: playing {source.path} ({source.duration_s:.1f} s per pass)")
             source.start()
+
+    def on_audio_message(self, msg: AudioStamped) -> None:
+        if not self.pipeline.active:
+            return
+        try:
+            chunk = self.audio_stream.receive(msg.audio, time_to_s(msg.header.stamp))
+        except AudioMessageError as error:
+            self.report_problem(f"audio rejected on {self.audio_subscription.topic_name}: {error}", "audio rejected")
+            return
+        if chunk is not None:
+            self.pipeline.on_stamped_audio(chunk.samples, self.trusted_stamp(chunk.end_stamp_s, "audio"))
+
+    def trusted_stamp(self, stamp_s: float, what: str) -> float:
+        """stamp_s, or now when it is too far from this node's clock to pair by (reported)."""
+        now_s = self.now_s()
+        if abs(now_s - stamp_s) <= STAMP_TRUST_S:
+            return stamp_s
+        self.report_problem(
+            f"{what} stamps are {now_s - stamp_s:.1f} s off this node's clock (stamp {stamp_s:.3f}); "
+            "pairing speech with frames by arrival time instead",
+            kind=f"{what} stamps off",
+        )
+        return now_s
+
+    def on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        self.pipeline.set_listening(request.data)
+        response.success = True
+        response.message = "listening" if request.data else "muted: audio is dropped until enabled again"
+        self.get_logger().info(f"csref/enable: {response.message}")
+        return response
+
+    def accept_goal(self, goal: Ground.Goal) -> GoalResponse:
+        reason = "the node is not active" if not self.pipeline.active else None
+        if reason is None and has_samples(goal.audio.audio):
+            try:
+                audio_to_mono(goal.audio.audio)
+            except AudioMessageError as error:
+                reason = f"its audio cannot be read: {error}"
+        if reason is not None:
+            self.report_problem(f"csref/ground goal rejected: {reason}")
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    async def execute_ground(self, goal_handle: ServerGoalHandle) -> Ground.Result:
+        """Waits (without holding a thread) until the pipeline, a timeout or a cancel resolves the goal."""
+        goal = goal_handle.request
+        answered: Future = Future(executor=self.executor)
+        timeout_s = Duration.from_msg(goal.timeout).nanoseconds * 1e-9
+        now_s = self.now_s()
+
+        def feedback(started: bool, time_s: float) -> None:
+            event = Ground.Feedback.SPEECH_STARTED if started else Ground.Feedback.SPEECH_ENDED
+            goal_handle.publish_feedback(Ground.Feedback(event=event, stamp=s_to_time(time_s)))
+
+        job = None
+        if has_samples(goal.audio.audio):
+            samples, rate = audio_to_mono(goal.audio.audio)  # readable: checked in accept_goal
+            samples = resample(samples, rate)
+            end_s = self.trusted_stamp(time_to_s(goal.audio.header.stamp) + len(samples) / SAMPLE_RATE, "goal audio")
+            job = self.pipeline.given_utterance(samples, end_s)
+        request = Request(
+            accepted_s=now_s, deadline_s=now_s + timeout_s if timeout_s > 0 else None,
+            job_number=None if job is None else job.number, on_done=answered.set_result, on_feedback=feedback,
+            cancel_requested=lambda: goal_handle.is_cancel_requested,
+        )
+        self.requests.open(request)
+        if job is not None:
+            feedback(True, job.start_s)
+            feedback(False, job.end_s)
+            self.pipeline.enqueue(job)
+        outcome: Outcome = await answered
+        if outcome.status == "canceled":
+            goal_handle.canceled()
+        elif outcome.status == "stopped":
+            goal_handle.abort()
+        else:
+            goal_handle.succeed()
+        result = Ground.Result(status=GOAL_STATUS.get(outcome.status, Ground.Result.TIMEOUT), message=outcome.message)
+        result.detections = Detection2DArray(detections=list(outcome.detections))
+        result.detections.header = outcome.header if outcome.header is not None else result.detections.header
+        return result
+
+    def on_unanswered(self, job: UtteranceJob, status: str, why: str) -> None:
+        """The pipeline's callback for an utterance without a box (inference thread)."""
+        if status == "no_match":
+            self.publish_utterance(job)
+        self.requests.finish(job, Outcome(status, why, job))
+
+    def publish_utterance(self, job: UtteranceJob) -> None:
+        publisher = self.utterance_publisher
+        if publisher is None:
+            return
+        msg = AudioStamped()
+        msg.header.stamp = s_to_time(job.start_s)
+        msg.audio.audio_data.float32_data = job.samples.astype(np.float32, copy=False)
+        msg.audio.info.format, msg.audio.info.channels = FLOAT32_FORMAT, 1
+        msg.audio.info.rate, msg.audio.info.chunk = SAMPLE_RATE, int(job.samples.size)
+        publisher.publish(msg)
 
     def on_audio_error(self, reason: str) -> None:
         self.counters.add("audio_errors")
@@ -328,6 +462,8 @@ class GroundingNode(LifecycleNode):
         hypothesis.hypothesis.score = score
         detection.results.append(hypothesis)
         publisher.publish(detection)
+        self.publish_utterance(job)
+        self.requests.finish(job, Outcome("ok", f"utterance {job.number}: score {score:.2f}", job, (detection,), frame.header))
         if self.values["publish_debug_image"] and self.debug_image_publisher is not None:
             picture = draw_boxes(frame.rgb, [DrawnBox(box, label=f"#{job.number} {score:.2f}")])  # (H, W, 3)
             msg = Image(header=frame.header)
@@ -359,7 +495,7 @@ class GroundingNode(LifecycleNode):
             configured=self.grounder is not None,
             active=self.pipeline.active,
             image_rate_hz=self.image_rate.update(node_counts["images"]),
-            counts={**node_counts, **self.pipeline.counters.snapshot(), **source_counts},
+            counts={**node_counts, **self.pipeline.counters.snapshot(), **source_counts, **self.audio_stream.counters.snapshot()},
             latencies_s=latencies_s,
             processing_s=processing_s,
             values={
@@ -367,6 +503,8 @@ class GroundingNode(LifecycleNode):
                 "backend": type(self.grounder.backend).__name__ if self.grounder is not None else self.values["backend"],
                 "image_topic": self.image_topic(),
                 "audio_source": self.values["audio_source"],
+                "listening": "yes" if self.pipeline.listening else "no: muted by csref/enable, audio is dropped",
+                "ground_goals_waiting": str(self.requests.waiting()),
                 "speaking": str(self.pipeline.speech.voice_active),
             },
             last_problem=self.last_problem,
@@ -384,7 +522,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"grounding_node: bad parameter: {error}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     if node.values["autostart"] and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
         node.trigger_activate()

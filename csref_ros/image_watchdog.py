@@ -13,11 +13,11 @@ and read by the other (a single reference, no lock needed).
 import time
 from collections.abc import Callable
 
-from rclpy.event_handler import QoSMessageLostInfo, QoSRequestedIncompatibleQoSInfo
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from csref_ros.counters import Counters
+from csref_ros.qos_events import QoSMessageLostInfo, QoSRequestedIncompatibleQoSInfo
 
 WATCHDOG_COUNTERS = (
     "images_lost",  # reported lost by the middleware (message_lost events)

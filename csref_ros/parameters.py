@@ -56,7 +56,9 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("frame_history_rate_hz", 10.0, "Frames kept per second of history (the newest frame is always kept)", range=(0.5, 240.0, 0.0)),
     )),
     ("Audio", (
-        Parameter("audio_source", "microphone", "Where speech comes from", choices=("microphone", "file")),
+        Parameter("audio_source", "microphone", "Where speech comes from (topic: audio_common_msgs/AudioStamped on audio_topic)", choices=("microphone", "file", "topic")),
+        Parameter("audio_topic", "audio", "audio_common_msgs/AudioStamped topic for audio_source=topic (relative: inside the node's namespace); any rate, channels and sample format"),
+        Parameter("audio_topic_depth", 100, "Queue depth of the audio subscription (sensor data QoS otherwise): messages that may wait while the node is busy", range=(1, 10_000, 1)),
         Parameter("audio_file", "", "WAV/FLAC file for audio_source=file, played in real time once images arrive"),
         Parameter("audio_loop", False, "Play audio_file again and again"),
         Parameter("audio_device", "", "Microphone: PortAudio device index or part of its name; empty = system default"),

@@ -4,8 +4,11 @@
     pipeline.start(grounder)                          # the inference thread
     pipeline.activate(frame_history_s=3.0, frame_history_rate_hz=10.0)
     pipeline.add_frame(stamp_s, CameraFrame(rgb, header))   # camera thread
-    pipeline.on_audio(chunk, end_time_s)              # audio thread
+    pipeline.on_audio(chunk, end_time_s)              # audio thread (or on_stamped_audio)
     # -> callbacks.publish(job, frame, box_xyxy, score) on the inference thread
+    #    (callbacks.unanswered(job, status, why) when no box: no_match, no_frame)
+    pipeline.enqueue(pipeline.given_utterance(samples, end_s))   # speech from elsewhere
+    pipeline.set_listening(False)                     # mute: audio dropped until True
     pipeline.deactivate(); pipeline.stop()
 
 The VAD cuts the audio into utterances; each is paired with a camera frame and grounded on
@@ -14,8 +17,9 @@ and once the voice stops, the frame of that moment and the speech the VAD hangov
 likely confirm, so that only fusion and head remain when it does.
 
 Threads and the data each owns:
-- audio thread (`on_audio`): the VAD segmenter and the stream bookkeeping, under `audio_lock`
-  because activate/deactivate (the caller's thread) replace them. It hands finished utterances
+- audio thread (`on_audio`/`on_stamped_audio`): the VAD segmenter and the stream bookkeeping,
+  under `audio_lock` because activate/deactivate/set_listening/given_utterance (other threads)
+  replace or number them. It hands finished utterances
   to the inference thread through the `jobs` queue and publishes what the inference thread
   needs for working ahead as one immutable `SpeechState` (a single reference swap; readers
   take it once per step).
@@ -62,6 +66,7 @@ PIPELINE_COUNTERS = (
     "speech_encoded_ahead",  # provisional utterances encoded during the hangover
     "speech_ahead_used",  # utterances whose speech had been encoded ahead
     "audio_problems",  # chunks with NaN/infinite or clipped samples
+    "audio_chunks_muted",  # audio dropped while listening was disabled (csref/enable)
     "inference_errors",  # exceptions on the inference thread (the thread carries on)
 )
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in the frame's pixels
@@ -122,6 +127,9 @@ class SpeechState:
 @dataclass(frozen=True)
 class PipelineCallbacks:
     publish: Callable[[UtteranceJob, CameraFrame, Box, float], None]  # inference thread: a box to send
+    unanswered: Callable[[UtteranceJob, str, str], None]  # inference thread: (job, "no_match" | "no_frame", why)
+    speech_event: Callable[[bool, float], None]  # audio thread: (True: speech started / False: the
+    # utterance closed, clock time of that start / end of speech)
     report_problem: Callable[[str, str | None], None]  # any thread: (message, kind that groups repeats)
     log: Callable[[str], None]  # any thread: progress worth an info line
     now_s: Callable[[], float]  # the clock frames are stamped on
@@ -136,6 +144,7 @@ class Pipeline:
         self.latencies_s: deque[float] = deque(maxlen=LATENCIES_KEPT)  # end of speech -> publish
         self.processing_s: deque[float] = deque(maxlen=LATENCIES_KEPT)  # utterance closed -> publish
         self.active = False
+        self.listening = True  # one writer (set_listening); the audio thread drops audio while False
         self.frames = FrameBuffer(capacity=2)
         self.jobs: queue.Queue[UtteranceJob] = queue.Queue()
         self.speech = SpeechState()
@@ -194,6 +203,27 @@ class Pipeline:
         while not self.jobs.empty():
             self.jobs.get_nowait()
 
+    def set_listening(self, listening: bool) -> None:
+        """Drop audio while False (counted); the VAD starts afresh when listening resumes, so
+        speech cut by muting is never grounded."""
+        with self.audio_lock:
+            if listening and not self.listening and self.segmenter is not None:
+                self.segmenter = SpeechSegmenter(self.settings.vad)
+                self.segmenter_generation += 1
+                self.fed_samples = 0
+                self.speech = SpeechState()
+            self.listening = listening
+
+    def given_utterance(self, samples: np.ndarray, end_s: float) -> UtteranceJob:
+        """A job for speech that did not come through the VAD (float32 (N,) 16 kHz, its end at
+        clock time end_s), numbered in the same sequence; pass it to enqueue()."""
+        with self.audio_lock:
+            self.utterance_count += 1
+            number = self.utterance_count
+        start_s = end_s - len(samples) / SAMPLE_RATE
+        return UtteranceJob(key=(-number, start_s, end_s), number=number, start_s=start_s, end_s=end_s,
+                            detected_s=self.callbacks.now_s(), samples=samples, cut=False)
+
     def update_settings(self, settings: PipelineSettings) -> None:
         """Swap the settings; a new VAD configuration takes over between utterances."""
         self.settings = settings
@@ -215,7 +245,14 @@ class Pipeline:
     def on_audio(self, chunk: np.ndarray, end_time_s: float) -> None:
         """A chunk of float32 16 kHz mono audio whose last sample was recorded at end_time_s
         (wall clock, time.time())."""
-        chunk_end_s = self.callbacks.now_s() - max(0.0, time.time() - end_time_s)  # on our clock
+        self.on_stamped_audio(chunk, self.callbacks.now_s() - max(0.0, time.time() - end_time_s))
+
+    def on_stamped_audio(self, chunk: np.ndarray, chunk_end_s: float) -> None:
+        """A chunk of float32 16 kHz mono audio that ended at chunk_end_s on the frames' clock
+        (e.g. from the header stamps of audio messages)."""
+        if not self.listening:
+            self.counters.add("audio_chunks_muted")
+            return
         chunk, problems = sanitize_chunk(chunk)
         for problem in problems:
             self.counters.add("audio_problems")
@@ -235,6 +272,7 @@ class Pipeline:
             self.fed_samples += len(chunk)
             to_clock = chunk_end_s - self.fed_samples / SAMPLE_RATE  # clock time of stream time 0
             provisional = segmenter.provisional()
+            was_in_utterance = self.speech.in_utterance
             voice_stopped_s = self.speech.voice_stopped_s
             if segmenter.in_speech:
                 voice_stopped_s = to_clock + segmenter.frame_time(segmenter.last_voiced_frame + 1)
@@ -248,8 +286,13 @@ class Pipeline:
             for utterance in utterances:
                 self.utterance_count += 1
                 jobs.append(self.job_for(utterance, to_clock, chunk_end_s, self.utterance_count))
+            speech_start_s = segmenter.speech_start_s
+            started_s = None if speech_start_s is None or (was_in_utterance and not jobs) else to_clock + speech_start_s
         for job in jobs:
+            self.callbacks.speech_event(False, job.end_s)
             self.enqueue(job)
+        if started_s is not None:
+            self.callbacks.speech_event(True, started_s)
 
     def job_for(self, utterance: Utterance, to_clock: float, detected_s: float, number: int) -> UtteranceJob:
         return UtteranceJob(
@@ -342,11 +385,10 @@ class Pipeline:
         frame = self.frame_for(job, settings)
         if frame is None:
             self.counters.add("utterances_without_frame")
-            self.callbacks.report_problem(
-                f"utterance {job.number} dropped: no camera frame within max_frame_age_s="
-                f"{settings.max_frame_age_s} s of its {settings.frame_selection}",
-                "no frame",
-            )
+            why = (f"utterance {job.number} dropped: no camera frame within max_frame_age_s="
+                   f"{settings.max_frame_age_s} s of its {settings.frame_selection}")
+            self.callbacks.report_problem(why, "no frame")
+            self.callbacks.unanswered(job, "no_frame", why)
             return
         tolerance_s = settings.precomputed_frame_tolerance_s
         ready = [entry for stamp_s, entry in self.precomputed.items() if abs(stamp_s - frame.stamp_s) <= tolerance_s]
@@ -367,10 +409,9 @@ class Pipeline:
             return  # deactivated while this utterance was being grounded
         if result.score < settings.score_threshold:
             self.counters.add("utterances_below_threshold")
-            self.callbacks.log(
-                f"utterance {job.number}: best box scores {result.score:.2f} < score_threshold "
-                f"{settings.score_threshold}; nothing published"
-            )
+            why = f"utterance {job.number}: best box scores {result.score:.2f} < score_threshold {settings.score_threshold}"
+            self.callbacks.log(f"{why}; nothing published")
+            self.callbacks.unanswered(job, "no_match", why)
             return
         height, width = frame.rgb.shape[:2]
         x1, y1, x2, y2 = (float(v) for v in np.clip(result.box_xyxy, 0, [width, height, width, height]))

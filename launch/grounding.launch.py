@@ -5,7 +5,7 @@
 
 Parameters come from params_file (default: the installed config/grounding.yaml); each argument
 below that is given a value overrides the parameter of the same name. Speech comes from the
-default microphone unless audio_source:=file.
+default microphone unless audio_source:=file or audio_source:=topic (audio_common_msgs/AudioStamped).
 """
 
 from launch import LaunchContext, LaunchDescription
@@ -20,8 +20,9 @@ PARAMETER_ARGUMENTS = {
     "model_checkpoint": "Checkpoint directory (model.safetensors + config.yaml) or official CSRef .pth",
     "model_config": "Model config for an official .pth: base, tiny or a YAML path",
     "backend": "Inference backend",
-    "audio_source": "microphone or file",
+    "audio_source": "microphone, file or topic",
     "audio_file": "WAV file played in real time when audio_source is file",
+    "audio_topic": "audio_common_msgs/AudioStamped topic when audio_source is topic",
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from csref_ros.audio import AUDIO_SOURCE_COUNTERS
+from csref_ros.audio_messages import AUDIO_TOPIC_COUNTERS
 from csref_ros.diagnostics import grounding_status
 from csref_ros.grounding_node import NODE_COUNTERS
 from csref_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, TABLE_BEGIN, check_value, generated_files
@@ -88,7 +89,7 @@ def test_a_table_that_disagrees_is_found(tmp_path):
 
 
 def test_every_counter_is_reported_and_documented():
-    counters = [*NODE_COUNTERS, *PIPELINE_COUNTERS, *AUDIO_SOURCE_COUNTERS]
+    counters = [*NODE_COUNTERS, *PIPELINE_COUNTERS, *AUDIO_SOURCE_COUNTERS, *AUDIO_TOPIC_COUNTERS]
     assert len(set(counters)) == len(counters)
     status = grounding_status("grounding_node", "", True, True, 1.0, dict.fromkeys(counters, 7), [0.5], [0.1],
                               {"image_topic": "/camera"}, "")

@@ -44,6 +44,8 @@ class Outputs:
 
     def __init__(self) -> None:
         self.published: list[tuple[UtteranceJob, CameraFrame, tuple, float]] = []
+        self.unanswered: list[tuple[int, str]] = []  # (job number, status)
+        self.speech_events: list[tuple[bool, float]] = []
         self.problems: list[str] = []
         self.lines: list[str] = []
         self.changed = threading.Condition()
@@ -58,8 +60,17 @@ class Outputs:
             self.problems.append(message)
             self.changed.notify_all()
 
+    def on_unanswered(self, job, status, why) -> None:
+        with self.changed:
+            self.unanswered.append((job.number, status))
+            self.changed.notify_all()
+
     def callbacks(self) -> PipelineCallbacks:
-        return PipelineCallbacks(publish=self.publish, report_problem=self.report_problem, log=self.lines.append, now_s=time.time)
+        return PipelineCallbacks(
+            publish=self.publish, unanswered=self.on_unanswered,
+            speech_event=lambda started, time_s: self.speech_events.append((started, time_s)),
+            report_problem=self.report_problem, log=self.lines.append, now_s=time.time,
+        )
 
     def wait_for(self, condition, timeout_s: float = 60.0) -> bool:
         with self.changed:
@@ -123,12 +134,12 @@ def test_spoken_command_is_grounded_on_the_frame_at_its_end(running, command):
     pipeline, outputs = running
     wave, truth = speech_with_pauses([command], [0.5, 1.0])
     with Camera(pipeline, period_s=0.05) as camera:
-        started = time.time()
+        started_at = time.time()
         play(pipeline, wave, realtime=True)
         assert outputs.wait_for(lambda: outputs.published), outputs.problems
     job, used, (x1, y1, x2, y2), score = outputs.published[0]
     assert job.number == 1 and len(outputs.published) == 1
-    assert job.end_s - started == pytest.approx(truth[0][1], abs=0.3)  # VAD frames, chunking, scheduling
+    assert job.end_s - started_at == pytest.approx(truth[0][1], abs=0.3)  # VAD frames, chunking, scheduling
     # The frame on screen at the end of speech, or one encoded ahead within the tolerance.
     assert abs(camera.stamps[used.header] - job.end_s) <= settings().precomputed_frame_tolerance_s + 0.1
     assert 0 <= x1 <= x2 <= WIDTH and 0 <= y1 <= y2 <= HEIGHT and 0.0 <= score <= 1.0
@@ -138,6 +149,9 @@ def test_spoken_command_is_grounded_on_the_frame_at_its_end(running, command):
     latencies_s, processing_s = pipeline.latencies()
     assert len(latencies_s) == len(processing_s) == 1 and latencies_s[0] >= processing_s[0]
     assert any(line.startswith("utterance 1: box x1=") for line in outputs.lines)
+    (started, start_s), (ended, end_s) = outputs.speech_events
+    assert started and not ended and end_s == job.end_s
+    assert start_s - started_at == pytest.approx(truth[0][0], abs=0.35)  # includes vad_preroll_ms
 
 
 def test_full_queue_drops_the_oldest_and_short_speech_is_counted(command):
@@ -168,6 +182,7 @@ def test_utterance_without_a_frame_is_dropped_and_reported(grounder, command):
         pipeline.stop()
     assert outputs.problems == ["utterance 1 dropped: no camera frame within max_frame_age_s=0.2 s of its end"]
     assert pipeline.counters.snapshot()["utterances_without_frame"] == 1 and outputs.published == []
+    assert outputs.unanswered == [(1, "no_frame")]
 
 
 def test_settings_swapped_at_run_time_apply_to_the_next_utterance(running, command):
@@ -177,7 +192,7 @@ def test_settings_swapped_at_run_time_apply_to_the_next_utterance(running, comma
     with Camera(pipeline, period_s=0.05):
         play(pipeline, wave, realtime=False)
         assert outputs.wait_for(lambda: pipeline.counters.snapshot()["utterances_below_threshold"] == 1)
-        assert outputs.published == []
+        assert outputs.published == [] and outputs.unanswered == [(1, "no_match")]
         new_vad = settings(vad_hangover_ms=300, vad_postroll_ms=100)
         pipeline.update_settings(new_vad)
         play(pipeline, wave, realtime=False)
@@ -228,3 +243,38 @@ def test_activation_while_inference_uses_work_done_ahead(running, command):
     counts = pipeline.counters.snapshot()
     assert counts["inference_errors"] == 0, outputs.problems
     assert counts["precomputed_images"] >= 1 and len(outputs.published) >= 1, counts
+
+
+def test_stamped_audio_pairs_by_its_stamps_and_muting_drops_it(running, command):
+    """Audio stamped 2 s in the past (a delayed topic) is grounded on the frame of its stamps;
+    audio arriving while muted is dropped, and speech cut by muting is never grounded."""
+    pipeline, outputs = running
+    wave, truth = speech_with_pauses([command], [0.5, 1.0])
+    now = time.time()
+    for number, stamp_s in enumerate(np.arange(now - 6.0, now + 0.01, 0.1), start=1):  # frames 6 s back to now
+        pipeline.add_frame(float(stamp_s), frame(number))
+    start_s = now - 2.0 - len(wave) / SAMPLE_RATE  # the whole recording ended 2 s ago
+    half = len(wave) // 2
+    pipeline.set_listening(False)
+    for begin in range(0, half, CHUNK):  # the first half while muted: dropped
+        pipeline.on_stamped_audio(wave[begin : begin + CHUNK], start_s + (begin + CHUNK) / SAMPLE_RATE)
+    assert pipeline.counters.snapshot()["audio_chunks_muted"] == len(range(0, half, CHUNK))
+    pipeline.set_listening(True)
+    for begin in range(0, len(wave), CHUNK):
+        pipeline.on_stamped_audio(wave[begin : begin + CHUNK], start_s + (begin + CHUNK) / SAMPLE_RATE)
+    assert outputs.wait_for(lambda: outputs.published), outputs.problems
+    job, used, _, _ = outputs.published[0]
+    assert job.end_s - start_s == pytest.approx(truth[0][1], abs=0.15)
+    assert abs(used.header - (job.end_s - now + 6.0) / 0.1 - 1) <= 4  # the frame at the stamps' end of speech
+
+
+def test_given_utterance_is_grounded_outside_the_vad(running, command):
+    pipeline, outputs = running
+    with Camera(pipeline, period_s=0.05):
+        time.sleep(0.2)
+        job = pipeline.given_utterance(command, time.time())
+        pipeline.enqueue(job)
+        assert outputs.wait_for(lambda: outputs.published), outputs.problems
+    assert outputs.published[0][0] is job and job.number == 1
+    assert job.end_s - job.start_s == pytest.approx(len(command) / SAMPLE_RATE)
+    assert outputs.speech_events == []  # no VAD involved

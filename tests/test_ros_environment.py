@@ -1,9 +1,10 @@
-"""ROS 2 from registry wheels: our generated vision_msgs and the loopback Fast DDS profile."""
+"""ROS 2 from registry wheels: our generated vision_msgs and audio_common_msgs, and the loopback Fast DDS profile."""
 
 import json
 import math
 from pathlib import Path
 
+import audio_common_msgs
 import vision_msgs
 from rclpy.serialization import deserialize_message, serialize_message
 from vision_msgs.msg import Detection2D, ObjectHypothesisWithPose
@@ -23,13 +24,31 @@ PUBLIC_TYPE_HASHES = {
 }
 
 
-def test_vision_msgs_type_hashes_match_public_package():
-    # <prefix>/lib/pythonX.Y/site-packages/vision_msgs -> <prefix>/share/vision_msgs/msg (venv or /opt/ros)
-    share = Path(vision_msgs.__file__).resolve().parents[4] / "share" / "vision_msgs" / "msg"
-    for name, public_hash in PUBLIC_TYPE_HASHES.items():
-        description = json.loads((share / f"{name}.json").read_text())
+# RIHS01 type hashes of mgonzs13/audio_common 4.0.10's messages (`rosidl hash` over its .msg files).
+AUDIO_COMMON_TYPE_HASHES = {
+    "AudioStamped": "f6ad36427cfe3e7132f91509dca5a3be31b9b681f182db6e606e95e781b21611",
+    "Audio": "56bb1432a8bc1cf3579fa7dcfa6107180f29e799b30e51a880e5591ccc789de2",
+    "AudioData": "28873bc02f2963cbc2e6e7dbadd149384f99daddba98ddc2a7cd2550a0b9b5c3",
+    "AudioInfo": "2418e6f9b3639c2844652701c489705b045d5b970c0674573a0f668d6af3b58b",
+}
+
+
+def assert_type_hashes(package, public_hashes: dict[str, str]) -> None:
+    # <prefix>/lib/pythonX.Y/site-packages/<package> -> <prefix>/share/<package>/msg (venv or /opt/ros)
+    name = package.__name__
+    share = Path(package.__file__).resolve().parents[4] / "share" / name / "msg"
+    for type_name, public_hash in public_hashes.items():
+        description = json.loads((share / f"{type_name}.json").read_text())
         hashes = {entry["type_name"]: entry["hash_string"] for entry in description["type_hashes"]}
-        assert hashes[f"vision_msgs/msg/{name}"] == f"RIHS01_{public_hash}", name
+        assert hashes[f"{name}/msg/{type_name}"] == f"RIHS01_{public_hash}", type_name
+
+
+def test_vision_msgs_type_hashes_match_public_package():
+    assert_type_hashes(vision_msgs, PUBLIC_TYPE_HASHES)
+
+
+def test_audio_common_msgs_type_hashes_match_whisper_ros_convention():
+    assert_type_hashes(audio_common_msgs, AUDIO_COMMON_TYPE_HASHES)
 
 
 def test_detection2d_serialization_round_trip():

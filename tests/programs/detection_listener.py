@@ -9,6 +9,7 @@ import json
 import time
 
 import rclpy
+from audio_common_msgs.msg import AudioStamped
 from diagnostic_msgs.msg import DiagnosticArray
 from sensor_msgs.msg import Image
 from vision_msgs.msg import Detection2D
@@ -20,6 +21,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1, help="stop after this many detections")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--debug-image-topic", help="also count annotated images on this topic")
+    parser.add_argument("--utterance-topic", help="also report the AudioStamped utterances on this topic")
     parser.add_argument("--until", metavar="KEY=VALUE", help="also stop once the diagnostics show this value")
     parser.add_argument("--until-at-least", metavar="KEY=N", action="append", default=[],
                         help="also stop once this diagnostics counter is >= N (repeatable: all must hold)")
@@ -53,6 +55,11 @@ def main() -> None:
     debug_images: list[list[int]] = []
     if args.debug_image_topic:
         node.create_subscription(Image, args.debug_image_topic, lambda m: debug_images.append([m.height, m.width]), 2)
+    utterances: list[dict] = []
+    if args.utterance_topic:
+        node.create_subscription(AudioStamped, args.utterance_topic, lambda m: utterances.append({
+            "stamp_s": m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, "rate": m.audio.info.rate,
+            "format": m.audio.info.format, "samples": len(m.audio.audio_data.float32_data)}), 10)
     node.create_subscription(Detection2D, args.topic, on_detection, 10)
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
     def condition_met() -> bool:
@@ -71,7 +78,7 @@ def main() -> None:
     settle = time.monotonic() + 1.5  # one more diagnostics message after the last detection
     while time.monotonic() < settle:
         rclpy.spin_once(node, timeout_sec=0.1)
-    print(json.dumps({"diagnostics": diagnostics, "debug_images": debug_images}), flush=True)
+    print(json.dumps({"diagnostics": diagnostics, "debug_images": debug_images, "utterances": utterances}), flush=True)
     node.destroy_node()
     rclpy.try_shutdown()
 
