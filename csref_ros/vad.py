@@ -2,18 +2,19 @@
 
 A frame classifier labels each 10/20/30 ms frame as speech or not; `backend` picks it:
 
-- `webrtc`: webrtcvad (GMM on band energies) at `aggressiveness` 0-3, AND an energy gate: the
-  frame's energy must be `energy_margin_db` above the noise floor (a low percentile of the last
-  `noise_window_s` of frame energies), as webrtcvad alone takes steady noise such as fans for
-  speech,
-- `silero`: the Silero VAD network (the ONNX model shipped in the `silero-vad` pip package, run
-  on onnxruntime's CPU provider) on 512-sample (32 ms) windows; a frame gets the speech
-  probability of the newest complete window and is speech when that is >= `silero_threshold`.
-  No energy gate: the network rejects noise itself, and under babble or pink noise at 0-5 dB
-  SNR the gate rejects most speech (docs/ROS.md, "Voice activity detection", measures both).
+- `silero` (default): the Silero VAD network (the ONNX model shipped in the `silero-vad` pip
+  package, run on onnxruntime's CPU provider) on 512-sample (32 ms) windows; a frame gets the
+  speech probability of the newest complete window and is speech when that is >=
+  `silero_threshold`,
+- `webrtc`: webrtcvad (GMM on band energies) at `aggressiveness` 0-3.
 
-Single frames are noisy, so the segmenter works on windows of frames (the ring-buffer scheme of
-webrtcvad's example), the same for both backends:
+docs/ROS.md ("The VAD on its own") measures both; silero is the default from those numbers.
+A frame counts as voiced when the classifier says so and its energy is `energy_margin_db`
+above the noise floor (a low percentile of the last `noise_window_s` of frame energies): this
+keeps steady noise such as fans out (webrtcvad alone takes it for speech) and background
+talkers quieter than the speaker (both classifiers take babble for speech). Single frames are
+noisy, so the segmenter works on windows of frames (the ring-buffer scheme of webrtcvad's
+example), the same for both backends:
 
 - speech starts when at least `start_ratio` of the frames in the last `start_window_ms` are
   voiced; the utterance begins at the first voiced frame of that window,
@@ -29,7 +30,7 @@ utterance that will result if no more speech comes: the same samples, so work on
 encoder) can start before the end is certain.
 
 CLI (the same segmenter the node uses):
-    python -m csref_ros.vad FILE.wav [--backend webrtc|silero] [--aggressiveness N] [--json]
+    python -m csref_ros.vad FILE.wav [--backend silero|webrtc] [--aggressiveness N] [--json]
 prints the speech segments [[start_s, end_s], ...] of any WAV/FLAC (any sample rate, stereo
 mixed to mono).
 """
@@ -53,7 +54,7 @@ from csref_model.audio import SAMPLE_RATE, load_audio_16k
 logger = logging.getLogger(__name__)
 
 FRAME_MS_CHOICES = (10, 20, 30)
-VAD_BACKENDS = ("webrtc", "silero")
+VAD_BACKENDS = ("silero", "webrtc")
 SILERO_VAD_VERSION = "6.2.3"  # the pip package whose model file we load (setup.py pins it)
 SILERO_WINDOW = 512  # samples per model call at 16 kHz (32 ms), as the model was trained
 SILERO_CONTEXT = 64  # samples of the previous window the model sees in front of each window
@@ -63,7 +64,7 @@ NOISE_FLOOR_PERCENTILE = 10  # pauses between words keep this low even in fluent
 
 @dataclass(frozen=True)
 class VadConfig:
-    backend: str = "webrtc"  # frame classifier, one of VAD_BACKENDS
+    backend: str = "silero"  # frame classifier, one of VAD_BACKENDS (default: docs/ROS.md's measurement)
     aggressiveness: int = 2  # webrtcvad mode 0 (permissive) .. 3 (strict)
     silero_threshold: float = 0.5  # silero: speech probability from which a frame is speech
     frame_ms: int = 30
@@ -75,8 +76,8 @@ class VadConfig:
     postroll_ms: int = 200
     min_utterance_s: float = 0.3
     max_utterance_s: float = 10.0
-    energy_margin_db: float = 5.0  # webrtc: a voiced frame must also be this far above the noise floor
-    noise_window_s: float = 5.0  # webrtc: the noise floor is a low percentile of this much recent audio
+    energy_margin_db: float = 5.0  # a voiced frame must also be this far above the noise floor
+    noise_window_s: float = 5.0  # the noise floor is a low percentile of this much recent audio
 
     def __post_init__(self) -> None:
         problems = []
@@ -151,21 +152,11 @@ class FrameClassifier(Protocol):
 
 
 class WebrtcClassifier:
-    def __init__(self, config: VadConfig) -> None:
-        self.vad = webrtcvad.Vad(config.aggressiveness)
-        self.energy_margin_db = config.energy_margin_db
-        self.recent_energies_db: deque[float] = deque(maxlen=config.frames(config.noise_window_s * 1000))
+    def __init__(self, aggressiveness: int) -> None:
+        self.vad = webrtcvad.Vad(aggressiveness)
 
     def is_speech(self, frame: np.ndarray) -> bool:
-        loud_enough = self.above_noise_floor(frame)  # first: every frame must update the noise floor
-        return self.vad.is_speech(frame.tobytes(), SAMPLE_RATE) and loud_enough
-
-    def above_noise_floor(self, frame: np.ndarray) -> bool:
-        """Energy gate: webrtcvad alone takes loud stationary noise (fans, hum) for speech."""
-        energy_db = 10.0 * math.log10(float(np.mean(np.square(frame, dtype=np.float64))) / 32768.0**2 + 1e-12)
-        self.recent_energies_db.append(energy_db)
-        noise_floor_db = float(np.percentile(self.recent_energies_db, NOISE_FLOOR_PERCENTILE))
-        return energy_db >= noise_floor_db + self.energy_margin_db
+        return self.vad.is_speech(frame.tobytes(), SAMPLE_RATE)
 
 
 def silero_model_path() -> Path:
@@ -219,7 +210,7 @@ class SileroClassifier:
 def frame_classifier(config: VadConfig) -> FrameClassifier:
     if config.backend == "silero":
         return SileroClassifier(config.silero_threshold)
-    return WebrtcClassifier(config)
+    return WebrtcClassifier(config.aggressiveness)
 
 
 class SpeechSegmenter:
@@ -245,6 +236,7 @@ class SpeechSegmenter:
         self.audio_start_frame = 0
         self.utterance_audio: list[np.ndarray] = []
         self.end_window: deque[bool] = deque(maxlen=self.hangover_frames)
+        self.recent_energies_db: deque[float] = deque(maxlen=cfg.frames(cfg.noise_window_s * 1000))
         self.dropped_short = 0  # utterances shorter than min_utterance_s
 
     @property
@@ -288,7 +280,8 @@ class SpeechSegmenter:
     def process_frame(self, frame: np.ndarray) -> Utterance | None:
         index = self.frame_index
         self.frame_index += 1
-        voiced = self.classifier.is_speech(frame)
+        loud_enough = self.above_noise_floor(frame)  # first: every frame must update the noise floor
+        voiced = self.classifier.is_speech(frame) and loud_enough
         self.last_frame_voiced = voiced
         if not self.in_speech:
             self.recent.append((index, frame, voiced))
@@ -308,6 +301,13 @@ class SpeechSegmenter:
         if len(self.end_window) == self.hangover_frames and unvoiced_count >= self.config.end_ratio * self.hangover_frames:
             return self.finish(end_frame=self.last_voiced_frame + 1, cut=False)
         return None
+
+    def above_noise_floor(self, frame: np.ndarray) -> bool:
+        """Energy gate: steady noise and quieter background talkers stay below it."""
+        energy_db = 10.0 * math.log10(float(np.mean(np.square(frame, dtype=np.float64))) / 32768.0**2 + 1e-12)
+        self.recent_energies_db.append(energy_db)
+        noise_floor_db = float(np.percentile(self.recent_energies_db, NOISE_FLOOR_PERCENTILE))
+        return energy_db >= noise_floor_db + self.config.energy_margin_db
 
     def start_speech(self, window: list[tuple[int, np.ndarray, bool]]) -> None:
         voiced_indices = [index for index, _, is_voiced in window if is_voiced]
