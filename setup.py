@@ -51,6 +51,9 @@ setup(
             "ros-rmw-fastrtps-cpp",
             "sounddevice>=0.4.6",
             "webrtcvad-wheels>=2.0.14",
+            # vad_backend silero: csref_ros.vad loads the ONNX model this exact release ships.
+            "silero-vad==6.2.3",
+            "onnxruntime>=1.18",
         ],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -18,7 +18,7 @@ from csref_model.runtime.contract import PRECISIONS
 from csref_model.runtime.selection import BACKENDS
 from csref_ros.frame_buffer import FRAME_CHOICES
 from csref_ros.image_conversion import DEFAULT_MAX_PIXELS
-from csref_ros.vad import FRAME_MS_CHOICES, VadConfig
+from csref_ros.vad import FRAME_MS_CHOICES, VAD_BACKENDS, VadConfig
 
 VAD_DEFAULTS = VadConfig()
 
@@ -66,7 +66,9 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("audio_channels", 1, "Microphone channels (averaged to mono)", range=(1, 64, 1)),
     )),
     ("Voice activity detection (python -m csref_ros.vad uses the same defaults)", (
-        Parameter("vad_aggressiveness", VAD_DEFAULTS.aggressiveness, "webrtcvad mode: 0 permissive .. 3 strict", range=(0, 3, 1), runtime=True),
+        Parameter("vad_backend", VAD_DEFAULTS.backend, "Speech/non-speech frame classifier: the Silero VAD network on onnxruntime or webrtcvad (docs/ROS.md compares them)", choices=VAD_BACKENDS, runtime=True),
+        Parameter("vad_aggressiveness", VAD_DEFAULTS.aggressiveness, "webrtc backend: webrtcvad mode 0 permissive .. 3 strict", range=(0, 3, 1), runtime=True),
+        Parameter("vad_silero_threshold", VAD_DEFAULTS.silero_threshold, "silero backend: speech probability from which a frame is speech", range=(0.01, 0.99, 0.0), runtime=True),
         Parameter("vad_frame_ms", VAD_DEFAULTS.frame_ms, "VAD frame length in ms", choices=FRAME_MS_CHOICES, runtime=True),
         Parameter("vad_start_window_ms", VAD_DEFAULTS.start_window_ms, "Window in which start_ratio of frames must be voiced to start an utterance", range=(10, 5000, 1), runtime=True),
         Parameter("vad_start_ratio", VAD_DEFAULTS.start_ratio, "Voiced fraction of the start window that starts an utterance", range=(0.05, 1.0, 0.0), runtime=True),
@@ -76,7 +78,7 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("vad_postroll_ms", VAD_DEFAULTS.postroll_ms, "Audio kept after the end of speech (at most vad_hangover_ms)", range=(0, 5000, 1), runtime=True),
         Parameter("vad_min_utterance_s", VAD_DEFAULTS.min_utterance_s, "Shorter speech is ignored (clicks, coughs)", range=(0.0, 10.0, 0.0), runtime=True),
         Parameter("vad_max_utterance_s", VAD_DEFAULTS.max_utterance_s, "Longer speech is cut here and grounded", range=(0.5, 120.0, 0.0), runtime=True),
-        Parameter("vad_energy_margin_db", VAD_DEFAULTS.energy_margin_db, "Voiced frames must be this far above the noise floor", range=(0.0, 60.0, 0.0), runtime=True),
+        Parameter("vad_energy_margin_db", VAD_DEFAULTS.energy_margin_db, "Voiced frames must be this far above the noise floor (keeps fans and quieter background talkers out)", range=(0.0, 60.0, 0.0), runtime=True),
     )),
     ("Pairing speech with a camera frame", (
         Parameter("frame_selection", "end", "Frame paired with an utterance: at its end, at its start, or the latest", choices=FRAME_CHOICES, runtime=True),

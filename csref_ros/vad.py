@@ -1,10 +1,20 @@
-"""Speech segmentation with webrtcvad: a stream of 16 kHz audio in, utterances out.
+"""Speech segmentation: a stream of 16 kHz audio in, utterances out.
 
-webrtcvad labels each 10/20/30 ms frame as speech or not; a frame counts as voiced when
-webrtcvad says so and its energy is `energy_margin_db` above the noise floor (a low percentile
-of the last `noise_window_s` of frame energies), which keeps steady noise such as fans from
-being taken for speech. Single frames are noisy, so the segmenter works on windows of frames
-(the ring-buffer scheme of webrtcvad's example):
+A frame classifier labels each 10/20/30 ms frame as speech or not; `backend` picks it:
+
+- `silero` (default): the Silero VAD network (the ONNX model shipped in the `silero-vad` pip
+  package, run on onnxruntime's CPU provider) on 512-sample (32 ms) windows; a frame gets the
+  speech probability of the newest complete window and is speech when that is >=
+  `silero_threshold`,
+- `webrtc`: webrtcvad (GMM on band energies) at `aggressiveness` 0-3.
+
+docs/ROS.md ("The VAD on its own") measures both; silero is the default from those numbers.
+A frame counts as voiced when the classifier says so and its energy is `energy_margin_db`
+above the noise floor (a low percentile of the last `noise_window_s` of frame energies): this
+keeps steady noise such as fans out (webrtcvad alone takes it for speech) and background
+talkers quieter than the speaker (both classifiers take babble for speech). Single frames are
+noisy, so the segmenter works on windows of frames (the ring-buffer scheme of webrtcvad's
+example), the same for both backends:
 
 - speech starts when at least `start_ratio` of the frames in the last `start_window_ms` are
   voiced; the utterance begins at the first voiced frame of that window,
@@ -20,17 +30,21 @@ utterance that will result if no more speech comes: the same samples, so work on
 encoder) can start before the end is certain.
 
 CLI (the same segmenter the node uses):
-    python -m csref_ros.vad FILE.wav [--aggressiveness N] [--json]
+    python -m csref_ros.vad FILE.wav [--backend silero|webrtc] [--aggressiveness N] [--json]
 prints the speech segments [[start_s, end_s], ...] of any WAV/FLAC (any sample rate, stereo
 mixed to mono).
 """
 
 import argparse
+import functools
+import importlib.util
 import json
 import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import webrtcvad
@@ -40,12 +54,19 @@ from csref_model.audio import SAMPLE_RATE, load_audio_16k
 logger = logging.getLogger(__name__)
 
 FRAME_MS_CHOICES = (10, 20, 30)
+VAD_BACKENDS = ("silero", "webrtc")
+SILERO_VAD_VERSION = "6.2.3"  # the pip package whose model file we load (setup.py pins it)
+SILERO_WINDOW = 512  # samples per model call at 16 kHz (32 ms), as the model was trained
+SILERO_CONTEXT = 64  # samples of the previous window the model sees in front of each window
+SILERO_STATE_SHAPE = (2, 1, 128)  # recurrent state (h and c, batch 1, 128 units)
 NOISE_FLOOR_PERCENTILE = 10  # pauses between words keep this low even in fluent speech
 
 
 @dataclass(frozen=True)
 class VadConfig:
+    backend: str = "silero"  # frame classifier, one of VAD_BACKENDS (default: docs/ROS.md's measurement)
     aggressiveness: int = 2  # webrtcvad mode 0 (permissive) .. 3 (strict)
+    silero_threshold: float = 0.5  # silero: speech probability from which a frame is speech
     frame_ms: int = 30
     start_window_ms: int = 300
     start_ratio: float = 0.6
@@ -60,6 +81,10 @@ class VadConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.backend not in VAD_BACKENDS:
+            problems.append(f"backend must be one of {', '.join(VAD_BACKENDS)}, got {self.backend!r}")
+        if not 0.0 < self.silero_threshold < 1.0:
+            problems.append(f"silero_threshold must be in (0, 1), got {self.silero_threshold}")
         if self.aggressiveness not in (0, 1, 2, 3):
             problems.append(f"aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness}")
         if self.frame_ms not in FRAME_MS_CHOICES:
@@ -121,12 +146,79 @@ def to_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.round(chunk * 32767.0), -32768, 32767).astype(np.int16)
 
 
+class FrameClassifier(Protocol):
+    def is_speech(self, frame: np.ndarray) -> bool:
+        """frame: (frame_samples,) int16 at 16 kHz, consecutive frames of one stream."""
+
+
+class WebrtcClassifier:
+    def __init__(self, aggressiveness: int) -> None:
+        self.vad = webrtcvad.Vad(aggressiveness)
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        return self.vad.is_speech(frame.tobytes(), SAMPLE_RATE)
+
+
+def silero_model_path() -> Path:
+    """The ONNX model inside the installed silero-vad package (found without importing the
+    package, whose __init__ imports torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"vad backend silero needs the pip package silero-vad: pip install silero-vad=={SILERO_VAD_VERSION} onnxruntime")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "silero_vad.onnx"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; reinstall silero-vad=={SILERO_VAD_VERSION}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def silero_session() -> Any:
+    """One onnxruntime CPU session for every segmenter (a session is stateless; the recurrent
+    state lives in each SileroClassifier)."""
+    # onnxruntime is optional (only this backend needs it), so it is imported here.
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # one 32 ms window is ~0.1 ms of work: threads only add overhead
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # the shipped graph has unused initialisers; onnxruntime warns about each
+    return onnxruntime.InferenceSession(str(silero_model_path()), options, providers=["CPUExecutionProvider"])
+
+
+class SileroClassifier:
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.session = silero_session()
+        self.state = np.zeros(SILERO_STATE_SHAPE, dtype=np.float32)
+        self.context = np.zeros(SILERO_CONTEXT, dtype=np.float32)
+        self.pending = np.zeros(0, dtype=np.float32)  # samples not yet making a whole window
+        self.probability = 0.0  # of the newest complete window
+
+    def is_speech(self, frame: np.ndarray) -> bool:
+        self.pending = np.concatenate([self.pending, frame.astype(np.float32) / 32768.0])
+        while len(self.pending) >= SILERO_WINDOW:
+            window, self.pending = self.pending[:SILERO_WINDOW], self.pending[SILERO_WINDOW:]
+            model_input = np.concatenate([self.context, window])[None, :]  # (1, SILERO_CONTEXT + SILERO_WINDOW)
+            output, self.state = self.session.run(
+                None, {"input": model_input, "state": self.state, "sr": np.array(SAMPLE_RATE, dtype=np.int64)}
+            )  # output (1, 1), state SILERO_STATE_SHAPE
+            self.probability = float(output[0, 0])
+            self.context = window[-SILERO_CONTEXT:]
+        return self.probability >= self.threshold
+
+
+def frame_classifier(config: VadConfig) -> FrameClassifier:
+    if config.backend == "silero":
+        return SileroClassifier(config.silero_threshold)
+    return WebrtcClassifier(config.aggressiveness)
+
+
 class SpeechSegmenter:
     """Streaming VAD segmenter: feed() 16 kHz mono chunks of any size, get finished Utterances."""
 
     def __init__(self, config: VadConfig | None = None) -> None:
         self.config = config or VadConfig()
-        self.vad = webrtcvad.Vad(self.config.aggressiveness)
+        self.classifier = frame_classifier(self.config)
         cfg = self.config
         self.start_window_frames = cfg.frames(cfg.start_window_ms)
         self.hangover_frames = cfg.frames(cfg.hangover_ms)
@@ -189,7 +281,7 @@ class SpeechSegmenter:
         index = self.frame_index
         self.frame_index += 1
         loud_enough = self.above_noise_floor(frame)  # first: every frame must update the noise floor
-        voiced = self.vad.is_speech(frame.tobytes(), SAMPLE_RATE) and loud_enough
+        voiced = self.classifier.is_speech(frame) and loud_enough
         self.last_frame_voiced = voiced
         if not self.in_speech:
             self.recent.append((index, frame, voiced))
@@ -211,7 +303,7 @@ class SpeechSegmenter:
         return None
 
     def above_noise_floor(self, frame: np.ndarray) -> bool:
-        """Energy gate: webrtcvad alone takes loud stationary noise (fans, hum) for speech."""
+        """Energy gate: steady noise and quieter background talkers stay below it."""
         energy_db = 10.0 * math.log10(float(np.mean(np.square(frame, dtype=np.float64))) / 32768.0**2 + 1e-12)
         self.recent_energies_db.append(energy_db)
         noise_floor_db = float(np.percentile(self.recent_energies_db, NOISE_FLOOR_PERCENTILE))
@@ -278,16 +370,17 @@ def main() -> None:
         prog="python -m csref_ros.vad", description="Print the speech segments of an audio file, as the grounding node finds them."
     )
     parser.add_argument("file", help="WAV/FLAC file, any sample rate, mono or stereo")
-    for setting in fields(VadConfig):  # --aggressiveness, --frame-ms, ...: the node's vad_* parameters
-        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
+    for setting in fields(VadConfig):  # --backend, --aggressiveness, --frame-ms, ...: the node's vad_* parameters
+        choices = VAD_BACKENDS if setting.name == "backend" else None
+        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default, choices=choices)
     parser.add_argument("--json", action="store_true", help="print [[start_s, end_s], ...] as JSON")
     args = parser.parse_args()
     try:
         config = VadConfig(**{setting.name: getattr(args, setting.name) for setting in fields(VadConfig)})
         wave = load_audio_16k(args.file)
-    except (ValueError, FileNotFoundError) as error:
+        segments = [[round(u.start_s, 3), round(u.end_s, 3)] for u in segment_wave(wave, config)]
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         parser.exit(2, f"error: {error}\n")
-    segments = [[round(u.start_s, 3), round(u.end_s, 3)] for u in segment_wave(wave, config)]
     if args.json:
         print(json.dumps(segments))
     else:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from csref_model.audio import resample
 from csref_training.spoken_shapes import generate, grammar, render, scene, speech
 from csref_training.spoken_shapes.generate import SynthConfig
 from csref_training.spoken_shapes.grammar import Expression, SceneObject
@@ -132,7 +133,8 @@ def test_cli_writes_dataset_and_rejects_unknown_voice(tmp_path):
     assert speakers <= {"en-gb+f2", "en-us+m3"}
     assert all(r["snr_db"] is None for split in annotations.values() for e in split for r in e["refs"])
     info = json.loads((tmp_path / "d" / "tiny_shapes_generator.json").read_text())
-    assert info["counts"] == {"train": 3, "val": 1, "test": 1} and "espeak" in info["espeak_ng"].lower()
+    assert info["counts"] == {"train": 3, "val": 1, "test": 1} and list(info["tts_engines"]) == ["espeak"]
+    assert "espeak" in info["tts_engines"]["espeak"].lower()
 
     bad = cmd[:-6] + ["--voices", "en-us+nosuchvariant", "--out", str(tmp_path / "e")]
     done = subprocess.run(bad, capture_output=True, text=True)
@@ -147,6 +149,86 @@ def test_voice_lists_are_valid_and_disjoint():
     with pytest.raises(ValueError, match="xx-nolang"):
         speech.check_voices(["en-us+m3", "xx-nolang"])
     assert speech.speaker_dir_name("en-us+Mr serious") == "en-us+Mr_serious"
+
+
+OTHER_ENGINE_VOICES = speech.FLITE_TRAIN_VOICES + speech.FLITE_HELDOUT_VOICES + speech.FESTIVAL_TRAIN_VOICES + speech.FESTIVAL_HELDOUT_VOICES
+
+
+@pytest.mark.parametrize("voice", ("espeak:en-gb+f3",) + OTHER_ENGINE_VOICES)
+def test_every_engine_voice_speaks_at_16k_and_follows_the_rate(voice):
+    slow = speech.synthesize("pick up the red circle", voice, rate=130, pitch=30)
+    fast = speech.synthesize("pick up the red circle", voice, rate=210, pitch=70)
+    for wave in (slow, fast):
+        assert wave.dtype == np.float32 and wave.ndim == 1
+        assert np.sqrt(np.mean(wave ** 2)) > 0.01  # speech, not silence
+        assert 0.5 * 16000 < len(wave) < 5 * 16000  # at SAMPLE_RATE: a 5-word command lasts about 1-3 s
+    assert len(slow) > 1.25 * len(fast)
+
+
+def test_bare_and_prefixed_espeak_voices_are_the_same_voice():
+    bare = speech.synthesize("the blue star", "en-gb+f3", rate=160, pitch=50)
+    np.testing.assert_array_equal(bare, speech.synthesize("the blue star", "espeak:en-gb+f3", rate=160, pitch=50))
+    np.testing.assert_array_equal(bare, resample(speech.espeak("the blue star", "en-gb+f3", 160, 50), speech.ESPEAK_SAMPLE_RATE))
+    assert speech.speaker_dir_name("espeak:en-gb+f3") == "en-gb+f3"
+    assert speech.speaker_dir_name("flite:slt") == "flite_slt"
+    assert speech.speaker_dir_name("festival:slt_hts") == "festival_slt_hts"
+
+
+def test_text_that_looks_like_an_option_is_spoken():
+    for voice in ("en-us", "flite:kal16", "festival:kal"):
+        assert np.sqrt(np.mean(speech.synthesize("-v --help", voice, rate=175, pitch=50) ** 2)) > 0.01
+
+
+def test_engine_voice_lists_are_valid_and_disjoint():
+    speech.check_voices(list(OTHER_ENGINE_VOICES))
+    for engine in ("flite", "festival"):
+        train, heldout = speech.VOICE_SETS[f"{engine}-train"], speech.VOICE_SETS[f"{engine}-heldout"]
+        assert train and heldout and not set(train) & set(heldout)
+        assert {speech.parse_voice(v).engine for v in train + heldout} == {engine}
+    # The held-out slt speaker of festival is not among the flite training voices either.
+    assert "flite:slt" not in speech.FLITE_TRAIN_VOICES
+
+
+def test_unknown_engines_and_voices_are_rejected():
+    with pytest.raises(ValueError, match="unknown TTS engine 'xx'"):
+        speech.check_voices(["xx:foo"])
+    with pytest.raises(ValueError, match="unknown TTS engine"):
+        speech.synthesize("the red circle", "sapi:david", 160, 50)
+    with pytest.raises(ValueError, match="flite voice.*nobody"):
+        speech.check_voices(["flite:kal", "flite:nobody"])
+    with pytest.raises(ValueError, match="festival voice.*nobody"):
+        speech.synthesize("the red circle", "festival:nobody", 160, 50)
+    with pytest.raises(ValueError, match="names no flite voice"):
+        speech.parse_voice("flite:")
+
+
+def test_generator_mixes_engines(tmp_path):
+    voices = ("en-gb+f2", "flite:slt", "festival:kal", "festival:slt_hts")
+    cfg = SynthConfig(out=tmp_path, seed=2, voices=voices, noise_prob=0.0, backgrounds=("plain",))
+    annotations = generate.generate_dataset(cfg, {"train": 12}, workers=1)
+    speakers = [entry["refs"][0]["speaker"] for entry in annotations["train"]]
+    assert set(speakers) <= {speech.speaker_dir_name(v) for v in voices}
+    assert len(set(speakers)) >= 3
+    for entry in annotations["train"]:
+        ref = entry["refs"][0]
+        path = tmp_path / "audios" / "spoken_shapes" / ref["speaker"] / f"{ref['sent_id']}.wav"
+        assert sf.info(path).samplerate == 16000
+        samples, _ = sf.read(path, dtype="int16")
+        assert 0.3 <= np.abs(samples).max() / 32768 <= 0.9 + 1e-3
+
+
+def test_cli_takes_engine_voice_sets_and_rejects_unknown_engines(tmp_path):
+    base = [sys.executable, "-m", "csref_training.spoken_shapes", "--train", "2", "--val", "0", "--test", "0",
+            "--no-noise", "--workers", "1", "--backgrounds", "plain"]
+    done = subprocess.run(base + ["--out", str(tmp_path / "a"), "--voice-set", "flite-heldout,festival-heldout"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    info = json.loads((tmp_path / "a" / "spoken_shapes_generator.json").read_text())
+    assert info["voices"] == ["flite:slt", "festival:slt_hts"]
+    assert set(info["tts_engines"]) == {"flite", "festival"} and "2.5" in info["tts_engines"]["festival"]
+    for args, message in ((["--voices", "en-us,xx:foo"], "unknown TTS engine"), (["--voice-set", "train,nosuchset"], "nosuchset")):
+        done = subprocess.run(base + ["--out", str(tmp_path / "b")] + args, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 # --------------------------------------------------------------------------------------

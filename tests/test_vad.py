@@ -1,4 +1,5 @@
-"""The speech segmenter on real espeak-ng speech: boundaries, noise, padding, limits, the CLI."""
+"""The speech segmenter on real espeak-ng speech, with both frame classifiers (webrtc, silero):
+boundaries, noise, padding, limits, the CLI."""
 
 import json
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import soundfile
 
 from csref_model.audio import SAMPLE_RATE
-from csref_ros.vad import SpeechSegmenter, VadConfig, segment_wave
+from csref_ros.vad import VAD_BACKENDS, SpeechSegmenter, VadConfig, segment_wave
 from speech_support import add_noise, espeak_16k, speech_with_pauses
 
 COMMANDS = [
@@ -35,25 +36,36 @@ def assert_segments_match(segments: list[tuple[float, float]], truth: list[tuple
         assert abs(end_s - true_end_s) <= tolerance_s, (segments, truth)
 
 
+@pytest.mark.parametrize("backend", VAD_BACKENDS)
 @pytest.mark.parametrize("noise", [None, ("white", 10.0), ("white", 20.0), ("pink", 15.0)])
-def test_utterances_between_pauses_are_found(commands, noise):
+def test_utterances_between_pauses_are_found(commands, noise, backend):
     wave, truth = commands
     if noise is not None:
         wave = add_noise(wave, snr_db=noise[1], colour=noise[0])
-    segments = [(u.start_s, u.end_s) for u in segment_wave(wave)]
+    segments = [(u.start_s, u.end_s) for u in segment_wave(wave, VadConfig(backend=backend))]
     assert_segments_match(segments, truth, tolerance_s=0.2)
 
 
-def test_quiet_recording_is_segmented_like_a_loud_one(commands):
+def test_silero_without_energy_gate_finds_speech_in_loud_pink_noise(commands):
     wave, truth = commands
-    segments = [(u.start_s, u.end_s) for u in segment_wave(wave * 0.03)]
+    config = VadConfig(backend="silero", energy_margin_db=0.0)
+    segments = [(u.start_s, u.end_s) for u in segment_wave(add_noise(wave, snr_db=0.0, colour="pink"), config)]
+    assert_segments_match(segments, truth, tolerance_s=0.3)
+
+
+@pytest.mark.parametrize("backend", VAD_BACKENDS)
+def test_quiet_recording_is_segmented_like_a_loud_one(commands, backend):
+    wave, truth = commands
+    segments = [(u.start_s, u.end_s) for u in segment_wave(wave * 0.03, VadConfig(backend=backend))]
     assert_segments_match(segments, truth, tolerance_s=0.2)
 
 
-def test_chunk_size_does_not_change_the_result(commands):
+@pytest.mark.parametrize("backend", VAD_BACKENDS)
+def test_chunk_size_does_not_change_the_result(commands, backend):
     wave, _ = commands
-    reference = [(u.start_s, u.end_s, len(u.samples)) for u in segment_wave(wave)]
-    segmenter = SpeechSegmenter()
+    config = VadConfig(backend=backend)
+    reference = [(u.start_s, u.end_s, len(u.samples)) for u in segment_wave(wave, config)]
+    segmenter = SpeechSegmenter(config)
     rng = np.random.default_rng(1)
     found, position = [], 0
     while position < len(wave):
@@ -73,10 +85,11 @@ def test_int16_and_float_input_agree(commands):
     assert from_int16 == from_float
 
 
+@pytest.mark.parametrize("backend", VAD_BACKENDS)
 @pytest.mark.parametrize("frame_ms", [10, 20, 30])
-def test_every_frame_length_works(commands, frame_ms):
+def test_every_frame_length_works(commands, frame_ms, backend):
     wave, truth = commands
-    segments = [(u.start_s, u.end_s) for u in segment_wave(wave, VadConfig(frame_ms=frame_ms))]
+    segments = [(u.start_s, u.end_s) for u in segment_wave(wave, VadConfig(frame_ms=frame_ms, backend=backend))]
     assert_segments_match(segments, truth, tolerance_s=0.2)
 
 
@@ -146,11 +159,13 @@ def test_speech_shorter_than_min_utterance_is_dropped():
     assert segmenter.dropped_short == 1
 
 
-def test_silence_and_steady_noise_give_nothing():
-    assert segment_wave(np.zeros(5 * SAMPLE_RATE, dtype=np.float32)) == []
+@pytest.mark.parametrize("backend", VAD_BACKENDS)
+def test_silence_and_steady_noise_give_nothing(backend):
+    config = VadConfig(backend=backend)
+    assert segment_wave(np.zeros(5 * SAMPLE_RATE, dtype=np.float32), config) == []
     hum = 0.2 * np.sin(2 * np.pi * 120 * np.arange(5 * SAMPLE_RATE) / SAMPLE_RATE)
     fan = add_noise(hum.astype(np.float32), snr_db=0.0, colour="pink")
-    assert segment_wave(fan) == []
+    assert segment_wave(fan, config) == []
 
 
 def test_bad_settings_and_audio_are_rejected():
@@ -158,6 +173,10 @@ def test_bad_settings_and_audio_are_rejected():
         VadConfig(frame_ms=25)
     with pytest.raises(ValueError, match="aggressiveness must be 0, 1, 2 or 3"):
         VadConfig(aggressiveness=4)
+    with pytest.raises(ValueError, match="backend must be one of silero, webrtc"):
+        VadConfig(backend="energy")
+    with pytest.raises(ValueError, match="silero_threshold"):
+        VadConfig(silero_threshold=1.5)
     with pytest.raises(ValueError, match="max_utterance_s"):
         VadConfig(min_utterance_s=2.0, max_utterance_s=1.0)
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -184,9 +203,15 @@ def test_cli_reads_stereo_44k_and_prints_json(commands, tmp_path):
     assert strict.returncode == 0, strict.stderr
     assert len(json.loads(strict.stdout)) == len(truth)
 
+    silero = run_cli(str(path), "--backend", "silero", "--json")
+    assert silero.returncode == 0, silero.stderr
+    assert_segments_match([tuple(s) for s in json.loads(silero.stdout)], truth, tolerance_s=0.2)
+
 
 def test_cli_reports_bad_input(tmp_path):
     missing = run_cli(str(tmp_path / "missing.wav"), "--json")
     assert missing.returncode == 2 and "audio file not found" in missing.stderr
     bad_setting = run_cli(str(tmp_path / "missing.wav"), "--aggressiveness", "7")
     assert bad_setting.returncode == 2 and "aggressiveness must be 0, 1, 2 or 3" in bad_setting.stderr
+    bad_backend = run_cli(str(tmp_path / "missing.wav"), "--backend", "energy")
+    assert bad_backend.returncode == 2 and "invalid choice: 'energy'" in bad_backend.stderr

@@ -4,14 +4,15 @@ official RefCOCO-speech layout.
 RGB images (sides 320-640 px) of 3-6 anti-aliased, non-overlapping shapes (circle, square,
 triangle, star, diamond, cross; 8 colours; small or big) on a plain, gradient or photo
 background; one target object per sample, described by the SHORTEST unique referring
-expression, optionally after a carrier phrase ("pick up ..."), spoken by espeak-ng.
+expression, optionally after a carrier phrase ("pick up ..."), spoken by espeak-ng, flite or
+festival (voices `en-us+m3`, `flite:slt`, `festival:kal`; lists in speech.py).
 
 Modules, each importing only those above it:
     grammar   the words, the objects they refer to, `referents`, `describe` and its inverse
               `parse_expression`
     scene     shape geometry and layout: `place_objects`, `sample_layout`, `layout_for_expression`
     render    backgrounds and anti-aliased drawing
-    speech    espeak-ng voices, `render_speech` (silence padding, noise)
+    speech    TTS engines and voice lists, `synthesize`, `render_speech` (silence padding, noise)
     generate  `SynthConfig`, `generate_sample`, `generate_dataset`
     __main__  the command line
 
@@ -20,6 +21,7 @@ Usage::
     python -m csref_training.spoken_shapes --out data/spoken_shapes --train 12000 --val 400 --test 600
     python -m csref_training.spoken_shapes --out data/spoken_shapes_heldout --seed 1 \\
         --train 0 --val 0 --test 600 --voice-set heldout --noise-prob 1 --snr-db-range 10,30
+    python -m csref_training.spoken_shapes --out data/shapes_mixed --voice-set train,flite-train,festival-train
 
 On-disk layout (``--dataset-name`` defaults to ``spoken_shapes``)::
 
@@ -33,7 +35,8 @@ Each annotation entry is ``{"iid", "bbox": [x, y, w, h] (floats, original pixels
 "target_index"), "sent_ids": [sent_id], "refs": [{"sent_id", "sent", "speaker", "rate", "pitch",
 "snr_db"}]}`` with one image,
 one target and one sentence per entry (``sent_id == iid``). Every sentence is rendered with ONE
-voice; its speaker directory is the voice string (``en-us+m3``), also recorded in the ref. Loaders
+voice; its speaker directory is the voice string made file-system safe (``en-us+m3``,
+``flite_slt``, ``festival_slt_hts``), also recorded in the ref. Loaders
 look a sentence up as ``<speaker>/<sent_id>.wav`` in whichever selected speaker directory has it
 (see ``csref_training.datasets``), which reads the real RefCOCO-speech layout, where every
 speaker directory holds every sentence, the same way.
@@ -44,5 +47,6 @@ bottom"); their meaning is in grammar.py. The generator picks, among all combina
 referents are exactly the target, one with the fewest optional attributes (ties: fewer place
 words first, then at random), so place words are used only when they single the target out
 with the margin. Noise (white, pink or brown) is added to a ``--noise-prob`` fraction of
-utterances at an SNR drawn from ``--snr-db-range``. Rate and pitch are drawn per utterance.
+utterances at an SNR drawn from ``--snr-db-range``. Rate and pitch are drawn per utterance, in
+espeak-ng's units (words per minute, 0-99), which speech.py maps onto the other engines.
 """

@@ -19,7 +19,7 @@ from csref_training.spoken_shapes.scene import (
     SMALL_EXTENT,
     SMALL_EXTENT_FACTOR,
 )
-from csref_training.spoken_shapes.speech import VOICE_SETS, espeak_version
+from csref_training.spoken_shapes.speech import VOICE_SETS, engine_version, parse_voice
 
 PROG = "python -m csref_training.spoken_shapes"
 
@@ -45,9 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=200, help="number of val samples")
     parser.add_argument("--test", type=int, default=200, help="number of test samples")
     voices = parser.add_mutually_exclusive_group()
-    voices.add_argument("--voices", help="comma-separated espeak-ng voices, e.g. en-us+m3,en-gb+f2")
-    voices.add_argument("--voice-set", choices=sorted(VOICE_SETS), default="train",
-                        help="a documented voice list (default: train)")
+    voices.add_argument("--voices", help="comma-separated voices, `engine:name` or a bare espeak-ng name, "
+                                          "e.g. en-us+m3,flite:slt,festival:kal")
+    voices.add_argument("--voice-set", default="train",
+                        help=f"comma-separated documented voice lists, e.g. train,flite-train: {', '.join(VOICE_SETS)} "
+                             "(default: train, the espeak-ng training voices)")
     parser.add_argument("--rate-range", type=lambda s: _pair(s, int), default=(130, 210),
                         help="speaking rate range in words per minute (default 130,210)")
     parser.add_argument("--pitch-range", type=lambda s: _pair(s, int), default=(20, 80),
@@ -82,7 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--noise-prob and --carrier-prob must lie in [0, 1]")
     if args.scene_scale is not None and not 0.0 < args.scene_scale[0] <= args.scene_scale[1] <= MAX_EXTENT / 2:
         parser.error(f"--scene-scale must be two increasing numbers in (0, {MAX_EXTENT / 2}]")
-    voice_list = tuple(v for v in args.voices.split(",") if v) if args.voices else VOICE_SETS[args.voice_set]
+    if args.voices:
+        voice_list = tuple(v for v in args.voices.split(",") if v)
+    else:
+        set_names = [name for name in args.voice_set.split(",") if name]
+        unknown_sets = [name for name in set_names if name not in VOICE_SETS]
+        if unknown_sets or not set_names:
+            parser.error(f"--voice-set: unknown {unknown_sets}; choose from {','.join(VOICE_SETS)}")
+        voice_list = tuple(voice for name in set_names for voice in VOICE_SETS[name])
+    try:
+        engines = sorted({parse_voice(voice).engine for voice in voice_list})
+    except ValueError as err:
+        parser.error(f"--voices: {err}")
     cfg = SynthConfig(
         out=args.out,
         dataset_name=args.dataset_name,
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         "carrier_prob": cfg.carrier_prob,
         "backgrounds": list(backgrounds),
         "scene_scale": None if cfg.scene_scale is None else list(cfg.scene_scale),
-        "espeak_ng": espeak_version(),
+        "tts_engines": {engine: engine_version(engine) for engine in engines},
         "wall_time_s": round(elapsed, 1),
     }
     (cfg.out / f"{cfg.dataset_name}_generator.json").write_text(json.dumps(info, indent=2))
