@@ -258,3 +258,18 @@ def test_training_steps_with_augmentation(module: str, small_shapes: Path, tmp_p
     assert re.search(r"step 2 loss \d+\.\d+", log), log[-2000:]
     assert (output_dir / "last").is_dir()
     assert load_train_config(output_dir / "train_config.yaml").augment.babble.prob == 1.0
+
+
+@pytest.mark.parametrize("name", ["csa_spoken_shapes", "srec_spoken_shapes"])
+def test_augmented_configs_differ_from_their_base_by_augmentation_only(name: str) -> None:
+    configs = Path(__file__).resolve().parent.parent / "config" / "train"
+    base = load_train_config(configs / f"{name}.yaml")
+    augmented = load_train_config(configs / f"{name}_augmented.yaml")
+    check_augment_config(augmented.augment)
+    assert augmented.augment.enabled and not base.augment.enabled
+    assert augmented.output_dir == f"{base.output_dir}_augmented"
+    if augmented.init_speech_encoder is not None:
+        assert augmented.init_speech_encoder == "runs/csa_spoken_shapes_augmented/best"
+    for cfg in (base, augmented):
+        cfg.augment, cfg.output_dir, cfg.init_speech_encoder = AugmentConfig(), "", None
+    assert augmented == base
