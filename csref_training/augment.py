@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 import soxr
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.fft import next_fast_len
 from scipy.signal import butter, fftconvolve, sosfilt
 
 from csref_model.audio import SAMPLE_RATE
@@ -198,14 +199,17 @@ def stretch_time(wave: np.ndarray, factor: float) -> np.ndarray:
     # Output frame j reads input frame position j / factor (interpolated magnitude, accumulated phase).
     positions = np.arange(0, num_frames - 1, 1.0 / factor)  # (T',)
     lower = positions.astype(np.int64)
-    frac = (positions - lower)[:, None]  # (T', 1)
-    magnitude = (1.0 - frac) * np.abs(spec[lower]) + frac * np.abs(spec[lower + 1])  # (T', F)
-    expected = 2.0 * np.pi * HOP * np.arange(spec.shape[1]) / N_FFT  # (F,) phase advance per hop
-    delta = np.angle(spec[lower + 1]) - np.angle(spec[lower]) - expected  # (T', F)
-    delta = delta - 2.0 * np.pi * np.round(delta / (2.0 * np.pi))
-    phase = np.angle(spec[0]) + np.concatenate([np.zeros((1, spec.shape[1])),
-                                                np.cumsum(expected + delta, axis=0)[:-1]])  # (T', F)
-    return _istft(magnitude * np.exp(1j * phase), out_length)
+    frac = (positions - lower)[:, None].astype(np.float32)  # (T', 1)
+    spec_magnitude, spec_phase = np.abs(spec), np.angle(spec)  # (T, F) each
+    magnitude = (1.0 - frac) * spec_magnitude[lower] + frac * spec_magnitude[lower + 1]  # (T', F)
+    expected = (2.0 * np.pi * HOP / N_FFT) * np.arange(spec.shape[1], dtype=np.float32)  # (F,) phase advance per hop
+    delta = spec_phase[lower + 1] - spec_phase[lower] - expected  # (T', F)
+    delta -= (2.0 * np.pi) * np.round(delta / (2.0 * np.pi))
+    phase = np.empty_like(delta)
+    phase[0] = spec_phase[0]
+    np.cumsum(expected + delta[:-1], axis=0, out=phase[1:])
+    phase[1:] += spec_phase[0]
+    return _istft(magnitude * (np.cos(phase) + 1j * np.sin(phase)), out_length)
 
 
 def shift_pitch(wave: np.ndarray, semitones: float) -> np.ndarray:
@@ -233,10 +237,11 @@ def warp_formants(wave: np.ndarray, warp: float) -> np.ndarray:
     out_bins = np.arange(spec.shape[1], dtype=np.float64)
     source_bins = np.interp(out_bins, [0.0, warp * boundary, nyquist_bin], [0.0, boundary, nyquist_bin])  # (F,)
     lower = np.minimum(source_bins.astype(np.int64), nyquist_bin - 1)
-    frac = source_bins - lower
+    frac = (source_bins - lower).astype(np.float32)
     magnitude = np.abs(spec)
     warped = (1.0 - frac) * magnitude[:, lower] + frac * magnitude[:, lower + 1]  # (T, F)
-    return _istft(warped * np.exp(1j * np.angle(spec)), len(wave))
+    # Original phase: spec / |spec| (bins of zero magnitude stay zero).
+    return _istft(spec * (warped / np.maximum(magnitude, 1e-12)), len(wave))
 
 
 def room_impulse_response(rt60_s: float, drr_db: float, rng: np.random.Generator) -> np.ndarray:
@@ -258,12 +263,14 @@ def reverberate(wave: np.ndarray, rir: np.ndarray) -> np.ndarray:
 
 def pink_noise(num_samples: int, rng: np.random.Generator) -> np.ndarray:
     """1/f-power (pink) noise of unit RMS: white noise shaped by 1 / sqrt(f) in the frequency domain."""
-    spectrum = np.fft.rfft(rng.standard_normal(num_samples))
+    # An FFT of a length with large prime factors costs up to 10x more: shape a longer noise, cut it.
+    fft_length = next_fast_len(num_samples, real=True)
+    spectrum = np.fft.rfft(rng.standard_normal(fft_length))
     frequencies = np.arange(len(spectrum), dtype=np.float64)
     frequencies[0] = 1.0
     spectrum /= np.sqrt(frequencies)
     spectrum[0] = 0.0
-    noise = np.fft.irfft(spectrum, n=num_samples)
+    noise = np.fft.irfft(spectrum, n=fft_length)[:num_samples]
     return (noise / max(np.sqrt(np.mean(noise**2)), 1e-12)).astype(np.float32)
 
 
