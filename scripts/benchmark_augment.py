@@ -8,7 +8,7 @@ on every utterance with parameters drawn from the config's ranges (probability 1
 augmenter at the config's probabilities (the expected cost per training item). Babble talkers
 come from the same utterances in memory; with `--data-root` the CSA training dataset of that set
 is also read item by item, clean and augmented, so file reads of babble talkers are included.
-Times are process CPU milliseconds (the ops are single-threaded), medians over the utterances.
+Times are process CPU milliseconds (the ops are single-threaded) over the utterances.
 """
 
 import argparse
@@ -64,15 +64,15 @@ def op_timings(cfg: AugmentConfig, waves: list[np.ndarray], rng: np.random.Gener
     return {name: [cpu_ms(lambda: op(w)) for w in waves] for name, op in ops.items()}
 
 
-def dataset_timings(cfg_path: Path, data_root: Path, count: int) -> dict[str, float]:
-    """Median CPU ms to read a CSA training item, clean and augmented."""
+def dataset_timings(cfg_path: Path, data_root: Path, count: int) -> dict[str, list[float]]:
+    """CPU ms to read each of `count` CSA training items, clean and augmented."""
     cfg = load_train_config(cfg_path, [f"data.root={data_root}"])
     result = {}
     for label, augment_cfg in (("clean item", None), ("augmented item", cfg.augment)):
         items = SeededItems(build_csa_dataset(cfg.data, cfg.data.train_split, True, augment_cfg))
         keys = [(i % len(items), i) for i in range(count)]
         items[keys[0]]
-        result[label] = statistics.median(cpu_ms(lambda: items[key]) for key in keys)
+        result[label] = [cpu_ms(lambda: items[key]) for key in keys]
     return result
 
 
@@ -89,14 +89,16 @@ def main() -> None:
     waves = [render_speech(rng, TEXTS[i % len(TEXTS)], VOICES[i % len(VOICES)], int(rng.integers(130, 211)),
                            int(rng.integers(20, 81)), None) for i in range(args.utterances)]
     seconds = statistics.median(len(w) / SAMPLE_RATE for w in waves)
-    print(f"{len(waves)} utterances, median {seconds:.2f} s; CPU ms per utterance (median, p90)\n")
-    print("| op | ms | p90 ms |")
-    print("| --- | --- | --- |")
-    for name, times in op_timings(cfg, waves, rng).items():
-        print(f"| {name} | {statistics.median(times):.2f} | {np.percentile(times, 90):.2f} |")
+    print(f"{len(waves)} utterances, median {seconds:.2f} s; CPU ms per utterance\n")
+    print("| op | mean ms | median ms | p90 ms |")
+    print("| --- | --- | --- | --- |")
+    timings = op_timings(cfg, waves, rng)
     if args.data_root:
-        for label, ms in dataset_timings(args.config, args.data_root, args.utterances).items():
-            print(f"| CSA dataset, {label} | {ms:.2f} | |")
+        timings.update({f"CSA dataset, {label}": times
+                        for label, times in dataset_timings(args.config, args.data_root, args.utterances).items()})
+    for name, times in timings.items():
+        print(f"| {name} | {statistics.mean(times):.2f} | {statistics.median(times):.2f} | "
+              f"{np.percentile(times, 90):.2f} |")
 
 
 if __name__ == "__main__":
