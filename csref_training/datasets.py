@@ -55,7 +55,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -216,7 +216,8 @@ class _UtteranceFiles:
         return load_audio_16k(self.paths[index])
 
 
-def _augmenter(augment: AugmentConfig | None, num_utterances: int, read_utterance: Any) -> WaveformAugmenter | None:
+def _augmenter(augment: AugmentConfig | None, num_utterances: int,
+               read_utterance: Callable[[int], np.ndarray]) -> WaveformAugmenter | None:
     """The augmenter of an enabled config (else None), drawing babble from the dataset's utterances."""
     if augment is None or not augment.enabled:
         return None

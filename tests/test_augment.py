@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from scipy.signal import butter, sosfilt
 
 from csref_model.audio import SAMPLE_RATE
@@ -273,3 +275,22 @@ def test_augmented_configs_differ_from_their_base_by_augmentation_only(name: str
     for cfg in (base, augmented):
         cfg.augment, cfg.output_dir, cfg.init_speech_encoder = AugmentConfig(), "", None
     assert augmented == base
+
+
+def test_augmented_run_resumes_exactly(small_shapes: Path, tmp_path: Path) -> None:
+    # 2 steps per epoch; stopped after step 1 and resumed to step 3 (across an epoch end) must
+    # equal 3 uninterrupted steps: augmentation depends only on each item's seed.
+    everything = [f"augment.{name}.prob=1.0" for name in ("speed", "pitch", "formant", "reverb", "babble",
+                                                          "pink_noise", "band_limit")]
+    overrides = ["augment.enabled=true", "data.num_workers=1", *everything]
+    weights = {}
+    for name, stops in (("uninterrupted", (3,)), ("resumed", (1, 3))):
+        output_dir = tmp_path / name
+        config = write_config(tmp_path / f"{name}.yaml", small_shapes, output_dir)
+        for max_steps in stops:
+            result = run_module("csref_training.srec", config, f"max_steps={max_steps}", *overrides)
+        assert ("resumed from" in result.stderr) == (name == "resumed")
+        weights[name] = load_file(str((output_dir / "last").resolve() / "model.safetensors"))
+    assert weights["uninterrupted"].keys() == weights["resumed"].keys()
+    for key, value in weights["uninterrupted"].items():
+        assert torch.equal(value, weights["resumed"][key]), key
