@@ -153,7 +153,7 @@ def check_augment_config(cfg: AugmentConfig) -> None:
 # --------------------------------------------------------------------------------------
 # STFT shared by the phase vocoder and the formant warp
 # --------------------------------------------------------------------------------------
-_WINDOW = np.hanning(N_FFT + 1)[:N_FFT].astype(np.float32)  # periodic Hann: overlap-adds to a constant
+_WINDOW = np.hanning(N_FFT + 1)[:N_FFT].astype(np.float32)  # periodic Hann; `_istft` divides by the summed squares
 
 
 def _stft(wave: np.ndarray) -> np.ndarray:
