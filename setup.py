@@ -37,7 +37,7 @@ setup(
         "setuptools",
     ],
     extras_require={
-        "train": ["tensorboard>=2.14", "tqdm>=4.66", "scikit-image>=0.22", "datasets>=2.18"],
+        "train": ["tensorboard>=2.14", "tqdm>=4.66", "scikit-image>=0.22", "datasets>=2.18", "scipy>=1.10"],
         "ros": [
             "ros-rclpy",
             "ros-sensor-msgs",

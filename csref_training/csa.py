@@ -46,7 +46,7 @@ class CSATask:
         return build_csa(self.model_cfg)
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        return build_csa_dataset(self.cfg.data, split=split, train=train)
+        return build_csa_dataset(self.cfg.data, split=split, train=train, augment=self.cfg.augment)
 
     def initialise(self, model: nn.Module) -> None:
         """Nothing to load: the encoders start from the pretrained weights the model config names."""

@@ -34,6 +34,13 @@ a missing image or audio file, an unreadable file, a box outside the image (by m
 naming the file and the entry, or with ``skip_broken=True`` the entry is left out, counted in
 ``num_broken`` and listed in ``broken``.
 
+Augmentation. Given an enabled ``AugmentConfig`` (``csref_training.augment``), a training
+dataset passes each waveform through a ``WaveformAugmenter`` (speed, pitch, formants, room,
+babble, pink noise, band limit), whose babble talkers are the dataset's own utterances (all of
+the split's audio files, clean). The build functions hand it to training datasets only:
+validation and test always read clean speech. Its Generator is drawn from the global numpy RNG,
+which the trainer seeds per item, so an item's augmentation depends only on its seed.
+
 Items are raw: the letterboxed image, its ``Letterbox`` geometry, the normalised (cx, cy, w, h)
 target, the original-pixel box and the prepared 16 kHz waveform (``csref_model.preprocessing``);
 ``collate_srec`` / ``collate_csa`` build the padded, normalised speech batch.
@@ -48,7 +55,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -57,8 +64,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from csref_model.audio import SAMPLE_RATE, load_audio
+from csref_model.audio import SAMPLE_RATE, load_audio, load_audio_16k, resample
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
+from csref_training.augment import AugmentConfig, WaveformAugmenter
 from csref_training.train_config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -193,6 +201,37 @@ def _prepare(wave: np.ndarray, sample_rate: int, use_trim: bool, max_duration: f
     if max_duration is not None:
         wave = wave[: int(max_duration * SAMPLE_RATE)]
     return wave
+
+
+class _UtteranceFiles:
+    """The clean 16 kHz waveforms of a list of audio files, by index: a dataset's babble talkers."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> np.ndarray:
+        return load_audio_16k(self.paths[index])
+
+
+def _augmenter(augment: AugmentConfig | None, num_utterances: int,
+               read_utterance: Callable[[int], np.ndarray]) -> WaveformAugmenter | None:
+    """The augmenter of an enabled config (else None), drawing babble from the dataset's utterances."""
+    if augment is None or not augment.enabled:
+        return None
+    return WaveformAugmenter(augment, num_utterances, read_utterance)
+
+
+def _augmented(augmenter: WaveformAugmenter | None, wave: np.ndarray, max_duration: float | None) -> np.ndarray:
+    if augmenter is None:
+        return wave
+    # The trainer seeds the global numpy RNG per item (reproducibility.SeededItems): a Generator
+    # drawn from it makes the augmentation depend on the item's seed only, so resumption is exact.
+    wave = augmenter(wave, np.random.default_rng(np.random.randint(2**31)))
+    # Slowing down lengthens the utterance; the cap still holds.
+    return wave if max_duration is None else wave[: int(max_duration * SAMPLE_RATE)]
 
 
 def _letterboxed_item(image: np.ndarray, box_xywh: tuple[float, ...] | None, image_size: int) -> dict[str, Any]:
@@ -379,6 +418,11 @@ def _check_entry(
     return RefEntry(where, iid, box, image_path, tuple(sentences))
 
 
+def _audio_paths(entries: list[RefEntry]) -> list[Path]:
+    """Every audio file of `entries` (each sentence of each speaker), in entry order."""
+    return [u.audio_path for entry in entries for utterances in entry.sentences for u in utterances]
+
+
 class _UtteranceChoice:
     """Training: one random sentence and speaker of an entry per read. Eval: all of them, listed."""
 
@@ -417,6 +461,7 @@ class SpeechGroundingDataset(Dataset):
         use_trim: bool = True,
         max_duration: float | None = None,
         skip_broken: bool = False,
+        augment: AugmentConfig | None = None,
         need_box: bool = True,
     ) -> None:
         self.layout = layout
@@ -432,6 +477,8 @@ class SpeechGroundingDataset(Dataset):
         self.choice = _UtteranceChoice(entries, train)
         if len(self.choice) == 0:
             raise ValueError(f"{layout.ann_path} split {split!r} has no usable entries ({self.num_broken} broken)")
+        talkers = _UtteranceFiles(_audio_paths(entries))
+        self.augmenter = _augmenter(augment, len(talkers), talkers.read)
 
     def __len__(self) -> int:
         return len(self.choice)
@@ -443,7 +490,8 @@ class SpeechGroundingDataset(Dataset):
             raise BrokenEntryError(f"{entry.where}: cannot decode image {entry.image_path}")
         item = _letterboxed_item(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), entry.box_xywh, self.image_size)
         item.update(
-            waveform=_read_waveform(utterance.audio_path, self.use_trim, self.max_duration, entry.where),
+            waveform=_augmented(self.augmenter, _read_waveform(utterance.audio_path, self.use_trim,
+                                                               self.max_duration, entry.where), self.max_duration),
             sentence=utterance.text,
             sent_id=utterance.sent_id,
             iid=entry.iid,
@@ -466,6 +514,7 @@ class SpeechTextPairs(Dataset):
         use_trim: bool = True,
         max_duration: float | None = None,
         skip_broken: bool = False,
+        augment: AugmentConfig | None = None,
     ) -> None:
         self.use_trim = use_trim
         self.max_duration = max_duration
@@ -480,6 +529,8 @@ class SpeechTextPairs(Dataset):
         self.choice = _UtteranceChoice(per_sentence, train)
         if len(self.choice) == 0:
             raise ValueError(f"{ann_path} split {split!r} has no usable sentences ({self.num_broken} broken)")
+        talkers = _UtteranceFiles(_audio_paths(entries))
+        self.augmenter = _augmenter(augment, len(talkers), talkers.read)
 
     def __len__(self) -> int:
         return len(self.choice)
@@ -487,7 +538,8 @@ class SpeechTextPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry, utterance = self.choice.pick(index)
         return {
-            "waveform": _read_waveform(utterance.audio_path, self.use_trim, self.max_duration, entry.where),
+            "waveform": _augmented(self.augmenter, _read_waveform(utterance.audio_path, self.use_trim,
+                                                                  self.max_duration, entry.where), self.max_duration),
             "text": utterance.text,
             "utt_id": f"{utterance.speaker}/{utterance.sent_id}",
         }
@@ -582,6 +634,7 @@ class HFSpeechGroundingDataset(Dataset):
         use_trim: bool = True,
         max_duration: float | None = None,
         skip_broken: bool = False,
+        augment: AugmentConfig | None = None,
     ) -> None:
         self.source = f"{path} [{split}]"
         self.rows = load_hf_split(path, split).with_format("arrow")
@@ -595,6 +648,7 @@ class HFSpeechGroundingDataset(Dataset):
         self.max_duration = max_duration
         broken = _BrokenLog(skip_broken, self.source)
         self.items: list[tuple[int, int | None]] = []  # (row, audio index; None = drawn per read)
+        self.utterances: list[tuple[int, int]] = []  # (row, audio index) of every usable audio
         for row, record in enumerate(self._records()):
             try:
                 num_audios = self._check_row(row, record)
@@ -602,11 +656,19 @@ class HFSpeechGroundingDataset(Dataset):
                 broken.add(err)
                 continue
             self.items += [(row, None)] if train else [(row, a) for a in range(num_audios)]
+            self.utterances += [(row, a) for a in range(num_audios)]
         broken.report()
         self.broken = broken.messages
         self.num_broken = len(self.broken)
         if not self.items:
             raise ValueError(f"{self.source} has no usable rows ({self.num_broken} broken)")
+        self.augmenter = _augmenter(augment, len(self.utterances), self._read_utterance)
+
+    def _read_utterance(self, index: int) -> np.ndarray:
+        """Clean 16 kHz audio `index` of `utterances` (babble talkers)."""
+        row, audio_index = self.utterances[index]
+        record = self.rows[row].to_pylist()[0]
+        return resample(*_hf_audio(record["audios"][audio_index], self._where(row, record)))
 
     def _records(self) -> Iterator[dict[str, Any]]:
         for batch in self.rows.iter(batch_size=64):
@@ -643,6 +705,7 @@ class HFSpeechGroundingDataset(Dataset):
             wave = _prepare(wave, sample_rate, self.use_trim, self.max_duration)
         except ValueError as err:
             raise BrokenEntryError(f"{where}: audio {audio_index}: {err}") from err
+        wave = _augmented(self.augmenter, wave, self.max_duration)
         sent_ids = record["sent_ids"] or []
         item.update(
             waveform=wave,
@@ -668,6 +731,7 @@ class LibriSpeechDataset(Dataset):
         use_trim: bool = True,
         max_duration: float | None = None,
         skip_broken: bool = False,
+        augment: AugmentConfig | None = None,
     ) -> None:
         root = Path(root)
         self.use_trim = use_trim
@@ -700,6 +764,8 @@ class LibriSpeechDataset(Dataset):
         self.num_broken = len(self.broken)
         if not self.pairs:
             raise ValueError(f"no usable utterances in {root} for split {split!r} ({self.num_broken} broken)")
+        talkers = _UtteranceFiles([flac for flac, _, _ in self.pairs])
+        self.augmenter = _augmenter(augment, len(talkers), talkers.read)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -707,7 +773,8 @@ class LibriSpeechDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         flac, text, where = self.pairs[index]
         return {
-            "waveform": _read_waveform(flac, self.use_trim, self.max_duration, where),
+            "waveform": _augmented(self.augmenter, _read_waveform(flac, self.use_trim, self.max_duration, where),
+                                   self.max_duration),
             "text": text,
             "utt_id": flac.stem,
         }
@@ -745,28 +812,33 @@ def collate_csa(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def build_srec_dataset(data: DataConfig, split: str, image_size: int, train: bool) -> Dataset:
-    """The SREC dataset a training config's `data:` section describes."""
+def build_srec_dataset(data: DataConfig, split: str, image_size: int, train: bool,
+                       augment: AugmentConfig | None = None) -> Dataset:
+    """The SREC dataset a training config's `data:` section describes; `augment` applies to
+    training datasets only."""
+    augment = augment if train else None
     if data.format == "refcoco":
         layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root,
                                 data.image_pattern)
         return SpeechGroundingDataset(layout, split, image_size, data.speakers, train, data.use_trim,
-                                      data.max_duration, data.skip_broken, need_box=data.boxes)
+                                      data.max_duration, data.skip_broken, augment, need_box=data.boxes)
     if data.format == "hf":
         return HFSpeechGroundingDataset(data.root, split, image_size, box_key_for(data.dataset), train,
-                                        data.use_trim, data.max_duration, data.skip_broken)
+                                        data.use_trim, data.max_duration, data.skip_broken, augment)
     raise ValueError(f"data.format {data.format!r} cannot feed SREC; use 'refcoco' or 'hf'")
 
 
-def build_csa_dataset(data: DataConfig, split: str, train: bool) -> Dataset:
-    """The CSA dataset a training config's `data:` section describes."""
+def build_csa_dataset(data: DataConfig, split: str, train: bool, augment: AugmentConfig | None = None) -> Dataset:
+    """The CSA dataset a training config's `data:` section describes; `augment` applies to
+    training datasets only."""
+    augment = augment if train else None
     if data.format == "librispeech":
-        return LibriSpeechDataset(data.root, split, data.use_trim, data.max_duration, data.skip_broken)
+        return LibriSpeechDataset(data.root, split, data.use_trim, data.max_duration, data.skip_broken, augment)
     if data.format == "refcoco":
         layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, data.audio_root,
                                 data.image_pattern)
         return SpeechTextPairs(layout.ann_path, layout.audio_root, split, data.speakers, train, data.use_trim,
-                               data.max_duration, data.skip_broken)
+                               data.max_duration, data.skip_broken, augment)
     raise ValueError(f"data.format {data.format!r} cannot feed CSA; use 'librispeech' or 'refcoco'")
 
 

@@ -109,7 +109,7 @@ class RefCLIPTask:
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
         return build_srec_dataset(self.cfg.data, split=split, image_size=self.model_cfg.detector.image_size,
-                                  train=train)
+                                  train=train, augment=self.cfg.augment)
 
     def initialise(self, model: nn.Module) -> None:
         """The frozen detector and the frozen CSA speech encoder from their checkpoints, strictly."""

@@ -55,7 +55,8 @@ class SRECTask:
         return build_srec(self.model_cfg)
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        return build_srec_dataset(self.cfg.data, split=split, image_size=self.model_cfg.image_size, train=train)
+        return build_srec_dataset(self.cfg.data, split=split, image_size=self.model_cfg.image_size, train=train,
+                                  augment=self.cfg.augment)
 
     def initialise(self, model: nn.Module) -> None:
         """The whole model from an SREC checkpoint, then the speech encoder from a CSA one."""

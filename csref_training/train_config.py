@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from csref_model.config import ModelConfig, load_model_config
 from csref_model.typed_yaml import apply_overrides, from_dict, merge, read_yaml
+from csref_training.augment import AugmentConfig
 
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -124,6 +125,8 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # Waveform augmentation of the training split (csref_training.augment); off by default.
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Settings only one task reads (a detector's box count, RefCLIP's candidate count, ...): the
     # task checks them against its own dataclass (csref_model.typed_yaml.from_dict), so unknown
     # keys are still errors, named by the task.

@@ -12,6 +12,7 @@ import torch
 
 from csref_model.audio import SAMPLE_RATE, load_audio, resample
 from csref_model.preprocessing import prepare_waveform
+from csref_training.augment import AugmentConfig
 from csref_training.datasets import (
     BrokenEntryError,
     HFSpeechGroundingDataset,
@@ -24,6 +25,7 @@ from csref_training.datasets import (
     collate_srec,
     refcoco_layout,
 )
+from csref_training.reproducibility import SeededItems
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.spoken_shapes.speech import ESPEAK_SAMPLE_RATE, espeak
 from csref_training.train_config import DataConfig
@@ -302,6 +304,25 @@ def test_hf_variant_matches_the_refcoco_layout(shapes, hf_dir):
     assert len(build_srec_dataset(data, "train+test", SIZE, train=True)) == COUNTS["train"] + COUNTS["test"]
 
 
+def test_hf_variant_augments_training_items_from_its_own_audio(shapes, hf_dir):
+    cfg = AugmentConfig(enabled=True)
+    cfg.babble.prob, cfg.band_limit.prob = 1.0, 1.0
+    data = DataConfig(format="hf", dataset="refcoco_speech", root=str(hf_dir))
+    clean = SeededItems(build_srec_dataset(data, "train", SIZE, True))
+    augmented_set = build_srec_dataset(data, "train", SIZE, True, augment=cfg)
+    augmented = SeededItems(augmented_set)
+    assert len(augmented_set.utterances) == COUNTS["train"]
+    # Babble talkers are the split's own audio, read clean at 16 kHz.
+    entry = _annotations(shapes)["train"][2]
+    np.testing.assert_allclose(augmented_set._read_utterance(2),
+                               load_audio(_wav_path(shapes, entry["refs"][0]))[0], atol=1e-6)
+    key = (1, 77)
+    assert not np.array_equal(clean[key]["waveform"], augmented[key]["waveform"])
+    np.testing.assert_array_equal(augmented[key]["waveform"], augmented[key]["waveform"])
+    test_set = build_srec_dataset(data, "test", SIZE, False, augment=cfg)
+    assert test_set.augmenter is None
+
+
 def test_hf_variant_from_parquet_snapshot_and_broken_rows(shapes, tmp_path):
     rows = _hf_rows(shapes, "train")
     x, y, w, h = rows["bbox"][2]
@@ -361,6 +382,17 @@ def test_librispeech_pairs(librispeech):
     assert len(capped[0]["waveform"]) == 8000
     with pytest.raises(FileNotFoundError, match="train-clean-100"):
         build_csa_dataset(data, "train", train=True)
+
+
+def test_librispeech_augmentation_keeps_the_duration_cap(librispeech):
+    cfg = AugmentConfig(enabled=True)
+    cfg.speed.prob, cfg.speed.factor, cfg.babble.prob = 1.0, [0.9, 0.9], 1.0  # always slower: longer
+    data = DataConfig(format="librispeech", dataset="LibriSpeech", root=str(librispeech), max_duration=0.5)
+    training = SeededItems(build_csa_dataset(data, "dev-clean", train=True, augment=cfg))
+    clean = build_csa_dataset(data, "dev-clean", train=False, augment=cfg)
+    assert clean.augmenter is None and len(clean[0]["waveform"]) == 8000
+    wave = training[(0, 5)]["waveform"]
+    assert len(wave) == 8000 and not np.array_equal(wave, clean[0]["waveform"])
 
 
 def test_librispeech_broken_utterances(librispeech):
