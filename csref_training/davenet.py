@@ -154,7 +154,7 @@ def collate_pairs(items: list[dict[str, Any]], floor_db: float) -> dict[str, Any
 # Metrics
 
 
-def retrieval_recalls(scores: torch.Tensor, ks: tuple[int, ...] = RECALL_AT) -> dict[str, float]:
+def retrieval_recalls(scores: torch.Tensor) -> dict[str, float]:
     """(N_img, N_speech) scores whose diagonal holds the pairs -> R@k speech->image ("s2i", each
     caption's image among all images) and image->speech ("i2s")."""
     n = scores.shape[0]
@@ -164,7 +164,7 @@ def retrieval_recalls(scores: torch.Tensor, ks: tuple[int, ...] = RECALL_AT) -> 
     i2s_rank = (scores > scores[truth, truth][:, None]).sum(1)  # over captions, per image
     metrics = {}
     for direction, rank in (("s2i", s2i_rank), ("i2s", i2s_rank)):
-        for k in ks:
+        for k in RECALL_AT:
             metrics[f"{direction}_r{k}"] = float((rank < k).float().mean())
     metrics["r10_mean"] = (metrics["s2i_r10"] + metrics["i2s_r10"]) / 2
     return metrics
