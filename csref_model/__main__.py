@@ -1,14 +1,15 @@
-"""python -m csref_model COMMAND [ARGS]: ground, export or benchmark (COMMAND --help for each)."""
+"""python -m csref_model COMMAND [ARGS]: ground, export, benchmark or retrieve (COMMAND --help for each)."""
 
 import sys
 
-from csref_model.cli import USER_ERROR, benchmark, export, ground
+from csref_model.cli import USER_ERROR, benchmark, export, ground, retrieve
 
-COMMANDS = {"ground": ground.main, "export": export.main, "benchmark": benchmark.main}
+COMMANDS = {"ground": ground.main, "export": export.main, "benchmark": benchmark.main, "retrieve": retrieve.main}
 USAGE = ("usage: python -m csref_model {" + ",".join(COMMANDS) + "} [ARGS]\n"
          "  ground     ground one spoken referring expression in one image\n"
          "  export     export SREC to ONNX graphs (and TensorRT engines)\n"
          "  benchmark  latency of the Grounder's calls on one backend\n"
+         "  retrieve   rank images by a spoken description (ResDAVEnet-VQ)\n"
          "`python -m csref_model COMMAND --help` describes a command's arguments.")
 
 

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 PYTHON_PACKAGE_PREFIX = "python-package:"
 # Names of the YAML files in config/models/: CSRef models, class-agnostic detectors, RefCLIP.
-BUILTIN_CONFIGS = ("base", "tiny", "detector_base", "detector_tiny", "refclip_base", "refclip_tiny")
+BUILTIN_CONFIGS = ("base", "tiny", "detector_base", "detector_tiny", "refclip_base", "refclip_tiny",
+                   "davenet_base", "davenet_tiny")
 
 
 @dataclass

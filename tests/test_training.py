@@ -28,6 +28,7 @@ from csref_model.text_encoder import load_tokenizer
 from csref_model.typed_yaml import read_yaml, set_dotted
 from csref_training import evaluate
 from csref_training.checkpointing import TRAINER_STATE
+from csref_training.davenet import davenet_model_config
 from csref_training.detector import detector_model_config
 from csref_training.refclip import task_settings as refclip_task_settings
 from csref_training.optim import EMA, build_optimizer_and_scheduler, set_train_mode, warmup_cosine_lr
@@ -122,6 +123,8 @@ def test_shipped_training_configs_load(path: Path) -> None:
         assert build_model_config(cfg).image_size > 0
     elif task == "detector":
         assert detector_model_config(cfg).image_size > 0
+    elif task == "davenet":
+        assert davenet_model_config(cfg).image.image_size > 0
     else:
         assert task == "refclip"
         # Its detector and speech-encoder configs come from checkpoints that are trained first.

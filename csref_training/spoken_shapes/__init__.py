@@ -29,6 +29,7 @@ On-disk layout (``--dataset-name`` defaults to ``spoken_shapes``)::
     <out>/images/<iid:012d>.jpg          e.g. images/000000000042.jpg
     <out>/audios/<dataset>/<speaker>/<sent_id>.wav   16 kHz mono 16-bit PCM
     <out>/<dataset>_generator.json       the generator settings, for provenance
+    <out>/audios/<dataset>_captions/<speaker>/<iid>.wav   with --captions: the scene caption
 
 Each annotation entry is ``{"iid", "bbox": [x, y, w, h] (floats, original pixels), "objects":
 [{"bbox", "shape", "colour", "size"}, ...] (every object of the scene, the target at
@@ -40,6 +41,11 @@ voice; its speaker directory is the voice string made file-system safe (``en-us+
 look a sentence up as ``<speaker>/<sent_id>.wav`` in whichever selected speaker directory has it
 (see ``csref_training.datasets``), which reads the real RefCOCO-speech layout, where every
 speaker directory holds every sentence, the same way.
+
+With ``--captions`` each entry also has ``"caption": {"sent_id", "sent", "speaker", "rate",
+"pitch", "snr_db", "words": [{"word", "start", "end"}, ...]}``: every object of the scene, left
+to right ("a big red circle, a small blue star and a big green cross"), spoken word by word with
+its own voice so that the word times (seconds in the WAV) are exact (``speech.render_word_sequence``).
 
 Expressions name the shape, and optionally a colour, a size ("small"/"big"), a horizontal place
 ("on the left"/"on the right"/"in the middle") and a vertical place ("at the top"/"at the

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"{BIG_EXTENT_FACTOR[0]}-{BIG_EXTENT_FACTOR[1]}x a scale drawn per scene, as a "
                              f"fraction of the shorter image side (default: fixed ranges, small {SMALL_EXTENT[0]}-{SMALL_EXTENT[1]}, "
                              f"big {BIG_EXTENT[0]}-{BIG_EXTENT[1]})")
+    parser.add_argument("--captions", action="store_true",
+                        help="also speak a whole-scene caption per image (\"a big red circle, a small blue star and "
+                             "...\"), word by word with exact word alignments, to "
+                             "audios/<dataset>_captions/<speaker>/<iid>.wav (image<->speech retrieval)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dataset-name", default="spoken_shapes")
     args = parser.parse_args(argv)
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         carrier_prob=args.carrier_prob,
         backgrounds=backgrounds,
         scene_scale=args.scene_scale,
+        captions=args.captions,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
     start = time.perf_counter()
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "backgrounds": list(backgrounds),
         "scene_scale": None if cfg.scene_scale is None else list(cfg.scene_scale),
         "tts_engines": {engine: engine_version(engine) for engine in engines},
+        "captions": cfg.captions,
         "wall_time_s": round(elapsed, 1),
     }
     (cfg.out / f"{cfg.dataset_name}_generator.json").write_text(json.dumps(info, indent=2))

@@ -2,7 +2,9 @@
 "On-disk layout"); see the package docstring for the files and the annotation entries.
 
 Determinism: every sample draws from its own numpy generator seeded by (seed, split, index),
-so the output is identical for any number of workers.
+so the output is identical for any number of workers. The scene caption (`SynthConfig.captions`)
+draws from a second generator seeded by (seed, split, index, CAPTION_STREAM), so turning captions
+on leaves every other byte of the dataset unchanged.
 """
 
 from __future__ import annotations
@@ -20,13 +22,25 @@ import soundfile as sf
 from tqdm import tqdm
 
 from csref_model.audio import SAMPLE_RATE
-from csref_training.spoken_shapes.grammar import CARRIER_PHRASES
+from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, caption_words, scene_caption
 from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, render_scene
 from csref_training.spoken_shapes.scene import sample_layout
-from csref_training.spoken_shapes.speech import TRAIN_VOICES, check_voices, render_speech, speaker_dir_name
+from csref_training.spoken_shapes.speech import (
+    TRAIN_VOICES,
+    check_voices,
+    render_speech,
+    render_word_sequence,
+    speaker_dir_name,
+)
 
 SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 92
+CAPTION_STREAM = 1  # the fourth seed word of the caption's generator
+
+
+def caption_dataset_name(dataset_name: str) -> str:
+    """The audio directory of the scene captions: audios/<dataset>_captions/<speaker>/<iid>.wav."""
+    return f"{dataset_name}_captions"
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,8 @@ class SynthConfig:
     backgrounds: tuple[str, ...] = BACKGROUNDS
     image_size_range: tuple[int, int] = (320, 640)
     scene_scale: tuple[float, float] | None = None  # None: scene.SMALL_EXTENT / BIG_EXTENT for every scene
+    # Also speak a whole-scene caption per image, with word alignments (image<->speech retrieval).
+    captions: bool = False
 
 
 def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
@@ -69,7 +85,7 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
     audio_dir.mkdir(parents=True, exist_ok=True)
     sf.write(audio_dir / f"{sent_id}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
 
-    return {
+    entry = {
         "iid": iid,
         "bbox": _xywh(objects[target].box),
         # Every object of the scene, for the class-agnostic detector and failure analysis by kind;
@@ -86,6 +102,36 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
             "pitch": pitch,
             "snr_db": snr_db,
         }],
+    }
+    if cfg.captions:
+        entry["caption"] = generate_caption(cfg, split, index, iid, objects)
+    return entry
+
+
+def generate_caption(cfg: SynthConfig, split: str, index: int, iid: int, objects: list) -> dict:
+    """Speaks the scene's caption word by word (exact word alignments), writes it to
+    audios/<dataset>_captions/<speaker>/<iid>.wav and returns its entry."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, CAPTION_STREAM])
+    text = scene_caption(objects)
+    words = caption_words(text)
+    voice = cfg.voices[rng.integers(len(cfg.voices))]
+    rate = int(rng.integers(cfg.rate_range[0], cfg.rate_range[1] + 1))
+    pitch = int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1))
+    snr_db = float(round(rng.uniform(*cfg.snr_db_range), 2)) if rng.random() < cfg.noise_prob else None
+    wave, spans = render_word_sequence(rng, words, voice, rate, pitch, snr_db)
+    speaker = speaker_dir_name(voice)
+    audio_dir = cfg.out / "audios" / caption_dataset_name(cfg.dataset_name) / speaker
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    sf.write(audio_dir / f"{iid}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+    return {
+        "sent_id": iid,
+        "sent": text,
+        "speaker": speaker,
+        "rate": rate,
+        "pitch": pitch,
+        "snr_db": snr_db,
+        "words": [{"word": word, "start": round(start, 4), "end": round(end, 4)}
+                  for word, (start, end) in zip(words, spans)],
     }
 
 

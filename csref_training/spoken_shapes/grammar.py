@@ -1,7 +1,8 @@
 """The words of Spoken Shapes and what they mean: the vocabulary, the objects an expression can
 refer to, `referents` (which objects an expression picks out), `describe` (the shortest
 expression for an object) and its inverse `parse_expression` (a spoken command's text back
-into the attributes it names).
+into the attributes it names), and `scene_caption` (a whole-scene description for
+image<->speech retrieval).
 
 Meaning (docs/SPOKEN_SHAPES.md, "Referring expressions"): the candidates are the objects with
 the named shape, colour and size; place words then keep the candidate x for which every other
@@ -183,3 +184,18 @@ def parse_expression(text: str) -> Expression:
         horizontal=places.get(match["horizontal"]),
         vertical=places.get(match["vertical"]),
     )
+
+
+def scene_caption(objects: list[SceneObject]) -> str:
+    """A description of every object of a scene, left to right: "a big red circle, a small blue
+    star and a big green cross". Its words (commas are not words) are `caption_words`."""
+    ordered = sorted(objects, key=lambda o: o.cx)
+    phrases = [f"a {o.size} {o.colour} {o.shape}" for o in ordered]
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def caption_words(caption: str) -> list[str]:
+    """The spoken words of a caption, in order."""
+    return caption.replace(",", " ").split()

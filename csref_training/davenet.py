@@ -1,0 +1,370 @@
+"""Visually grounded speech: train ResDAVEnet-VQ on (image, spoken caption) pairs, measure
+speech<->image retrieval and the discrete units its VQ layers learn.
+
+    python -m csref_training.davenet --config config/train/davenet_spoken_shapes.yaml [key=value ...]
+    python -m csref_training.davenet evaluate --config Y --checkpoint runs/davenet/best --split test
+    python -m csref_training.davenet units --checkpoint runs/davenet/best audio.wav [--layer 3] [--dedup]
+
+The model is `csref_model.davenet`. Data: Spoken Shapes generated with `--captions` (each entry's
+"caption", audio in audios/<dataset>_captions/, word alignments) with `data.format: refcoco`, or
+Places Audio Captions with `data.format: places` (`<data.root>/<split>.json` holding
+{"image_base_path", "audio_base_path", "data": [{"image", "wav", ...}]}, base paths replaced by
+`data.image_dir` / `data.audio_root` when given).
+
+The staged VQ schedule ({} -> {3} -> {2,3}, the paper's best) is a chain of runs: each sets
+`model_overrides.speech.vq_layers` and starts from the previous run's checkpoint with
+`task.warm_start`, whose active VQ layers must be a subset of the new ones; only the new
+codebooks start fresh. Validation reports R@1/5/10 in both directions over the split's pairs
+(`best` is picked by the mean of the two R@10, as the official code), and per active VQ layer
+the codebook perplexity, the fraction of entries used, and the word-detection F1 of its codes
+against the generator's word alignments (`word_detection`).
+"""
+
+import argparse
+import functools
+import json
+import logging
+import math
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from csref_model.audio import load_audio, load_audio_16k
+from csref_model.checkpoint import load_into, read_checkpoint_dir
+from csref_model.davenet import (
+    Davenet,
+    DavenetConfig,
+    build_davenet,
+    build_davenet_from_checkpoint,
+    image_batch,
+    load_davenet_config,
+    log_mel,
+    pad_features,
+    speech_units,
+)
+from csref_model.typed_yaml import from_dict, merge
+from csref_training import trainer
+from csref_training.datasets import image_file_name, refcoco_layout
+from csref_training.distributed import DistInfo
+from csref_training.spoken_shapes.generate import caption_dataset_name
+from csref_training.train_config import DataConfig, TrainConfig, load_train_config
+
+logger = logging.getLogger(__name__)
+
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass
+class DavenetTaskConfig:
+    """The training YAML's `task:` section for ResDAVEnet-VQ."""
+
+    # Checkpoint directory of the previous stage of the VQ schedule (fewer VQ layers); null = from scratch.
+    warm_start: str | None = None
+    # A code segment counts for the words within this many seconds of its centre (the official 0.04).
+    code_window_s: float = 0.04
+    # Words left out of the word-detection report (they carry no scene content).
+    stop_words: list[str] = field(default_factory=lambda: ["a", "and", "the"])
+
+
+def davenet_model_config(cfg: TrainConfig) -> DavenetConfig:
+    """`cfg.model` ("davenet_tiny", "davenet_base" or a YAML path) with `cfg.model_overrides` merged in."""
+    model_cfg = load_davenet_config(cfg.model)
+    if not cfg.model_overrides:
+        return model_cfg
+    return DavenetConfig.from_dict(merge(model_cfg.to_dict(), cfg.model_overrides),
+                                   source=f"{cfg.model} + model_overrides")
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class CaptionPair:
+    image_path: Path
+    audio_path: Path
+    # (word, start s, end s) of the caption, when the data has alignments.
+    words: tuple[tuple[str, float, float], ...] | None = None
+
+
+def read_caption_pairs(data: DataConfig, split: str) -> list[CaptionPair]:
+    """The (image, caption) pairs of `split` (see the module docstring for the two formats)."""
+    if data.format == "refcoco":
+        layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, None, data.image_pattern)
+        audio_root = Path(data.audio_root) if data.audio_root else \
+            layout.audio_root.parent / caption_dataset_name(data.dataset)
+        entries = json.loads(layout.ann_path.read_text())[split]
+        missing = [entry["iid"] for entry in entries if "caption" not in entry]
+        if missing:
+            raise ValueError(f"{layout.ann_path} [{split}]: {len(missing)} entries have no scene caption (iid "
+                             f"{missing[0]}, ...); generate the data with `python -m csref_training.spoken_shapes "
+                             f"--captions ...`")
+        return [CaptionPair(layout.image_dir / image_file_name(layout.image_pattern, entry["iid"]),
+                            audio_root / entry["caption"]["speaker"] / f"{entry['caption']['sent_id']}.wav",
+                            tuple((w["word"], w["start"], w["end"]) for w in entry["caption"]["words"]))
+                for entry in entries]
+    if data.format == "places":
+        json_path = Path(data.root) / f"{split}.json"
+        if not json_path.is_file():
+            raise FileNotFoundError(f"Places caption list not found: {json_path} (data.root/<split>.json)")
+        listing = json.loads(json_path.read_text())
+        image_base = Path(data.image_dir or Path(data.root) / listing["image_base_path"])
+        audio_base = Path(data.audio_root or Path(data.root) / listing["audio_base_path"])
+        return [CaptionPair(image_base / datum["image"], audio_base / datum["wav"]) for datum in listing["data"]]
+    raise ValueError(f"data.format {data.format!r} is not one ResDAVEnet-VQ reads: use refcoco (Spoken Shapes "
+                     "with --captions) or places")
+
+
+class CaptionPairs(Dataset):
+    """Items {"image": (3, S, S), "features": (F, T) log-mel, "index"} of (image, caption) pairs."""
+
+    def __init__(self, pairs: list[CaptionPair], model_cfg: DavenetConfig) -> None:
+        if not pairs:
+            raise ValueError("no (image, caption) pairs in this split")
+        self.pairs, self.model_cfg = pairs, model_cfg
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        bgr = cv2.imread(str(pair.image_path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"could not read image {pair.image_path}")
+        image = image_batch([cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)], self.model_cfg.image.image_size)[0]
+        features = log_mel(torch.from_numpy(load_audio_16k(pair.audio_path)), self.model_cfg.log_mel)
+        return {"image": image, "features": features, "index": index}
+
+
+def collate_pairs(items: list[dict[str, Any]], floor_db: float) -> dict[str, Any]:
+    features, lengths = pad_features([item["features"] for item in items], floor_db)
+    return {"image": torch.stack([item["image"] for item in items]), "features": features, "lengths": lengths,
+            "index": torch.tensor([item["index"] for item in items])}
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+
+
+def retrieval_recalls(scores: torch.Tensor) -> dict[str, float]:
+    """(N_img, N_speech) scores whose diagonal holds the pairs -> R@k speech->image ("s2i", each
+    caption's image among all images) and image->speech ("i2s")."""
+    n = scores.shape[0]
+    truth = torch.arange(n)
+    # Rank of the true match: how many candidates score strictly higher.
+    s2i_rank = (scores > scores[truth, truth][None, :]).sum(0)  # over images, per caption
+    i2s_rank = (scores > scores[truth, truth][:, None]).sum(1)  # over captions, per image
+    metrics = {}
+    for direction, rank in (("s2i", s2i_rank), ("i2s", i2s_rank)):
+        for k in RECALL_AT:
+            metrics[f"{direction}_r{k}"] = float((rank < k).float().mean())
+    metrics["r10_mean"] = (metrics["s2i_r10"] + metrics["i2s_r10"]) / 2
+    return metrics
+
+
+def codebook_use(codes: list[np.ndarray], codebook_size: int) -> dict[str, float]:
+    """Perplexity of the code histogram (exp of its entropy) and the fraction of entries used."""
+    counts = np.bincount(np.concatenate(codes), minlength=codebook_size).astype(np.float64)
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    return {"perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+            "used": float((counts > 0).sum() / codebook_size)}
+
+
+def code_segments(codes: np.ndarray, frame_s: float) -> list[tuple[int, float, float]]:
+    """Runs of equal codes -> (code, start s, end s)."""
+    segments, start = [], 0
+    for index in range(1, len(codes) + 1):
+        if index == len(codes) or codes[index] != codes[start]:
+            segments.append((int(codes[start]), start * frame_s, index * frame_s))
+            start = index
+    return segments
+
+
+def word_detection(codes: list[np.ndarray], frame_s: float, words: list[tuple[tuple[str, float, float], ...]],
+                   window_s: float, stop_words: list[str]) -> dict[str, float]:
+    """How well single codes detect words (the paper's unit analysis, steps/unit_analysis.py's idea).
+
+    Precision of code c for word w: of c's segments (runs), the fraction whose centre +- window_s
+    overlaps an occurrence of w. Recall: of w's occurrences, the fraction during which c occurs.
+    Each word's F1 is that of its best code; reported: the mean over the vocabulary (stop words
+    left out), the number of words whose best F1 is at least 0.5, and the vocabulary size.
+    """
+    segments_of_code: Counter = Counter()
+    code_word_hits: dict[int, Counter] = defaultdict(Counter)
+    occurrences: Counter = Counter()
+    word_code_hits: dict[str, Counter] = defaultdict(Counter)
+    for utterance_codes, spans in zip(codes, words):
+        content = [(w, s, e) for w, s, e in spans if w not in stop_words]
+        for code, start, end in code_segments(utterance_codes, frame_s):
+            centre = (start + end) / 2
+            segments_of_code[code] += 1
+            code_word_hits[code].update({w for w, s, e in content if s < centre + window_s and e > centre - window_s})
+        for word, start, end in content:
+            occurrences[word] += 1
+            first, last = int(start / frame_s), math.ceil(end / frame_s)
+            word_code_hits[word].update(set(utterance_codes[first:last].tolist()))
+    best_f1 = {}
+    for word, total in occurrences.items():
+        best = 0.0
+        for code, hits in word_code_hits[word].items():
+            precision = code_word_hits[code][word] / segments_of_code[code]
+            recall = hits / total
+            if precision + recall > 0:
+                best = max(best, 2 * precision * recall / (precision + recall))
+        best_f1[word] = best
+    if not best_f1:
+        return {"word_f1": 0.0, "words_f1_50": 0, "vocabulary": 0}
+    return {"word_f1": float(np.mean(list(best_f1.values()))),
+            "words_f1_50": sum(f1 >= 0.5 for f1 in best_f1.values()), "vocabulary": len(best_f1)}
+
+
+@torch.no_grad()
+def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, device: torch.device,
+                     settings: DavenetTaskConfig, num_workers: int = 0) -> dict[str, float]:
+    """Retrieval over every pair of `dataset` and the units report of each active VQ layer. Every
+    process computes it on the whole split (one similarity matrix needs all pairs)."""
+    model.eval()
+    floor_db = model.cfg.log_mel.floor_db
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=functools.partial(collate_pairs, floor_db=floor_db))
+    image_maps, speech_outputs = [], []
+    codes: dict[int, list[np.ndarray]] = defaultdict(list)
+    for batch in loader:
+        image_maps.append(model.encode_images(batch["image"].to(device)).float())
+        speech = model.encode_speech(batch["features"].to(device), batch["lengths"].to(device))
+        speech.embeddings = speech.embeddings.float()
+        speech_outputs.append(speech)
+        for slot, slot_codes in speech.codes.items():
+            for row, length in zip(slot_codes.cpu().numpy(), speech.code_lengths[slot].tolist()):
+                codes[slot].append(row[:length])
+    scores = torch.cat([torch.cat([model.similarity(maps, speech) for speech in speech_outputs], dim=1)
+                        for maps in image_maps]).cpu()  # (N, N)
+    metrics: dict[str, float] = {"pairs": len(dataset), **retrieval_recalls(scores)}
+    words = [pair.words for pair in dataset.pairs]
+    for slot in sorted(codes):
+        for key, value in codebook_use(codes[slot], model.cfg.speech.codebook_size).items():
+            metrics[f"vq{slot}_{key}"] = value
+        if all(w is not None for w in words):
+            frame_s = model.cfg.log_mel.hop_s * 2 ** (slot - 1)
+            report = word_detection(codes[slot], frame_s, words, settings.code_window_s, settings.stop_words)
+            for key, value in report.items():
+                metrics[f"vq{slot}_{key}"] = value
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# The task
+
+
+def load_warm_start(model: Davenet, path: str | Path) -> None:
+    """Weights of an earlier stage of the VQ schedule: everything must match except the codebooks
+    of VQ layers the earlier stage did not have, which keep their fresh initialisation."""
+    state_dict, config_dict = read_checkpoint_dir(path)
+    seed_cfg = DavenetConfig.from_dict(config_dict, source=f"{path}/config.yaml")
+    earlier, now = set(seed_cfg.speech.vq_layers), set(model.cfg.speech.vq_layers)
+    if not earlier <= now:
+        raise ValueError(f"task.warm_start {path} has VQ layers {sorted(earlier)}, which are not a subset of this run's "
+                         f"{sorted(now)}: the schedule only adds VQ layers ({{}} -> {{3}} -> {{2,3}})")
+    new_codebooks = tuple(f"speech_encoder.quantizers.{slot}." for slot in sorted(now - earlier))
+    load_into(model, state_dict, str(path), allow_missing=new_codebooks)
+    logger.info("warm start from %s (VQ layers %s -> %s)", path, sorted(earlier), sorted(now))
+
+
+class DavenetTask:
+    name = "davenet"
+    best_metric = "r10_mean"
+    higher_is_better = True
+    model_config = staticmethod(davenet_model_config)
+
+    def __init__(self, cfg: TrainConfig, model_cfg: DavenetConfig, dist_info: DistInfo) -> None:
+        self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
+        self.settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
+        self.collate = functools.partial(collate_pairs, floor_db=model_cfg.log_mel.floor_db)
+
+    def build_model(self) -> nn.Module:
+        return build_davenet(self.model_cfg)
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        return CaptionPairs(read_caption_pairs(self.cfg.data, split), self.model_cfg)
+
+    def initialise(self, model: nn.Module) -> None:
+        if self.settings.warm_start:
+            load_warm_start(model, self.settings.warm_start)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
+        device = self.dist_info.device
+        loss, _ = model.loss(batch["image"].to(device, non_blocking=True),
+                             batch["features"].to(device, non_blocking=True),
+                             batch["lengths"].to(device, non_blocking=True))
+        return loss
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        return evaluate_davenet(model, dataset, self.cfg.eval_batch_size, self.dist_info.device, self.settings,
+                                num_workers=self.cfg.data.num_workers)
+
+
+# ----------------------------------------------------------------------------------------
+# Subcommands
+
+
+def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_train_config(args.config, args.overrides)
+    settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
+    model, model_cfg = build_davenet_from_checkpoint(args.checkpoint)
+    dataset = CaptionPairs(read_caption_pairs(cfg.data, args.split), model_cfg)
+    metrics = evaluate_davenet(model, dataset, cfg.eval_batch_size, torch.device("cpu"), settings,
+                               num_workers=cfg.data.num_workers)
+    metrics["chance_r10"] = min(10, len(dataset)) / len(dataset)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def units_main(args: argparse.Namespace) -> dict[int, list[int]]:
+    model, model_cfg = build_davenet_from_checkpoint(args.checkpoint)
+    slots = [args.layer] if args.layer is not None else model_cfg.speech.vq_layers
+    if not slots:
+        raise ValueError(f"{args.checkpoint} has no VQ layer (speech.vq_layers is empty): it has no units")
+    wave, sample_rate = load_audio(args.audio)
+    units = {}
+    for slot in slots:
+        codes = speech_units(model, wave, sample_rate, slot)
+        if args.dedup:
+            codes = [code for index, code in enumerate(codes) if index == 0 or code != codes[index - 1]]
+        units[slot] = codes
+        print(f"vq{slot}: {' '.join(map(str, codes))}")
+    return units
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("evaluate", "units"):
+        return trainer.main(DavenetTask, __doc__.split("\n")[0], argv)
+    parser = argparse.ArgumentParser(prog=f"python -m csref_training.davenet {argv[0]}")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a ResDAVEnet-VQ checkpoint directory")
+    if argv[0] == "evaluate":
+        parser.add_argument("--config", required=True, help="the training YAML (its data and task sections)")
+        parser.add_argument("--split", default="test")
+        parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
+    else:
+        parser.add_argument("audio", help="audio file (WAV/FLAC/OGG, any sample rate)")
+        parser.add_argument("--layer", type=int, default=None, help="VQ slot to print (default: every active one)")
+        parser.add_argument("--dedup", action="store_true", help="merge runs of the same unit into one")
+    args = parser.parse_args(argv[1:])
+    try:
+        return evaluate_main(args) if argv[0] == "evaluate" else units_main(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""ResDAVEnet-VQ: VQ EMA and commitment, the triplet loss, log-mel features, scene captions with word
+alignments, and a tiny training run through the shared loop with evaluation, warm start, units and
+retrieval CLIs, all on a generated caption set."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from csref_model.davenet import (
+    LogMelConfig,
+    VectorQuantizerEMA,
+    log_mel,
+    pad_features,
+    triplet_loss,
+)
+from csref_training import davenet
+from csref_training.spoken_shapes import generate
+from csref_training.spoken_shapes.generate import SynthConfig
+from csref_training.spoken_shapes.grammar import SceneObject, caption_words, scene_caption
+
+CONFIG = Path(__file__).resolve().parent.parent / "config" / "train" / "davenet_spoken_shapes.yaml"
+COUNTS = {"train": 8, "val": 4, "test": 4}
+
+
+def test_vq_ema_update_and_commitment_on_a_hand_made_case():
+    vq = VectorQuantizerEMA(codebook_size=2, dim=2, decay=0.5, commitment_cost=0.25)
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    vq.ema_sum.copy_(vq.codebook)
+    vq.ema_count.fill_(1.0)
+    # Frames (B=1, D=2, T=4): (1, 1) and (2, 0) go to entry 0, (9, 9) to entry 1; the 4th is padding.
+    frames = torch.tensor([[[1.0, 9.0, 2.0, 100.0], [1.0, 9.0, 0.0, 100.0]]], requires_grad=True)
+    valid = torch.tensor([[True, True, True, False]])
+
+    vq.eval()
+    quantised, codes, commitment = vq(frames, valid)
+    assert codes.tolist() == [[0, 1, 0, 1]]
+    assert torch.equal(quantised[0, :, :3], torch.tensor([[0.0, 10.0, 0.0], [0.0, 10.0, 0.0]]))
+    # 0.25 x mean of the squared errors over the 3 valid frames x 2 dims: (1 + 1 + 1 + 1 + 4 + 0) / 6.
+    assert commitment.item() == pytest.approx(0.25 * 8 / 6)
+    assert torch.equal(vq.codebook, torch.tensor([[0.0, 0.0], [10.0, 10.0]]))  # eval: no update
+
+    vq.train()
+    quantised, codes, commitment = vq(frames, valid)
+    # counts 0.5 * 1 + 0.5 * (2, 1) = (1.5, 1); sums 0.5 * old + 0.5 * ((3, 1), (9, 9)); entry = sum / count.
+    assert vq.ema_count.tolist() == pytest.approx([1.5, 1.0])
+    assert vq.codebook.flatten().tolist() == pytest.approx([1.0, 1.0 / 3.0, 9.5, 9.5])
+    # Straight-through: the quantised output passes the gradient to the frames unchanged.
+    quantised.sum().backward()
+    assert torch.equal(frames.grad, torch.ones_like(frames))
+
+
+def test_triplet_loss_on_hand_made_similarities():
+    # Two pairs: the random impostor is the other item, so every term is fixed.
+    scores = torch.tensor([[3.0, 1.0], [2.5, 2.0]])
+    # Rows: random (0 + 1.5) / 2, semi-hard (0 + 0) / 2 (row 1 has nothing below its positive).
+    # Columns: random (0.5 + 0) / 2, semi-hard (0.5 + 0) / 2.
+    assert triplet_loss(scores, margin=1.0).item() == pytest.approx(1.25)
+    # Three pairs with equal off-diagonal scores: positives 2, 0.5, 1.2 against impostors at 1.
+    scores = torch.full((3, 3), 1.0) + torch.diag(torch.tensor([1.0, -0.5, 0.2]))
+    per_direction = (0 + 1.5 + 0.8) / 3 + (0 + 0 + 0.8) / 3
+    assert triplet_loss(scores, margin=1.0).item() == pytest.approx(2 * per_direction)
+    # Well separated pairs cost nothing.
+    assert triplet_loss(torch.eye(4) * 5, margin=1.0).item() == 0.0
+    with pytest.raises(ValueError, match="square"):
+        triplet_loss(torch.zeros(1, 1), margin=1.0)
+
+
+def test_log_mel_shape_frame_rate_and_range():
+    cfg = LogMelConfig()
+    time = np.arange(16000) / 16000
+    tone = torch.from_numpy((0.5 * np.sin(2 * np.pi * 1000 * time)).astype(np.float32))
+    features = log_mel(tone, cfg)
+    assert features.shape == (40, 101)  # 1 + 16000 / 160 frames of 10 ms
+    assert features.max().item() == 0.0 and features.min().item() >= -80.0
+    # The loudest band is the one around 1 kHz, the same in every frame but the edges.
+    loudest = features[:, 5:-5].argmax(dim=0)
+    assert len(set(loudest.tolist())) == 1
+    # Slaney mel: 42 edges evenly spaced from mel(20 Hz) = 0.3 to mel(8 kHz) = 45.25, 1 kHz = mel 15,
+    # so band 12 (centre mel 14.55, 970 Hz) is the nearest.
+    assert loudest[0].item() == 12
+    assert log_mel(tone[:8000], cfg).shape == (40, 51)
+    batch, lengths = pad_features([features, log_mel(tone[:8000], cfg)], cfg.floor_db)
+    assert batch.shape == (2, 40, 101) and lengths.tolist() == [101, 51]
+    assert torch.all(batch[1, :, 51:] == -80.0)
+
+
+def test_scene_caption_lists_every_object_left_to_right():
+    objects = [SceneObject("star", "blue", "small", (200, 10, 240, 50)),
+               SceneObject("circle", "red", "big", (10, 10, 90, 90)),
+               SceneObject("cross", "green", "big", (300, 10, 380, 90))]
+    caption = scene_caption(objects)
+    assert caption == "a big red circle, a small blue star and a big green cross"
+    assert caption_words(caption)[:5] == ["a", "big", "red", "circle", "a"]
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("davenet_data")
+    cfg = SynthConfig(out=out, seed=7, noise_prob=0.0, carrier_prob=0.0, backgrounds=("plain",), captions=True)
+    generate.generate_dataset(cfg, COUNTS, workers=1)
+    return out
+
+
+def test_captions_have_exact_word_alignments_and_leave_the_rest_unchanged(captions, tmp_path):
+    annotations = json.loads((captions / "anns" / "spoken_shapes.json").read_text())
+    for entry in annotations["train"]:
+        caption = entry["caption"]
+        assert [w["word"] for w in caption["words"]] == caption_words(caption["sent"])
+        assert len(caption["words"]) == 4 * len(entry["objects"]) + 1  # "a <size> <colour> <shape>" + "and"
+        wave, rate = sf.read(captions / "audios" / "spoken_shapes_captions" / caption["speaker"] / f"{entry['iid']}.wav")
+        assert rate == 16000
+        ends = [0.0] + [w["end"] for w in caption["words"]]
+        for previous_end, word in zip(ends, caption["words"]):
+            assert previous_end < word["start"] < word["end"] <= len(wave) / rate
+            inside = wave[math.ceil(word["start"] * rate):int(word["end"] * rate)]
+            assert np.abs(inside).max() > 0.01  # speech within the word's span
+        # Between words and before the first one: digital silence (no noise in this set).
+        gap = wave[int(caption["words"][0]["end"] * rate) + 1:math.floor(caption["words"][1]["start"] * rate)]
+        assert np.all(gap == 0)
+
+    plain = tmp_path / "plain"
+    generate.generate_dataset(SynthConfig(out=plain, seed=7, noise_prob=0.0, carrier_prob=0.0, backgrounds=("plain",)),
+                              COUNTS, workers=1)
+    without = json.loads((plain / "anns" / "spoken_shapes.json").read_text())
+    assert without == {split: [{k: v for k, v in e.items() if k != "caption"} for e in entries]
+                       for split, entries in annotations.items()}
+    for path in sorted((plain / "images").iterdir()) + sorted((plain / "audios" / "spoken_shapes").rglob("*.wav")):
+        assert path.read_bytes() == (captions / path.relative_to(plain)).read_bytes()
+
+
+def test_word_detection_scores_a_perfect_and_a_useless_code():
+    words = [(("a", 0.0, 0.1), ("red", 0.1, 0.3), ("circle", 0.3, 0.6))]
+    # One code per word at 0.1 s frames: code 5 exactly during "red", 7 during "circle".
+    perfect = [np.array([1, 5, 5, 7, 7, 7])]
+    report = davenet.word_detection(perfect, 0.1, words, window_s=0.0, stop_words=["a"])
+    assert report == {"word_f1": 1.0, "words_f1_50": 2, "vocabulary": 2}
+    # Codes alternating regardless of the words. Segment centres 0.05 ("a"), 0.15 (red), 0.25 (red),
+    # 0.35, 0.45, 0.55 (circle): code 3 has precision 1/3 for each word, code 4 1/3 for red and
+    # 2/3 for circle; both occur during both words (recall 1). Best F1: red 0.5, circle 0.8.
+    useless = [np.array([3, 4, 3, 4, 3, 4])]
+    report = davenet.word_detection(useless, 0.1, words, 0.0, ["a"])
+    assert report == {"word_f1": pytest.approx(0.65), "words_f1_50": 2, "vocabulary": 2}
+
+
+def test_retrieval_recalls_of_a_hand_made_matrix():
+    scores = torch.tensor([[5.0, 0.0, 0.0], [6.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    recalls = davenet.retrieval_recalls(scores)
+    # Caption 0 finds image 1 first; captions 1 and 2 find theirs. Image 1 prefers caption 0.
+    assert recalls["s2i_r1"] == pytest.approx(2 / 3) and recalls["i2s_r1"] == pytest.approx(2 / 3)
+    assert recalls["s2i_r5"] == recalls["i2s_r10"] == recalls["r10_mean"] == 1.0
+
+
+def test_training_evaluation_warm_start_units_and_retrieval(captions, tmp_path, capsys):
+    common = [f"data.root={captions}", "batch_size=4", "eval_batch_size=8", "epochs=1", "data.num_workers=0",
+              "log_every=1"]
+    result = davenet.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'none'}", *common])
+    assert result["global_step"] == 2
+    metrics = json.loads((tmp_path / "none" / "best" / "metrics.json").read_text())
+    assert metrics["pairs"] == COUNTS["val"] and 0.0 <= metrics["s2i_r1"] <= metrics["s2i_r5"] <= 1.0
+    assert not any(key.startswith("vq") for key in metrics)
+
+    # Staged schedule: {} -> {2,3}; only the two new codebooks start fresh.
+    davenet.main(["--config", str(CONFIG), f"output_dir={tmp_path / 'vq23'}", *common,
+                  "model_overrides.speech.vq_layers=[2,3]", f"task.warm_start={tmp_path / 'none' / 'best'}"])
+    metrics = json.loads((tmp_path / "vq23" / "best" / "metrics.json").read_text())
+    for slot in (2, 3):
+        assert 1.0 <= metrics[f"vq{slot}_perplexity"] <= 256
+        assert 0.0 < metrics[f"vq{slot}_used"] <= 1.0
+        assert 0.0 <= metrics[f"vq{slot}_word_f1"] <= 1.0 and metrics[f"vq{slot}_vocabulary"] > 0
+    seed = davenet.build_davenet_from_checkpoint(tmp_path / "none" / "best")[0].state_dict()
+    warm = davenet.Davenet(davenet.davenet_model_config(davenet.load_train_config(
+        CONFIG, ["model_overrides.speech.vq_layers=[2,3]"])))
+    davenet.load_warm_start(warm, tmp_path / "none" / "best")
+    assert torch.equal(warm.state_dict()["speech_encoder.conv1.weight"], seed["speech_encoder.conv1.weight"])
+    fewer = davenet.Davenet(davenet.davenet_model_config(davenet.load_train_config(
+        CONFIG, ["model_overrides.speech.vq_layers=[3]"])))
+    with pytest.raises(ValueError, match="not a subset"):
+        davenet.load_warm_start(fewer, tmp_path / "vq23" / "best")
+
+    # Units of one caption, per frame and deduplicated.
+    annotations = json.loads((captions / "anns" / "spoken_shapes.json").read_text())
+    caption = annotations["test"][0]["caption"]
+    wav = captions / "audios" / "spoken_shapes_captions" / caption["speaker"] / f"{caption['sent_id']}.wav"
+    capsys.readouterr()
+    units = davenet.main(["units", "--checkpoint", str(tmp_path / "vq23" / "best"), str(wav), "--layer", "3"])
+    frames_40ms = math.ceil(math.ceil((1 + len(sf.read(wav)[0]) // 160) / 2) / 2)
+    assert len(units[3]) == frames_40ms and capsys.readouterr().out.startswith("vq3: ")
+    deduplicated = davenet.main(["units", "--checkpoint", str(tmp_path / "vq23" / "best"), str(wav), "--dedup"])
+    assert set(deduplicated) == {2, 3}
+    assert all(a != b for a, b in zip(deduplicated[3], deduplicated[3][1:]))
+    assert [u for i, u in enumerate(units[3]) if i == 0 or u != units[3][i - 1]] == deduplicated[3]
+
+    # Test-split evaluation reports chance.
+    metrics = davenet.main(["evaluate", "--config", str(CONFIG), "--checkpoint", str(tmp_path / "vq23" / "best"),
+                            "--split", "test", f"data.root={captions}", "data.num_workers=0"])
+    assert metrics["pairs"] == COUNTS["test"] and metrics["chance_r10"] == 1.0
+
+    # The robot's retrieval CLI (csref_model only), in its own process.
+    cmd = [sys.executable, "-m", "csref_model", "retrieve", "--checkpoint", str(tmp_path / "vq23" / "best"),
+           "--audio", str(wav), "--images", str(captions / "images"), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ranking = json.loads(done.stdout)["ranking"]
+    assert len(ranking) == sum(COUNTS.values())
+    assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    done = subprocess.run(cmd[:-3] + ["--images", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert done.returncode == 2 and "nowhere" in done.stderr
