@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
                              f"{BIG_EXTENT_FACTOR[0]}-{BIG_EXTENT_FACTOR[1]}x a scale drawn per scene, as a "
                              f"fraction of the shorter image side (default: fixed ranges, small {SMALL_EXTENT[0]}-{SMALL_EXTENT[1]}, "
                              f"big {BIG_EXTENT[0]}-{BIG_EXTENT[1]})")
+    parser.add_argument("--masks", action="store_true",
+                        help="write every object's mask for val and test (masks/<iid>.png, pixel = object "
+                             "index + 1; for evaluating referring masks)")
+    parser.add_argument("--referents-per-scene", type=int, default=1,
+                        help="up to this many referents per scene, each an entry with the same iid (default 1)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dataset-name", default="spoken_shapes")
     args = parser.parse_args(argv)
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("sample counts must be >= 0")
     if not 0.0 <= args.noise_prob <= 1.0 or not 0.0 <= args.carrier_prob <= 1.0:
         parser.error("--noise-prob and --carrier-prob must lie in [0, 1]")
+    if args.referents_per_scene < 1:
+        parser.error("--referents-per-scene must be >= 1")
     if args.scene_scale is not None and not 0.0 < args.scene_scale[0] <= args.scene_scale[1] <= MAX_EXTENT / 2:
         parser.error(f"--scene-scale must be two increasing numbers in (0, {MAX_EXTENT / 2}]")
     voice_list = tuple(v for v in args.voices.split(",") if v) if args.voices else VOICE_SETS[args.voice_set]
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         carrier_prob=args.carrier_prob,
         backgrounds=backgrounds,
         scene_scale=args.scene_scale,
+        masks=args.masks,
+        referents_per_scene=args.referents_per_scene,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
     start = time.perf_counter()
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         "carrier_prob": cfg.carrier_prob,
         "backgrounds": list(backgrounds),
         "scene_scale": None if cfg.scene_scale is None else list(cfg.scene_scale),
+        "masks": cfg.masks,
+        "referents_per_scene": cfg.referents_per_scene,
         "espeak_ng": espeak_version(),
         "wall_time_s": round(elapsed, 1),
     }
