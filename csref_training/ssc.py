@@ -169,7 +169,10 @@ def segment_image(detector: nn.Module, image_rgb: np.ndarray,
     kept = dedupe(boxes, cells[keep, 4], settings.dedupe_iou)
     boxes, objectness = boxes[kept], cells[keep, 4][kept]
     masks = [grabcut_box(image_rgb, box) for box in boxes]
-    return boxes, objectness, instance_label_map(masks, image_rgb.shape[:2])
+    # An instance wholly covered by better ones has no pixel left: drop it (S+S+C skips empty masks).
+    labels = instance_label_map(masks, image_rgb.shape[:2])
+    visible = [k for k in range(len(masks)) if (labels == k + 1).any()]
+    return boxes[visible], objectness[visible], instance_label_map([masks[k] for k in visible], labels.shape)
 
 
 def segment_main(cfg: TrainConfig, settings: SSCTaskConfig, split: str) -> dict[str, Any]:
@@ -323,8 +326,10 @@ class SceneReferentsDataset(Dataset):
             waveforms.append(_read_waveform(utterance.audio_path, self.use_trim, self.max_duration, entry.where))
             referent_ids.append(entry.sentences[0][0].sent_id)
             labels = letterbox_labels(read_label_png(mask_path), geometry)  # (S, S)
-            count = max(int(labels.max()), 1)
-            candidates.append(torch.from_numpy(np.stack([labels == k + 1 for k in range(count)])))  # (M, S, S)
+            masks = [labels == k + 1 for k in range(int(labels.max()))]
+            # Masks too small to survive the letterbox's downscaling teach nothing (S+S+C skips empty ones).
+            masks = [m for m in masks if m.any()] or [np.zeros_like(labels, dtype=bool)]
+            candidates.append(torch.from_numpy(np.stack(masks)))  # (M, S, S)
         return {"image": tensor, "iid": self.iids[index], "waveforms": waveforms, "referents": referent_ids,
                 "candidates": candidates}
 
