@@ -1,4 +1,5 @@
-"""CSPDarknet (YOLOv5 v6 style) visual backbone returning stride 8/16/32 maps.
+"""CSPDarknet (YOLOv5 v6 style) visual backbone returning stride 8/16/32 maps (and the stride-4
+map for a mask decoder).
 
 `visual_encoder.model` is an nn.Sequential whose indices are the reference's key prefixes
 (`model.4.m.0.cv1.conv.weight`, ...), so cspdarknet_coco.pth and CSRef checkpoints load as is.
@@ -16,6 +17,8 @@ from csref_model.layers import ConvBnAct
 
 # Sequential indices whose outputs are returned: C3 after stride 8, C3 after stride 16, SPPF.
 OUTPUT_STAGES = (4, 6, 9)
+# C3 after stride 4: the finest map, read only by a mask decoder.
+STRIDE4_STAGE = 2
 # Stages 0..7 are frozen by the reference's freeze_backbone (the last C3 and SPPF train).
 NUM_FROZEN_STAGES = 8
 
@@ -91,14 +94,19 @@ class CSPDarknet(nn.Module):
             SPPF(c5, c5, 5),  # output s32
         )
         self.out_channels = (c3, c4, c5)
+        self.stride4_channels = c2
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         # image: (B, 3, S, S) -> [(B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]
+        return self.pyramid(image)[1:]
+
+    def pyramid(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) -> [(B, C2, S/4, S/4), (B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]."""
         outputs = []
         x = image
         for index, stage in enumerate(self.model):
             x = stage(x)
-            if index in OUTPUT_STAGES:
+            if index == STRIDE4_STAGE or index in OUTPUT_STAGES:
                 outputs.append(x)
         return outputs
 

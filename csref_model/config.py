@@ -132,6 +132,14 @@ class HeadConfig:
 
 
 @dataclass
+class MaskHeadConfig:
+    # A speech-conditioned stride-4 mask decoder (csref_model.mask_head) beside the box head;
+    # off, the model and its checkpoints are exactly the box-only SREC.
+    enabled: bool = False
+    hidden_size: int = 64
+
+
+@dataclass
 class FreezeConfig:
     """Which parameters train (requires_grad), with the reference's semantics.
 
@@ -156,6 +164,7 @@ class ModelConfig:
     visual_backbone: VisualBackboneConfig = field(default_factory=VisualBackboneConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 image -> CSPDarknet maps (s8, s16, s32); speech -> wav2vec2 + layer fusion + AttFlat vector;
 each map x speech -> SimpleFusion; MultiScaleFusion -> top map; GARAN(speech, top) -> head.
+With `mask_head.enabled`, a speech-conditioned stride-4 mask decoder (csref_model.mask_head)
+reads the fused maps, GARAN's top map and the backbone's stride-4 map (`SREC.segment`); without
+it the model, its state_dict and its exported graphs are the box-only SREC's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from csref_model.checkpoint import load_srec_weights, load_visual_backbone, read
 from csref_model.config import ModelConfig, resolve_pretrained_path
 from csref_model.fusion import GaranAttention, MultiScaleFusion, SimpleFusion
 from csref_model.head import SRECHead
+from csref_model.mask_head import MaskHead
 from csref_model.runtime.contract import check_ground_inputs, check_image
 from csref_model.speech_encoder import SpeechEncoder, freeze_speech_encoder
 
@@ -35,6 +39,8 @@ class SREC(nn.Module):
             [SimpleFusion(channels, speech_dim, hidden) for channels in self.visual_encoder.out_channels])
         self.attention_manner = GaranAttention(speech_dim, hidden, cfg.fusion.garan_heads)
         self.head = SRECHead(hidden, cfg.head.hidden_size)
+        self.mask_head = (MaskHead(self.visual_encoder.stride4_channels, hidden, speech_dim, cfg.mask_head.hidden_size)
+                          if cfg.mask_head.enabled else None)
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) RGB in [0, 1] -> [(B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]."""
@@ -52,11 +58,29 @@ class SREC(nn.Module):
         A batch of 1 on either side broadcasts against the other (one frame, several utterances).
         `image_maps` is not modified, so cached image features can be reused.
         """
+        _, top = self._trunk(image_maps, speech_feat)
+        return self.head(top, targets)
+
+    def _trunk(self, image_maps: list[torch.Tensor], speech_feat: torch.Tensor) -> tuple[list[torch.Tensor],
+                                                                                        torch.Tensor]:
+        """-> the SimpleFusion outputs [(B, C, 4G, 4G), (B, C, 2G, 2G), (B, C, G, G)] and GARAN's top (B, C, G, G)."""
         check_ground_inputs(image_maps, speech_feat)
         fused = [fusion(visual, speech_feat) for fusion, visual in zip(self.fusion_manner, image_maps)]
         top = self.multi_scale_manner(fused)  # (B, C, G, G)
-        top = self.attention_manner(speech_feat, top)  # (B, C, G, G)
-        return self.head(top, targets)
+        return fused, self.attention_manner(speech_feat, top)  # (B, C, G, G)
+
+    def segment(self, image: torch.Tensor, input_values: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes (B, 5) as `forward` and the mask logits (B, 2, S/4, S/4) (background, target) in
+        letterboxed-input space; needs the mask head (`mask_head.enabled`)."""
+        if self.mask_head is None:
+            raise RuntimeError("this SREC has no mask head; build it with mask_head.enabled: true "
+                               "(and train it: python -m csref_training.ssc correct)")
+        check_image(image)
+        stride4, *image_maps = self.visual_encoder.pyramid(image)
+        speech_feat = self.encode_speech(input_values, attention_mask)
+        fused, top = self._trunk(image_maps, speech_feat)
+        return self.head(top), self.mask_head(stride4, fused, top, speech_feat)
 
     def forward(self, image: torch.Tensor, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

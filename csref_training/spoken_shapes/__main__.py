@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="also speak a whole-scene caption per image (\"a big red circle, a small blue star and "
                              "...\"), word by word with exact word alignments, to "
                              "audios/<dataset>_captions/<speaker>/<iid>.wav (image<->speech retrieval)")
+    parser.add_argument("--masks", action="store_true",
+                        help="write every object's mask for val and test (masks/<iid>.png, pixel = object "
+                             "index + 1; for evaluating referring masks)")
+    parser.add_argument("--referents-per-scene", type=int, default=1,
+                        help="up to this many referents per scene, each an entry with the same iid (default 1)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dataset-name", default="spoken_shapes")
     args = parser.parse_args(argv)
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("sample counts must be >= 0")
     if not 0.0 <= args.noise_prob <= 1.0 or not 0.0 <= args.carrier_prob <= 1.0:
         parser.error("--noise-prob and --carrier-prob must lie in [0, 1]")
+    if args.referents_per_scene < 1:
+        parser.error("--referents-per-scene must be >= 1")
     if args.scene_scale is not None and not 0.0 < args.scene_scale[0] <= args.scene_scale[1] <= MAX_EXTENT / 2:
         parser.error(f"--scene-scale must be two increasing numbers in (0, {MAX_EXTENT / 2}]")
     if args.voices:
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         backgrounds=backgrounds,
         scene_scale=args.scene_scale,
         captions=args.captions,
+        masks=args.masks,
+        referents_per_scene=args.referents_per_scene,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
     start = time.perf_counter()
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         "scene_scale": None if cfg.scene_scale is None else list(cfg.scene_scale),
         "tts_engines": {engine: engine_version(engine) for engine in engines},
         "captions": cfg.captions,
+        "masks": cfg.masks,
+        "referents_per_scene": cfg.referents_per_scene,
         "wall_time_s": round(elapsed, 1),
     }
     (cfg.out / f"{cfg.dataset_name}_generator.json").write_text(json.dumps(info, indent=2))

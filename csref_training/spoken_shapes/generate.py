@@ -22,8 +22,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 from csref_model.audio import SAMPLE_RATE
-from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, caption_words, scene_caption
-from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, render_scene
+from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, caption_words, describe, scene_caption
+from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, object_label_map, render_scene
 from csref_training.spoken_shapes.scene import sample_layout
 from csref_training.spoken_shapes.speech import (
     TRAIN_VOICES,
@@ -35,6 +35,8 @@ from csref_training.spoken_shapes.speech import (
 
 SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 92
+MASK_DIR = "masks"
+MASK_SPLITS = ("val", "test")
 CAPTION_STREAM = 1  # the fourth seed word of the caption's generator
 
 
@@ -59,17 +61,61 @@ class SynthConfig:
     scene_scale: tuple[float, float] | None = None  # None: scene.SMALL_EXTENT / BIG_EXTENT for every scene
     # Also speak a whole-scene caption per image, with word alignments (image<->speech retrieval).
     captions: bool = False
+    # Every object's mask for the val and test scenes (evaluation of referring masks only; no
+    # training stage reads them): <out>/masks/<iid:012d>.png, pixel = object index + 1.
+    masks: bool = False
+    # Up to this many referents per scene, each its own entry (same iid, sent_id = iid * this + r);
+    # objects without a unique description are never referents.
+    referents_per_scene: int = 1
 
 
-def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
-    """Generates, writes and returns the annotation entry of one sample (image, target, utterance)."""
+def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> list[dict]:
+    """Generates and writes one scene (image, each referent's utterance, its mask file where
+    asked) and returns its annotation entries: one per referent, all with the same `iid`."""
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
     width, height = (int(rng.integers(cfg.image_size_range[0], cfg.image_size_range[1] + 1)) for _ in range(2))
     background = make_background(rng, width, height, cfg.backgrounds[rng.integers(len(cfg.backgrounds))])
     objects, target, expression = sample_layout(rng, background, cfg.scene_scale)
     image = render_scene(rng, background, objects)
+    cv2.imwrite(str(cfg.out / "images" / f"{iid:012d}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
 
-    text = expression.text
+    targets = [(target, expression)]
+    if cfg.referents_per_scene > 1:
+        # Only this option draws more from `rng`, so datasets without it stay byte-identical.
+        for other in rng.permutation(len(objects)):
+            if len(targets) == cfg.referents_per_scene:
+                break
+            other_expression = describe(int(other), objects, width, height, rng) if other != target else None
+            if other_expression is not None:
+                targets.append((int(other), other_expression))
+    scene = {
+        # Every object of the scene, for the class-agnostic detector and failure analysis by kind;
+        # grounding never reads them.
+        "objects": [{"bbox": _xywh(obj.box), "shape": obj.shape, "colour": obj.colour, "size": obj.size}
+                    for obj in objects],
+    }
+    if cfg.masks and split in MASK_SPLITS:
+        mask_file = f"{MASK_DIR}/{iid:012d}.png"
+        cv2.imwrite(str(cfg.out / mask_file), object_label_map(height, width, objects))
+        scene["mask_file"] = mask_file
+    if cfg.captions:
+        scene["caption"] = generate_caption(cfg, split, index, iid, objects)
+    entries = []
+    for referent, (target_index, target_expression) in enumerate(targets):
+        sent_id = iid * cfg.referents_per_scene + referent
+        entries.append({
+            "iid": iid,
+            "bbox": _xywh(objects[target_index].box),
+            **scene,
+            "target_index": target_index,
+            "sent_ids": [sent_id],
+            "refs": [_utterance(cfg, rng, target_expression.text, sent_id)],
+        })
+    return entries
+
+
+def _utterance(cfg: SynthConfig, rng: np.random.Generator, text: str, sent_id: int) -> dict:
+    """Speaks `text` (after a carrier phrase, sometimes), writes its WAV and returns its ref."""
     if rng.random() < cfg.carrier_prob:
         text = f"{CARRIER_PHRASES[rng.integers(len(CARRIER_PHRASES))]} {text}"
     voice = cfg.voices[rng.integers(len(cfg.voices))]
@@ -77,35 +123,11 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> dict:
     pitch = int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1))
     snr_db = float(round(rng.uniform(*cfg.snr_db_range), 2)) if rng.random() < cfg.noise_prob else None
     wave = render_speech(rng, text, voice, rate, pitch, snr_db)
-
-    sent_id = iid
     speaker = speaker_dir_name(voice)
-    cv2.imwrite(str(cfg.out / "images" / f"{iid:012d}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     audio_dir = cfg.out / "audios" / cfg.dataset_name / speaker
     audio_dir.mkdir(parents=True, exist_ok=True)
     sf.write(audio_dir / f"{sent_id}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
-
-    entry = {
-        "iid": iid,
-        "bbox": _xywh(objects[target].box),
-        # Every object of the scene, for the class-agnostic detector and failure analysis by kind;
-        # grounding never reads them.
-        "objects": [{"bbox": _xywh(obj.box), "shape": obj.shape, "colour": obj.colour, "size": obj.size}
-                    for obj in objects],
-        "target_index": int(target),
-        "sent_ids": [sent_id],
-        "refs": [{
-            "sent_id": sent_id,
-            "sent": text,
-            "speaker": speaker,
-            "rate": rate,
-            "pitch": pitch,
-            "snr_db": snr_db,
-        }],
-    }
-    if cfg.captions:
-        entry["caption"] = generate_caption(cfg, split, index, iid, objects)
-    return entry
+    return {"sent_id": sent_id, "sent": text, "speaker": speaker, "rate": rate, "pitch": pitch, "snr_db": snr_db}
 
 
 def generate_caption(cfg: SynthConfig, split: str, index: int, iid: int, objects: list) -> dict:
@@ -144,7 +166,7 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
 
 
-def _generate_job(args: tuple[SynthConfig, str, int, int]) -> dict:
+def _generate_job(args: tuple[SynthConfig, str, int, int]) -> list[dict]:
     return generate_sample(*args)
 
 
@@ -154,7 +176,9 @@ def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1,
     if ann_path.exists():
         raise FileExistsError(f"{ann_path} already exists; choose another --out or --dataset-name, or delete it")
     check_voices(list(cfg.voices))
-    for sub in ("anns", "images"):
+    if cfg.referents_per_scene < 1:
+        raise ValueError(f"referents_per_scene must be >= 1, got {cfg.referents_per_scene}")
+    for sub in ("anns", "images", *((MASK_DIR,) if cfg.masks else ())):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     jobs, next_iid = [], 0
     for split in SPLITS:
@@ -167,16 +191,16 @@ def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1,
         ctx = multiprocessing.get_context("forkserver")
         with ctx.Pool(workers, initializer=_init_worker) as pool:
             results = _with_progress(pool.imap(_generate_job, jobs, chunksize=8), len(jobs), progress)
-            for (_, split, _, _), entry in zip(jobs, results):
-                annotations[split].append(entry)
+            for (_, split, _, _), entries in zip(jobs, results):
+                annotations[split].extend(entries)
     else:
-        for job, entry in zip(jobs, _with_progress(map(_generate_job, jobs), len(jobs), progress)):
-            annotations[job[1]].append(entry)
+        for job, entries in zip(jobs, _with_progress(map(_generate_job, jobs), len(jobs), progress)):
+            annotations[job[1]].extend(entries)
     tmp = ann_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(annotations))
     os.replace(tmp, ann_path)
     return annotations
 
 
-def _with_progress(entries: Iterable[dict], total: int, enabled: bool) -> Iterable[dict]:
+def _with_progress(entries: Iterable[list[dict]], total: int, enabled: bool) -> Iterable[list[dict]]:
     return tqdm(entries, total=total, unit="sample") if enabled else entries

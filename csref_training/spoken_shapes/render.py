@@ -64,11 +64,11 @@ def make_background(rng: np.random.Generator, width: int, height: int, kind: str
     raise ValueError(f"unknown background {kind!r}; expected one of {BACKGROUNDS}")
 
 
-def draw_object(canvas: np.ndarray, obj: SceneObject, rgb: np.ndarray) -> None:
-    """Anti-aliased drawing of `obj` into `canvas` (H, W, 3 uint8, in place).
+def object_alpha(obj: SceneObject) -> tuple[int, int, np.ndarray]:
+    """Coverage of `obj`'s pixels: (x0, y0, alpha (h, w) float32 in [0, 1]) of the patch around its box.
 
-    The shape is rasterised at SUPERSAMPLING x resolution on a patch around its box and
-    box-filtered down, so edge pixels get their coverage as alpha.
+    The shape is rasterised at SUPERSAMPLING x resolution and box-filtered down, so edge pixels
+    get their coverage.
     """
     x0, y0, x1, y1 = obj.box
     px0, py0 = int(np.floor(x0)), int(np.floor(y0))
@@ -85,9 +85,29 @@ def draw_object(canvas: np.ndarray, obj: SceneObject, rgb: np.ndarray) -> None:
         pts = (outline + np.array([obj.cx, obj.cy]) - to_patch) * s - 0.5
         draw.polygon([tuple(p) for p in pts], fill=255)
     alpha = mask.resize((px1 - px0, py1 - py0), Image.BOX)
-    alpha = np.asarray(alpha, dtype=np.float32)[:, :, None] / 255.0  # (h, w, 1)
-    patch = canvas[py0:py1, px0:px1].astype(np.float32)
-    canvas[py0:py1, px0:px1] = (patch * (1 - alpha) + rgb * alpha).round().astype(np.uint8)
+    return px0, py0, np.asarray(alpha, dtype=np.float32) / 255.0
+
+
+def draw_object(canvas: np.ndarray, obj: SceneObject, rgb: np.ndarray) -> None:
+    """Anti-aliased drawing of `obj` into `canvas` (H, W, 3 uint8, in place)."""
+    px0, py0, alpha = object_alpha(obj)
+    alpha = alpha[:, :, None]  # (h, w, 1)
+    h, w = alpha.shape[:2]
+    patch = canvas[py0:py0 + h, px0:px0 + w].astype(np.float32)
+    canvas[py0:py0 + h, px0:px0 + w] = (patch * (1 - alpha) + rgb * alpha).round().astype(np.uint8)
+
+
+def object_label_map(height: int, width: int, objects: list[SceneObject]) -> np.ndarray:
+    """(H, W) uint8: object i's pixels (coverage >= 0.5) hold i + 1, the background 0; later
+    objects are drawn over earlier ones, as in `render_scene`."""
+    if len(objects) > 254:
+        raise ValueError(f"a uint8 label map holds at most 254 objects, got {len(objects)}")
+    labels = np.zeros((height, width), dtype=np.uint8)
+    for index, obj in enumerate(objects):
+        px0, py0, alpha = object_alpha(obj)
+        h, w = alpha.shape
+        labels[py0:py0 + h, px0:px0 + w][alpha >= 0.5] = index + 1
+    return labels
 
 
 def render_scene(
