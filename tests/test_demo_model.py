@@ -21,7 +21,7 @@ def unseen_sample(tmp_path) -> tuple[Path, Path, tuple[float, ...], str]:
     """(image file, WAV file, target box x1 y1 x2 y2, spoken text) of a freshly generated sample."""
     config = SynthConfig(out=tmp_path / "scene", seed=UNSEEN_SEED, voices=HELDOUT_VOICES, noise_prob=0.0)
     (config.out / "images").mkdir(parents=True)
-    entry = generate_sample(config, "test", 0, iid=1)
+    (entry,) = generate_sample(config, "test", 0, iid=1)
     ref = entry["refs"][0]
     x, y, w, h = entry["bbox"]
     wav = config.out / "audios" / config.dataset_name / ref["speaker"] / f"{ref['sent_id']}.wav"

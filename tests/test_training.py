@@ -31,6 +31,7 @@ from csref_training.checkpointing import TRAINER_STATE
 from csref_training.davenet import davenet_model_config
 from csref_training.detector import detector_model_config
 from csref_training.refclip import task_settings as refclip_task_settings
+from csref_training.ssc import ssc_model_config
 from csref_training.optim import EMA, build_optimizer_and_scheduler, set_train_mode, warmup_cosine_lr
 from csref_training.reproducibility import seed_all
 from csref_training.train_config import build_model_config, load_train_config
@@ -125,6 +126,8 @@ def test_shipped_training_configs_load(path: Path) -> None:
         assert detector_model_config(cfg).image_size > 0
     elif task == "davenet":
         assert davenet_model_config(cfg).image.image_size > 0
+    elif task == "ssc":
+        assert ssc_model_config(cfg).mask_head.enabled
     else:
         assert task == "refclip"
         # Its detector and speech-encoder configs come from checkpoints that are trained first.
