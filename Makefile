@@ -47,7 +47,7 @@ $(VENV)/.deps-stamp: $(VPY) setup.py
 	touch $@
 
 # vision_msgs is in no registry: generate it from msg/vision_msgs (skipped if importable).
-$(VENV)/.vision-msgs-stamp: $(VENV)/.deps-stamp scripts/build_vision_msgs.py
+$(VENV)/.vision-msgs-stamp: $(VENV)/.deps-stamp scripts/build_vision_msgs.py $(wildcard msg/vision_msgs/msg/*.msg)
 	$(VPY) scripts/build_vision_msgs.py
 	touch $@
 

@@ -5,14 +5,13 @@ script generates it with rosidl from the message definitions kept in the reposit
 layout of vision_msgs 4.1.1, hence the same type hashes: wire-compatible with the public
 package) and installs it into the running interpreter's prefix (the venv).
 
-It does nothing when `import vision_msgs` already works, e.g. with a sourced ROS 2
+It does nothing when the messages the node publishes (REQUIRED_MESSAGES) already import, e.g. with a sourced ROS 2
 installation: colcon users get the system's vision_msgs.
 
 Usage: .venv/bin/python scripts/build_vision_msgs.py [--force] [--jobs N]
 """
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -40,11 +39,17 @@ BUILD_MACHINE_PYTHON_INCLUDE = re.compile(r"/opt/python/cp3\d+-cp3\d+/include/py
 BUILD_MACHINE_NUMPY_INCLUDE = re.compile(r"/opt/python/cp3\d+-cp3\d+/lib/python3\.\d+/site-packages/numpy/_core/include")
 
 
+# The messages the node publishes; an older build without one of them is rebuilt.
+REQUIRED_MESSAGES = ("Detection2D", "Detection2DArray", "Detection3DArray")
+
+
 def vision_msgs_importable() -> bool:
-    try:
-        return importlib.util.find_spec("vision_msgs.msg") is not None
-    except ModuleNotFoundError:
-        return False
+    check = subprocess.run(
+        [sys.executable, "-c", f"from vision_msgs.msg import {', '.join(REQUIRED_MESSAGES)}"],
+        env={key: value for key, value in os.environ.items() if key != "_ROS_WHEELS_BOOTSTRAP_COMPLETE"},
+        capture_output=True,
+    )
+    return check.returncode == 0
 
 
 def local_include_dirs() -> tuple[str, str]:
@@ -118,12 +123,8 @@ def main() -> None:
         run(["cmake", "--build", build_dir, "--parallel", str(args.jobs)], env)
         run(["cmake", "--install", build_dir], env)
 
-    check = subprocess.run(
-        [sys.executable, "-c", "from vision_msgs.msg import Detection2D; Detection2D()"],
-        env={key: value for key, value in os.environ.items() if key != "_ROS_WHEELS_BOOTSTRAP_COMPLETE"},
-    )
-    if check.returncode != 0:
-        sys.exit("build_vision_msgs: built and installed, but `from vision_msgs.msg import Detection2D` fails.")
+    if not vision_msgs_importable():
+        sys.exit(f"build_vision_msgs: built and installed, but `from vision_msgs.msg import {', '.join(REQUIRED_MESSAGES)}` fails.")
     print(f"build_vision_msgs: vision_msgs installed into {prefix}")
 
 
