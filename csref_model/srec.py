@@ -52,11 +52,18 @@ class SREC(nn.Module):
         A batch of 1 on either side broadcasts against the other (one frame, several utterances).
         `image_maps` is not modified, so cached image features can be reused.
         """
+        return self.head(self.grounded_map(image_maps, speech_feat), targets)
+
+    def ground_cells(self, image_maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        """As `ground_features` without targets, but every cell: (B, G*G, 5) x1, y1, x2, y2, score."""
+        return self.head.scored_cells(self.grounded_map(image_maps, speech_feat))
+
+    def grounded_map(self, image_maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        """Fusion + MultiScaleFusion + GARAN: the (B, C, G, G) map the head reads."""
         check_ground_inputs(image_maps, speech_feat)
         fused = [fusion(visual, speech_feat) for fusion, visual in zip(self.fusion_manner, image_maps)]
         top = self.multi_scale_manner(fused)  # (B, C, G, G)
-        top = self.attention_manner(speech_feat, top)  # (B, C, G, G)
-        return self.head(top, targets)
+        return self.attention_manner(speech_feat, top)  # (B, C, G, G)
 
     def forward(self, image: torch.Tensor, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
