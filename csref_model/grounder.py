@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from csref_model.audio import SAMPLE_RATE
+from csref_model.boxes import box_iou
 from csref_model.config import ModelConfig, load_model_config
 from csref_model.preprocessing import Letterbox, letterbox, prepare_waveform, speech_batch
 from csref_model.runtime.contract import min_speech_samples
@@ -31,14 +32,19 @@ from csref_model.srec import build_srec_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
+# A candidate overlapping a better one more than this is the same object seen by a neighbouring
+# cell (the head predicts one box per grid cell), not another candidate.
+CANDIDATE_MAX_IOU = 0.5
+
 
 @dataclass(frozen=True)
 class GroundingResult:
     box_xyxy: np.ndarray  # (4,) float32 x1, y1, x2, y2 in original-image pixels, not clipped
     score: float  # sigmoid objectness of the chosen cell
     image_size: tuple[int, int]  # (width, height) of the original image
-    # (K, 5) x1, y1, x2, y2, score of the K best cells of the head's grid, best first (row 0 is
-    # box_xyxy, score), original-image pixels, not clipped; K = the top_k asked for.
+    # (K, 5) x1, y1, x2, y2, score of the best cells of the head's grid, best first (row 0 is
+    # box_xyxy, score), original-image pixels, not clipped. K <= the top_k asked for: a cell whose
+    # box overlaps a better candidate's by more than CANDIDATE_MAX_IOU is left out.
     candidates: np.ndarray
 
     def to_dict(self) -> dict:
@@ -153,7 +159,14 @@ def _result(cells: torch.Tensor, geometry: Letterbox, top_k: int) -> GroundingRe
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     cells = cells.double().cpu().numpy()
     # Stable: equal scores keep grid order, so the best is argmax's first index, as the reference.
-    ranked = cells[np.argsort(-cells[:, 4], kind="stable")[:top_k]]  # (K, 5)
+    ordered = cells[np.argsort(-cells[:, 4], kind="stable")]  # (G*G, 5)
+    kept = [0]
+    for index in range(1, len(ordered)):
+        if len(kept) == top_k:
+            break
+        if box_iou(ordered[kept, :4], ordered[index, :4]).max() <= CANDIDATE_MAX_IOU:
+            kept.append(index)
+    ranked = ordered[kept]  # (K, 5)
     candidates = np.concatenate([geometry.box_to_original(ranked[:, :4]), ranked[:, 4:]], axis=1).astype(np.float32)
     return GroundingResult(
         box_xyxy=candidates[0, :4].copy(),

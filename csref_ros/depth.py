@@ -158,3 +158,21 @@ def locate_box(image: DepthImage, box_xyxy: Sequence[float], colour_size: tuple[
     low, high = np.percentile(depths, SPREAD_PERCENTILES)
     size = ((box[2] - box[0]) * depth_m / intrinsics.fx, (box[3] - box[1]) * depth_m / intrinsics.fy, float(high - low))
     return Target3D(point=point, size=size, valid_pixels=int(depths.size))
+
+
+@dataclass(frozen=True)
+class RigidTransform:
+    """A frame change, as tf2 gives it: p_target = R(rotation) p_source + translation."""
+
+    translation: tuple[float, float, float]  # metres
+    rotation_xyzw: tuple[float, float, float, float]  # unit quaternion
+
+    def apply(self, point: Sequence[float]) -> tuple[float, float, float]:
+        x, y, z, w = self.rotation_xyzw
+        rotation = np.array([  # (3, 3) from the unit quaternion
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ])
+        moved = rotation @ np.asarray(point, dtype=np.float64) + np.asarray(self.translation, dtype=np.float64)
+        return float(moved[0]), float(moved[1]), float(moved[2])

@@ -4,7 +4,7 @@ a pinhole camera with known intrinsics."""
 import numpy as np
 import pytest
 
-from csref_ros.depth import DepthError, DepthImage, DepthLimits, Intrinsics, back_project, locate_box, to_metres
+from csref_ros.depth import DepthError, DepthImage, DepthLimits, Intrinsics, RigidTransform, back_project, locate_box, to_metres
 
 WIDTH, HEIGHT = 640, 480
 INTRINSICS = Intrinsics(fx=500.0, fy=520.0, cx=319.5, cy=239.5, width=WIDTH, height=HEIGHT)
@@ -117,3 +117,13 @@ def test_bad_inputs_say_what_to_do():
         Intrinsics.from_camera_info_k([0.0] * 9, WIDTH, HEIGHT)
     k = [500.0, 0.0, 319.5, 0.0, 520.0, 239.5, 0.0, 0.0, 1.0]
     assert Intrinsics.from_camera_info_k(k, WIDTH, HEIGHT) == INTRINSICS
+
+
+def test_rigid_transform_of_the_optical_frame_into_a_robot_frame():
+    # Optical (x right, y down, z forward) -> a body frame (x forward, y left, z up), camera 1 m up.
+    half = np.sqrt(0.5)
+    optical_to_body = RigidTransform(translation=(0.0, 0.0, 1.0), rotation_xyzw=(-0.5, 0.5, -0.5, 0.5))
+    np.testing.assert_allclose(optical_to_body.apply((0.0, 0.0, 2.0)), (2.0, 0.0, 1.0), atol=1e-12)
+    np.testing.assert_allclose(optical_to_body.apply((0.5, 0.25, 2.0)), (2.0, -0.5, 0.75), atol=1e-12)
+    quarter_turn = RigidTransform(translation=(1.0, 0.0, 0.0), rotation_xyzw=(0.0, 0.0, half, half))  # about z
+    np.testing.assert_allclose(quarter_turn.apply((1.0, 0.0, 0.0)), (1.0, 1.0, 0.0), atol=1e-12)

@@ -15,7 +15,7 @@ import pytest
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE
 from csref_ros.parameters import PARAMETERS
-from csref_ros.pipeline import CameraFrame, Pipeline, PipelineCallbacks, PipelineSettings, SpeechState, UtteranceJob
+from csref_ros.pipeline import CameraFrame, Outcome, Pipeline, PipelineCallbacks, PipelineSettings, SpeechState, UtteranceJob
 from speech_support import espeak_16k, speech_with_pauses
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "models" / "spoken_shapes_tiny"
@@ -43,15 +43,23 @@ class Outputs:
     """What the pipeline hands to its callbacks."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[UtteranceJob, CameraFrame, tuple, float]] = []
+        self.outcomes: list[Outcome] = []  # every utterance grounded
+        self.published: list[tuple[UtteranceJob, CameraFrame, tuple, float]] = []  # those with a box: the best one
+        self.voice: list[bool] = []
         self.problems: list[str] = []
         self.lines: list[str] = []
         self.changed = threading.Condition()
 
-    def publish(self, job, frame, box, score) -> None:
+    def publish(self, outcome: Outcome) -> None:
         with self.changed:
-            self.published.append((job, frame, box, score))
+            self.outcomes.append(outcome)
+            if outcome.detections:
+                best = outcome.detections[0]
+                self.published.append((outcome.job, outcome.frame, best.box, best.score))
             self.changed.notify_all()
+
+    def voice_activity(self, active: bool) -> None:
+        self.voice.append(active)
 
     def report_problem(self, message: str, kind: str | None) -> None:
         with self.changed:
@@ -59,7 +67,8 @@ class Outputs:
             self.changed.notify_all()
 
     def callbacks(self) -> PipelineCallbacks:
-        return PipelineCallbacks(publish=self.publish, report_problem=self.report_problem, log=self.lines.append, now_s=time.time)
+        return PipelineCallbacks(publish=self.publish, voice_activity=self.voice_activity, report_problem=self.report_problem,
+                                 log=self.lines.append, now_s=time.time)
 
     def wait_for(self, condition, timeout_s: float = 60.0) -> bool:
         with self.changed:
@@ -138,6 +147,7 @@ def test_spoken_command_is_grounded_on_the_frame_at_its_end(running, command):
     latencies_s, processing_s = pipeline.latencies()
     assert len(latencies_s) == len(processing_s) == 1 and latencies_s[0] >= processing_s[0]
     assert any(line.startswith("utterance 1: box x1=") for line in outputs.lines)
+    assert outputs.voice[:2] == [True, False] and outputs.voice == [True, False] * (len(outputs.voice) // 2)
 
 
 def test_full_queue_drops_the_oldest_and_short_speech_is_counted(command):
@@ -178,6 +188,7 @@ def test_settings_swapped_at_run_time_apply_to_the_next_utterance(running, comma
         play(pipeline, wave, realtime=False)
         assert outputs.wait_for(lambda: pipeline.counters.snapshot()["utterances_below_threshold"] == 1)
         assert outputs.published == []
+        assert len(outputs.outcomes) == 1 and outputs.outcomes[0].detections == ()  # heard, no match
         new_vad = settings(vad_hangover_ms=300, vad_postroll_ms=100)
         pipeline.update_settings(new_vad)
         play(pipeline, wave, realtime=False)
