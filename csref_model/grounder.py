@@ -3,6 +3,7 @@
     grounder = Grounder.from_checkpoint("csref_refcoco_speech.pth", config="base")
     result = grounder.ground(image_rgb_uint8, waveform_float32, sample_rate)
     result.box_xyxy, result.score          # original-image pixels, sigmoid objectness
+    result.candidates                      # (top_k, 5) the best cells, best first (top_k=1 by default)
 
 For a robot the two encoders run separately: the image once per camera frame, the speech once
 per utterance, then `ground_features` fuses them; the result is identical to `ground`.
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from csref_model.audio import SAMPLE_RATE
+from csref_model.boxes import box_iou
 from csref_model.config import ModelConfig, load_model_config
 from csref_model.preprocessing import Letterbox, letterbox, prepare_waveform, speech_batch
 from csref_model.runtime.contract import min_speech_samples
@@ -30,12 +32,20 @@ from csref_model.srec import build_srec_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
+# A candidate overlapping a better one more than this is the same object seen by a neighbouring
+# cell (the head predicts one box per grid cell), not another candidate.
+CANDIDATE_MAX_IOU = 0.5
+
 
 @dataclass(frozen=True)
 class GroundingResult:
     box_xyxy: np.ndarray  # (4,) float32 x1, y1, x2, y2 in original-image pixels, not clipped
     score: float  # sigmoid objectness of the chosen cell
     image_size: tuple[int, int]  # (width, height) of the original image
+    # (K, 5) x1, y1, x2, y2, score of the best cells of the head's grid, best first (row 0 is
+    # box_xyxy, score), original-image pixels, not clipped. K <= the top_k asked for: a cell whose
+    # box overlaps a better candidate's by more than CANDIDATE_MAX_IOU is left out.
+    candidates: np.ndarray
 
     def to_dict(self) -> dict:
         return {"box_xyxy": [float(v) for v in self.box_xyxy], "score": self.score, "image_size": list(self.image_size)}
@@ -91,17 +101,19 @@ class Grounder:
         return cls(model, config, device, **backend_options)
 
     @torch.inference_mode()
-    def ground(self, image: np.ndarray, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> GroundingResult:
-        """One H x W x 3 uint8 RGB image and one mono float waveform -> the box meant."""
+    def ground(self, image: np.ndarray, audio: np.ndarray, sample_rate: int = SAMPLE_RATE,
+               top_k: int = 1) -> GroundingResult:
+        """One H x W x 3 uint8 RGB image and one mono float waveform -> the box meant (and the
+        top_k best cells as candidates)."""
         image_tensor, geometry = letterbox(image, self.config.image_size)
         input_values, attention_mask = self._speech_inputs([audio], sample_rate)
         image_maps, speech_feat = self.backend.encode_image_and_speech(image_tensor[None], input_values, attention_mask)
-        boxes = self.backend.ground_features(image_maps, speech_feat)  # (1, 5)
-        return _result(boxes[0], geometry)
+        cells = self.backend.ground_features(image_maps, speech_feat)  # (1, G*G, 5)
+        return _result(cells[0], geometry, top_k)
 
     @torch.inference_mode()
     def ground_batch(
-        self, images: Sequence[np.ndarray], audios: Sequence[np.ndarray], sample_rate: int = SAMPLE_RATE
+        self, images: Sequence[np.ndarray], audios: Sequence[np.ndarray], sample_rate: int = SAMPLE_RATE, top_k: int = 1
     ) -> list[GroundingResult]:
         """Pairs of images and utterances, images encoded as one batch.
 
@@ -115,8 +127,8 @@ class Grounder:
         letterboxed = [letterbox(image, self.config.image_size) for image in images]
         image_batch = torch.stack([tensor for tensor, _ in letterboxed])  # (B, 3, S, S)
         speech = torch.cat([self._encode_speech(audio, sample_rate) for audio in audios])  # (B, D)
-        boxes = self.backend.ground_features(self.backend.encode_image(image_batch), speech)  # (B, 5)
-        return [_result(box, geometry) for box, (_, geometry) in zip(boxes, letterboxed)]
+        cells = self.backend.ground_features(self.backend.encode_image(image_batch), speech)  # (B, G*G, 5)
+        return [_result(item, geometry, top_k) for item, (_, geometry) in zip(cells, letterboxed)]
 
     @torch.inference_mode()
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
@@ -128,9 +140,10 @@ class Grounder:
         return SpeechFeatures(feature=self._encode_speech(audio, sample_rate))
 
     @torch.inference_mode()
-    def ground_features(self, image_features: ImageFeatures, speech_features: SpeechFeatures) -> GroundingResult:
-        boxes = self.backend.ground_features(image_features.maps, speech_features.feature)  # (1, 5)
-        return _result(boxes[0], image_features.letterbox)
+    def ground_features(self, image_features: ImageFeatures, speech_features: SpeechFeatures,
+                        top_k: int = 1) -> GroundingResult:
+        cells = self.backend.ground_features(image_features.maps, speech_features.feature)  # (1, G*G, 5)
+        return _result(cells[0], image_features.letterbox, top_k)
 
     def _speech_inputs(self, audios: Sequence[np.ndarray], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
         waves = [prepare_waveform(audio, sample_rate, min_samples=self.min_samples) for audio in audios]
@@ -140,11 +153,24 @@ class Grounder:
         return self.backend.encode_speech(*self._speech_inputs([audio], sample_rate))  # (1, D)
 
 
-def _result(box: torch.Tensor, geometry: Letterbox) -> GroundingResult:
-    """(5,) letterboxed-input x1, y1, x2, y2, score -> result in original-image pixels."""
-    box = box.double().cpu().numpy()
+def _result(cells: torch.Tensor, geometry: Letterbox, top_k: int) -> GroundingResult:
+    """(G*G, 5) letterboxed-input x1, y1, x2, y2, score of every cell -> result in original-image pixels."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    cells = cells.double().cpu().numpy()
+    # Stable: equal scores keep grid order, so the best is argmax's first index, as the reference.
+    ordered = cells[np.argsort(-cells[:, 4], kind="stable")]  # (G*G, 5)
+    kept = [0]
+    for index in range(1, len(ordered)):
+        if len(kept) == top_k:
+            break
+        if box_iou(ordered[kept, :4], ordered[index, :4]).max() <= CANDIDATE_MAX_IOU:
+            kept.append(index)
+    ranked = ordered[kept]  # (K, 5)
+    candidates = np.concatenate([geometry.box_to_original(ranked[:, :4]), ranked[:, 4:]], axis=1).astype(np.float32)
     return GroundingResult(
-        box_xyxy=geometry.box_to_original(box[:4]).astype(np.float32),
-        score=float(box[4]),
+        box_xyxy=candidates[0, :4].copy(),
+        score=float(ranked[0, 4]),
         image_size=(geometry.w, geometry.h),
+        candidates=candidates,
     )

@@ -1,6 +1,7 @@
 """Anchor-free single-box head (YOLOX style, one stride-32 level, objectness only).
 
-Inference: decode every cell, keep the one with the highest objectness (no NMS, no clipping).
+Inference: decode every cell, keep the one with the highest objectness (no NMS, no clipping);
+`scored_cells` gives every cell's box and score, for callers that rank candidates themselves.
 Training: SimOTA assignment of cells to the single ground-truth box, squared-IoU loss on the
 positives and BCE objectness on all cells (docs/REFERENCE_FACTS.md §7). The class-agnostic
 detector (`csref_model.detector`) trains the same head with the same loss on every object's box.
@@ -50,15 +51,19 @@ def decode_cell_corners(reg: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
     # Same operation order as the reference: x1 = cx - w/2, then x2 = x1 + w.
     x1 = boxes[..., 0] - boxes[..., 2] / 2
     y1 = boxes[..., 1] - boxes[..., 3] / 2
-    return torch.stack([x1, y1, x1 + boxes[..., 2], y1 + boxes[..., 3], scores], dim=-1)
+    return torch.stack([x1, y1, x1 + boxes[..., 2], y1 + boxes[..., 3], scores], dim=-1)  # (B, G*G, 5)
+
+
+def best_cell(cells: torch.Tensor) -> torch.Tensor:
+    """(B, N, 5) decoded cells -> (B, 5) the highest-scoring one."""
+    # argmax over the sigmoid scores returns the first index on ties, as the reference.
+    best = cells[..., 4].argmax(dim=1)  # (B,)
+    return cells[torch.arange(cells.shape[0], device=cells.device), best]  # (B, 5)
 
 
 def decode_best_box(reg: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
     """(B, 4, G, G), (B, 1, G, G) -> (B, 5) x1, y1, x2, y2, score of the highest-scoring cell."""
-    corners = decode_cell_corners(reg, obj)  # (B, G*G, 5)
-    # argmax over the sigmoid scores returns the first index on ties, as the reference.
-    best = corners[..., 4].argmax(dim=1)  # (B,)
-    return corners[torch.arange(corners.shape[0], device=corners.device), best]  # (B, 5)
+    return best_cell(decode_cell_corners(reg, obj))
 
 
 @torch.no_grad()
@@ -139,6 +144,10 @@ class SRECHead(nn.Module):
         """(B, C, G, G) -> raw regression (B, 4, G, G) and objectness logits (B, 1, G, G)."""
         feature = self.reg_convs[0](self.stems[0](feature))  # (B, hidden, G, G)
         return self.reg_preds[0](feature), self.obj_preds[0](feature)
+
+    def scored_cells(self, feature: torch.Tensor) -> torch.Tensor:
+        """(B, C, G, G) -> (B, G*G, 5) x1, y1, x2, y2, score of every cell in input pixels."""
+        return decode_cell_corners(*self.raw_outputs(feature))
 
     def forward(self, feature: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Without targets: (B, 5) boxes. With targets (B, 4) normalised (cx, cy, w, h): scalar loss."""

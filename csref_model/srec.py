@@ -61,6 +61,10 @@ class SREC(nn.Module):
         _, top = self._trunk(image_maps, speech_feat)
         return self.head(top, targets)
 
+    def ground_cells(self, image_maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        """As `ground_features` without targets, but every cell: (B, G*G, 5) x1, y1, x2, y2, score."""
+        return self.head.scored_cells(self._trunk(image_maps, speech_feat)[1])
+
     def _trunk(self, image_maps: list[torch.Tensor], speech_feat: torch.Tensor) -> tuple[list[torch.Tensor],
                                                                                         torch.Tensor]:
         """-> the SimpleFusion outputs [(B, C, 4G, 4G), (B, C, 2G, 2G), (B, C, G, G)] and GARAN's top (B, C, G, G)."""

@@ -58,6 +58,14 @@ class FrameBuffer:
             after = [f for f in self.frames if f.stamp_s - time_s <= max_age_s]
             return after[0] if after else None
 
+    def nearest(self, time_s: float, max_difference_s: float) -> StampedFrame | None:
+        """The frame stamped closest to time_s (the earlier one on a tie), if within max_difference_s."""
+        with self.changed:
+            if not self.frames:
+                return None
+            frame = min(self.frames, key=lambda f: abs(f.stamp_s - time_s))
+        return frame if abs(frame.stamp_s - time_s) <= max_difference_s else None
+
     def pick(self, mode: str, start_s: float, end_s: float, now_s: float, max_age_s: float) -> StampedFrame | None:
         """The frame for an utterance: at its end, at its start, or the latest (age vs now_s)."""
         if mode == "end":

@@ -22,7 +22,7 @@ STATUSES = ("ok", "no_match", "no_frame", "timeout", "canceled", "stopped")
 
 
 @dataclass(frozen=True)
-class Outcome:
+class GoalOutcome:
     status: str  # one of STATUSES
     message: str  # why, in words
     job: UtteranceJob | None = None  # the utterance that answered, None for timeout/canceled/stopped
@@ -35,7 +35,7 @@ class Request:
     accepted_s: float  # node clock
     deadline_s: float | None  # node clock; None = no timeout
     job_number: int | None  # the job made from the goal's own speech; None = listening
-    on_done: Callable[[Outcome], None]
+    on_done: Callable[[GoalOutcome], None]
     on_feedback: Callable[[bool, float], None]  # (speech started?, clock time): listening goals only
     cancel_requested: Callable[[], bool]
 
@@ -65,7 +65,7 @@ class GroundRequests:
         for request in listening:
             request.on_feedback(started, time_s)
 
-    def finish(self, job: UtteranceJob, outcome: Outcome) -> None:
+    def finish(self, job: UtteranceJob, outcome: GoalOutcome) -> None:
         """The outcome of a job: resolves the requests it answers."""
         with self.lock:
             given = job.number in self.given_numbers
@@ -85,14 +85,14 @@ class GroundRequests:
             due = {}
             for request_id, r in self.requests.items():
                 if r.cancel_requested():
-                    due[request_id] = Outcome("canceled", "canceled by the client")
+                    due[request_id] = GoalOutcome("canceled", "canceled by the client")
                 elif r.deadline_s is not None and now_s >= r.deadline_s:
-                    due[request_id] = Outcome("timeout", f"nothing grounded within {r.deadline_s - r.accepted_s:.1f} s")
+                    due[request_id] = GoalOutcome("timeout", f"nothing grounded within {r.deadline_s - r.accepted_s:.1f} s")
             resolved = [(self.requests.pop(request_id), outcome) for request_id, outcome in due.items()]
         for request, outcome in resolved:
             request.on_done(outcome)
 
-    def close_all(self, outcome: Outcome) -> None:
+    def close_all(self, outcome: GoalOutcome) -> None:
         with self.lock:
             resolved = list(self.requests.values())
             self.requests.clear()

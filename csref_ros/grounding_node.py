@@ -19,8 +19,13 @@ arrival in csref_ros.image_watchdog and the status in csref_ros.diagnostics. The
 the image callback, timers and services; parameters are read as one snapshot (`values`),
 replaced whole when a parameter changes.
 
-Output: vision_msgs/Detection2D on csref/target_box with the header of the image used, the box
-in that image's pixels, results[0].hypothesis.score the confidence and id the utterance number.
+Output (docs/ROS.md has the details): for every utterance grounded, vision_msgs/Detection2DArray
+on csref/detections (up to top_k candidates, best first; empty when none passes score_threshold),
+each Detection2D with the header of the image used, the box in its pixels, results[0] the
+hypothesis with class_id "utterance/<number>" and the confidence as score, id empty; the best one
+also as Detection2D on csref/target_box. With use_depth: Detection3DArray on csref/target_3d and
+the best box's centre as PointStamped on csref/target_point, in the depth image's optical frame
+(or target_frame through tf2). std_msgs/Bool on csref/voice_activity when the voice starts/stops.
 """
 
 import sys
@@ -46,11 +51,14 @@ from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValu
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter as RosParameter
+from geometry_msgs.msg import PointStamped
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.task import Future
-from sensor_msgs.msg import CompressedImage, Image
+from rclpy.time import Time as RclpyTime
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Bool, Header
 from std_srvs.srv import SetBool
-from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
+from vision_msgs.msg import Detection2D, Detection2DArray, Detection3D, Detection3DArray, ObjectHypothesisWithPose
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE, resample
@@ -58,12 +66,28 @@ from csref_model.visualize import DrawnBox, draw_boxes
 from csref_ros.audio import AUDIO_SOURCE_COUNTERS, MicrophoneSource, WavFileSource
 from csref_ros.audio_messages import FLOAT32_FORMAT, AudioMessageError, AudioStream, audio_to_mono, has_samples
 from csref_ros.counters import Counters
+from csref_ros.depth import DepthError, DepthImage, Intrinsics, RigidTransform
 from csref_ros.diagnostics import ImageRate, grounding_status
-from csref_ros.ground_requests import GroundRequests, Outcome, Request
-from csref_ros.image_conversion import ImageConversionError, compressed_image_to_rgb, fill_image, image_to_rgb
+from csref_ros.ground_requests import GoalOutcome, GroundRequests, Request
+from csref_ros.image_conversion import (
+    ImageConversionError,
+    compressed_image_to_rgb,
+    depth_image_array,
+    fill_image,
+    image_to_rgb,
+)
 from csref_ros.image_watchdog import WATCHDOG_COUNTERS, ImageWatchdog, subscription_qos
 from csref_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, check_value
-from csref_ros.pipeline import Box, CameraFrame, Pipeline, PipelineCallbacks, PipelineSettings, UtteranceJob
+from csref_ros.pipeline import (
+    CameraFrame,
+    DepthFrame,
+    Detection,
+    Outcome,
+    Pipeline,
+    PipelineCallbacks,
+    PipelineSettings,
+    UtteranceJob,
+)
 from csref_ros.qos_events import SubscriptionEventCallbacks
 
 NODE_NAME = "grounding_node"
@@ -78,7 +102,13 @@ NODE_COUNTERS = (
     "images_rejected",  # not convertible to RGB (encoding, size, truncated data)
     *WATCHDOG_COUNTERS,
     "audio_errors",  # the microphone missing, stalled or vanished (reopened)
+    "depth_images",  # use_depth: depth messages received while active
+    "depth_rejected",  # use_depth: not usable (encoding, size, camera_info that does not fit)
+    "depth_without_camera_info",  # use_depth: depth images dropped because no camera_info had arrived
+    "transform_failures",  # target_frame: no transform to it at the stamp (3D output skipped)
 )
+# How long the inference thread waits for a tf2 transform before counting a failure.
+TRANSFORM_TIMEOUT_S = 0.1
 
 
 def descriptor_for(name: str) -> ParameterDescriptor:
@@ -120,7 +150,8 @@ class GroundingNode(LifecycleNode):
         self.requests = GroundRequests()
         callbacks = PipelineCallbacks(
             publish=self.publish_result, unanswered=self.on_unanswered, speech_event=self.requests.speech_event,
-            report_problem=self.report_problem, log=self.get_logger().info, now_s=self.now_s,
+            voice_activity=self.publish_voice_activity, report_problem=self.report_problem,
+            log=self.get_logger().info, now_s=self.now_s,
         )
         self.pipeline = Pipeline(PipelineSettings.from_parameters(self.values), callbacks)
         self.add_on_set_parameters_callback(self.on_parameters)
@@ -130,9 +161,20 @@ class GroundingNode(LifecycleNode):
         self.grounder: Grounder | None = None
         self.model_description = ""
         self.detection_publisher = None
+        self.detections_publisher = None
         self.debug_image_publisher = None
         self.utterance_publisher = None
+        self.voice_activity_publisher = None
         self.image_subscription = None
+        # use_depth (3D target)
+        self.target_3d_publisher = None
+        self.target_point_publisher = None
+        self.depth_subscription = None
+        self.camera_info_subscription = None
+        self.intrinsics: Intrinsics | None = None  # from the latest camera_info
+        self.tf_buffer = None  # tf2_ros.Buffer when target_frame is set
+        self.tf_listener = None
+        self.tf_error: type[Exception] = Exception  # tf2_ros.TransformException once imported
         self.image_group = MutuallyExclusiveCallbackGroup()
         self.audio_subscription = None
         self.audio_group = MutuallyExclusiveCallbackGroup()
@@ -182,6 +224,8 @@ class GroundingNode(LifecycleNode):
             if values["audio_source"] == "file":
                 # Fail now (not at activation) if the demo file is missing or unreadable.
                 self.audio_source = self.wav_file_source(values)
+            if values["target_frame"]:
+                self.start_tf(values["target_frame"])
         except Exception as error:  # any failure to load must leave the node unconfigured, with the reason
             self.configure_error = f"not configured: {error}"
             self.grounder = None
@@ -190,8 +234,13 @@ class GroundingNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.configure_error = ""
         self.detection_publisher = self.create_publisher(Detection2D, "csref/target_box", 10)
+        self.detections_publisher = self.create_publisher(Detection2DArray, "csref/detections", 10)
         self.debug_image_publisher = self.create_publisher(Image, "csref/debug_image", 2)
         self.utterance_publisher = self.create_publisher(AudioStamped, "csref/utterance", 10)
+        self.voice_activity_publisher = self.create_publisher(Bool, "csref/voice_activity", 10)
+        if values["use_depth"]:
+            self.target_3d_publisher = self.create_publisher(Detection3DArray, "csref/target_3d", 10)
+            self.target_point_publisher = self.create_publisher(PointStamped, "csref/target_point", 10)
         self.pipeline.start(self.grounder)
         self.get_logger().info(f"configured: {self.model_description}")
         return TransitionCallbackReturn.SUCCESS
@@ -224,6 +273,19 @@ class GroundingNode(LifecycleNode):
         )
         return grounder
 
+    def start_tf(self, target_frame: str) -> None:
+        try:
+            import tf2_ros  # optional: only target_frame needs it, and the registries' ROS wheels lack it
+        except ImportError as error:
+            raise ValueError(
+                f"target_frame '{target_frame}' needs tf2_ros, which is not importable here ({error}): install it "
+                "(with a ROS 2 installation: apt install ros-$ROS_DISTRO-tf2-ros, then source it) or leave "
+                "target_frame empty to get 3D output in the depth image's optical frame"
+            ) from error
+        self.tf_error = tf2_ros.TransformException
+        self.tf_buffer = tf2_ros.Buffer(node=self)
+        self.tf_listener = tf2_ros.TransformListener(self.tf_buffer, self)
+
     def wav_file_source(self, values: Mapping[str, Any]) -> WavFileSource:
         try:
             return WavFileSource(values["audio_file"], self.pipeline.on_audio, loop=values["audio_loop"])
@@ -232,13 +294,20 @@ class GroundingNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         values = self.values
-        self.pipeline.activate(values["frame_history_s"], values["frame_history_rate_hz"])
+        self.pipeline.activate(values["frame_history_s"], values["frame_history_rate_hz"], use_depth=values["use_depth"])
         qos = subscription_qos(values["image_qos_reliability"], values["image_qos_depth"])
         self.watchdog = ImageWatchdog(
             self, self.image_topic(), qos, values["image_timeout_s"], values["image_qos_adapt"],
             self.counters, self.report_problem, self.subscribe_images,
         )
         self.subscribe_images(qos)
+        if values["use_depth"]:
+            self.depth_subscription = self.create_subscription(
+                Image, values["depth_topic"], self.on_depth, qos, callback_group=self.image_group
+            )
+            self.camera_info_subscription = self.create_subscription(
+                CameraInfo, values["depth_info_topic"], self.on_camera_info, qos, callback_group=self.image_group
+            )
         if values["audio_source"] == "microphone":
             device = values["audio_device"]
             self.audio_source = MicrophoneSource(
@@ -285,7 +354,7 @@ class GroundingNode(LifecycleNode):
 
     def stop_capture(self) -> None:
         self.pipeline.deactivate()
-        self.requests.close_all(Outcome("stopped", "the node stopped listening (deactivated)"))
+        self.requests.close_all(GoalOutcome("stopped", "the node stopped listening (deactivated)"))
         if self.audio_subscription is not None:
             self.destroy_subscription(self.audio_subscription)
             self.audio_subscription = None
@@ -295,9 +364,10 @@ class GroundingNode(LifecycleNode):
         if self.watchdog is not None:
             self.watchdog.destroy()
             self.watchdog = None
-        if self.image_subscription is not None:
-            self.destroy_subscription(self.image_subscription)
-            self.image_subscription = None
+        for subscription in (self.image_subscription, self.depth_subscription, self.camera_info_subscription):
+            if subscription is not None:
+                self.destroy_subscription(subscription)
+        self.image_subscription = self.depth_subscription = self.camera_info_subscription = None
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.release_model()
@@ -305,10 +375,17 @@ class GroundingNode(LifecycleNode):
 
     def release_model(self) -> None:
         self.pipeline.stop()
-        for publisher in (self.detection_publisher, self.debug_image_publisher, self.utterance_publisher):
+        publishers = (
+            self.detection_publisher, self.detections_publisher, self.debug_image_publisher, self.utterance_publisher,
+            self.voice_activity_publisher, self.target_3d_publisher, self.target_point_publisher,
+        )
+        for publisher in publishers:
             if publisher is not None:
                 self.destroy_publisher(publisher)
-        self.detection_publisher = self.debug_image_publisher = self.utterance_publisher = None
+        self.detection_publisher = self.detections_publisher = self.debug_image_publisher = None
+        self.utterance_publisher = self.voice_activity_publisher = None
+        self.target_3d_publisher = self.target_point_publisher = None
+        self.tf_buffer = self.tf_listener = None
         self.grounder = None
         self.audio_source = None
 
@@ -413,7 +490,7 @@ class GroundingNode(LifecycleNode):
             feedback(True, job.start_s)
             feedback(False, job.end_s)
             self.pipeline.enqueue(job)
-        outcome: Outcome = await answered
+        outcome: GoalOutcome = await answered
         if outcome.status == "canceled":
             goal_handle.canceled()
         elif outcome.status == "stopped":
@@ -426,10 +503,8 @@ class GroundingNode(LifecycleNode):
         return result
 
     def on_unanswered(self, job: UtteranceJob, status: str, why: str) -> None:
-        """The pipeline's callback for an utterance without a box (inference thread)."""
-        if status == "no_match":
-            self.publish_utterance(job)
-        self.requests.finish(job, Outcome(status, why, job))
+        """The pipeline's callback for an utterance it could not ground (no frame; inference thread)."""
+        self.requests.finish(job, GoalOutcome(status, why, job))
 
     def publish_utterance(self, job: UtteranceJob) -> None:
         publisher = self.utterance_publisher
@@ -442,33 +517,142 @@ class GroundingNode(LifecycleNode):
         msg.audio.info.rate, msg.audio.info.chunk = SAMPLE_RATE, int(job.samples.size)
         publisher.publish(msg)
 
+    # ------------------------------------------------------------------------------------
+    # Depth (use_depth): the 3D target
+
+    def on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            self.intrinsics = Intrinsics.from_camera_info_k(msg.k, msg.width, msg.height)
+        except DepthError as error:
+            self.report_problem(f"camera_info on {self.values['depth_info_topic']} rejected: {error}")
+
+    def on_depth(self, msg: Image) -> None:
+        if not self.pipeline.active:
+            return
+        self.counters.add("depth_images")
+        intrinsics = self.intrinsics
+        if intrinsics is None:
+            self.counters.add("depth_without_camera_info")
+            self.report_problem(
+                f"depth image dropped: no camera_info yet on {self.values['depth_info_topic']} (set depth_info_topic)",
+                kind="no camera_info",
+            )
+            return
+        try:
+            depth = DepthImage(depth_image_array(msg, self.values["max_image_pixels"]), msg.encoding, intrinsics)
+        except (ImageConversionError, DepthError) as error:
+            self.counters.add("depth_rejected")
+            self.report_problem(f"depth image rejected on {self.values['depth_topic']}: {error}")
+            return
+        self.pipeline.add_depth(self.trusted_stamp(time_to_s(msg.header.stamp), "depth"), DepthFrame(depth, msg.header))
+
+    def publish_3d(self, outcome: Outcome, hypotheses: list[ObjectHypothesisWithPose]) -> None:
+        """Detection3DArray of the located boxes and the best one's point (inference thread)."""
+        depth = outcome.depth
+        header, transform = self.output_frame(depth.header)
+        if header is None:
+            return
+        array = Detection3DArray(header=header)
+        for detection, hypothesis in zip(outcome.detections, hypotheses):
+            if detection.target is None:
+                continue
+            x, y, z = transform.apply(detection.target.point)
+            located = Detection3D(header=header)
+            located.bbox.center.position.x, located.bbox.center.position.y, located.bbox.center.position.z = x, y, z
+            # The box's axes are the optical frame's (x right, y down, z forward), expressed in the output frame.
+            rotation = located.bbox.center.orientation
+            rotation.x, rotation.y, rotation.z, rotation.w = transform.rotation_xyzw
+            located.bbox.size.x, located.bbox.size.y, located.bbox.size.z = detection.target.size
+            result = ObjectHypothesisWithPose(hypothesis=hypothesis.hypothesis)
+            result.pose.pose = located.bbox.center
+            located.results.append(result)
+            array.detections.append(located)
+        self.target_3d_publisher.publish(array)
+        best = outcome.detections[0].target
+        if best is not None:
+            point = PointStamped(header=header)
+            point.point.x, point.point.y, point.point.z = transform.apply(best.point)
+            self.target_point_publisher.publish(point)
+
+    def output_frame(self, depth_header) -> tuple[Any, RigidTransform | None]:
+        """(header, transform) for 3D output: the depth image's optical frame, or target_frame
+        through tf2; (None, None) when the transform is missing (logged and counted)."""
+        target_frame = self.values["target_frame"]
+        if not target_frame or self.tf_buffer is None:
+            return depth_header, RigidTransform((0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+        try:
+            stamped = self.tf_buffer.lookup_transform(
+                target_frame, depth_header.frame_id, RclpyTime.from_msg(depth_header.stamp),
+                timeout=Duration(seconds=TRANSFORM_TIMEOUT_S),
+            )
+        except self.tf_error as error:
+            self.counters.add("transform_failures")
+            self.report_problem(
+                f"no transform from {depth_header.frame_id} to target_frame {target_frame} at the depth stamp: {error}; "
+                "3D output skipped (is the robot's tf tree published?)",
+                kind="transform missing",
+            )
+            return None, None
+        translation, rotation = stamped.transform.translation, stamped.transform.rotation
+        header = Header(stamp=depth_header.stamp, frame_id=target_frame)
+        return header, RigidTransform((translation.x, translation.y, translation.z), (rotation.x, rotation.y, rotation.z, rotation.w))
+
+    # ------------------------------------------------------------------------------------
+
     def on_audio_error(self, reason: str) -> None:
         self.counters.add("audio_errors")
         self.report_problem(reason)
 
-    def publish_result(self, job: UtteranceJob, frame: CameraFrame, box: Box, score: float) -> None:
-        """The pipeline's publish callback (inference thread)."""
-        publisher = self.detection_publisher
+    def publish_result(self, outcome: Outcome) -> None:
+        """The pipeline's publish callback (inference thread): every utterance grounded."""
+        publisher = self.detections_publisher
         if publisher is None:
             return
-        x1, y1, x2, y2 = box
-        detection = Detection2D(header=frame.header, id=str(job.number))
-        detection.bbox.center.position.x = (x1 + x2) / 2
-        detection.bbox.center.position.y = (y1 + y2) / 2
-        detection.bbox.size_x = x2 - x1
-        detection.bbox.size_y = y2 - y1
-        hypothesis = ObjectHypothesisWithPose()
-        hypothesis.hypothesis.class_id = "target"
-        hypothesis.hypothesis.score = score
-        detection.results.append(hypothesis)
-        publisher.publish(detection)
-        self.publish_utterance(job)
-        self.requests.finish(job, Outcome("ok", f"utterance {job.number}: score {score:.2f}", job, (detection,), frame.header))
-        if self.values["publish_debug_image"] and self.debug_image_publisher is not None:
-            picture = draw_boxes(frame.rgb, [DrawnBox(box, label=f"#{job.number} {score:.2f}")])  # (H, W, 3)
+        frame, number = outcome.frame, outcome.job.number
+        array = Detection2DArray(header=frame.header)
+        hypotheses = []
+        for detection in outcome.detections:
+            located = self.detection_2d(frame.header, detection, number)
+            hypotheses.append(located.results[0])
+            array.detections.append(located)
+        publisher.publish(array)  # empty: heard, nothing passed score_threshold
+        if outcome.detections:
+            self.detection_publisher.publish(array.detections[0])
+        if outcome.depth is not None and outcome.detections and self.target_3d_publisher is not None:
+            self.publish_3d(outcome, hypotheses)
+        self.publish_utterance(outcome.job)
+        if outcome.detections:
+            status, message = "ok", f"utterance {number}: score {outcome.detections[0].score:.2f}"
+        else:
+            status, message = "no_match", f"utterance {number}: no box passed score_threshold"
+        self.requests.finish(outcome.job, GoalOutcome(status, message, outcome.job, tuple(array.detections), frame.header))
+        if outcome.detections and self.values["publish_debug_image"] and self.debug_image_publisher is not None:
+            labels = [f"#{number} {d.score:.2f}" if rank == 0 else f"{d.score:.2f}" for rank, d in enumerate(outcome.detections)]
+            picture = draw_boxes(frame.rgb, [DrawnBox(d.box, label=label) for d, label in zip(outcome.detections, labels)])
             msg = Image(header=frame.header)
-            fill_image(msg, picture, "rgb8")
+            fill_image(msg, picture, "rgb8")  # (H, W, 3)
             self.debug_image_publisher.publish(msg)
+
+    @staticmethod
+    def detection_2d(header, detection: Detection, utterance_number: int) -> Detection2D:
+        """id stays empty (vision_msgs means a stable object id); the utterance is the hypothesis' class."""
+        x1, y1, x2, y2 = detection.box
+        message = Detection2D(header=header)
+        message.bbox.center.position.x = (x1 + x2) / 2
+        message.bbox.center.position.y = (y1 + y2) / 2
+        message.bbox.size_x = x2 - x1
+        message.bbox.size_y = y2 - y1
+        hypothesis = ObjectHypothesisWithPose()
+        hypothesis.hypothesis.class_id = f"utterance/{utterance_number}"
+        hypothesis.hypothesis.score = detection.score
+        message.results.append(hypothesis)
+        return message
+
+    def publish_voice_activity(self, active: bool) -> None:
+        """The pipeline's voice_activity callback (audio thread)."""
+        publisher = self.voice_activity_publisher
+        if publisher is not None:
+            publisher.publish(Bool(data=active))
 
     def report_problem(self, message: str, kind: str | None = None) -> None:
         """Log a problem once per kind (default: per message; repeats at debug level); it shows

@@ -44,6 +44,11 @@ ENCODINGS: dict[str, PixelLayout] = {
     "mono8": PixelLayout(1, np.uint8, is_bgr=False),
     "mono16": PixelLayout(1, np.uint16, is_bgr=False),
 }
+# Depth images (csref_ros.depth): 16UC1 in millimetres, 32FC1 in metres.
+DEPTH_ENCODINGS: dict[str, PixelLayout] = {
+    "16UC1": PixelLayout(1, np.uint16, is_bgr=False),
+    "32FC1": PixelLayout(1, np.float32, is_bgr=False),
+}
 
 
 def check_image_size(height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -66,13 +71,14 @@ def layout_of(encoding: str) -> PixelLayout:
     return layout
 
 
-def image_to_array(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def image_to_array(image, max_pixels: int = DEFAULT_MAX_PIXELS, layout: PixelLayout | None = None) -> np.ndarray:
     """sensor_msgs/Image -> (H, W, C) array in the message's own channel order and dtype.
 
-    A zero-copy view of `image.data`; uint16 data is read with the message's byte order.
+    A zero-copy view of `image.data`; multi-byte data is read with the message's byte order.
+    `layout` defaults to the colour encoding's (ENCODINGS).
     """
     height, width, step = int(image.height), int(image.width), int(image.step)
-    layout = layout_of(image.encoding)
+    layout = layout or layout_of(image.encoding)
     check_image_size(height, width, max_pixels)
     row_bytes = width * layout.bytes_per_pixel
     if step < row_bytes:
@@ -93,9 +99,22 @@ def image_to_array(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             "step or height do not match the data"
         )
     rows = buffer.reshape(height, step)[:, :row_bytes]  # (H, row_bytes), padding sliced off
-    if layout.dtype is np.uint16:
-        rows = rows.view(">u2" if image.is_bigendian else "<u2")  # (H, W), byte order of the sender
+    if np.dtype(layout.dtype).itemsize > 1:
+        order = ">" if image.is_bigendian else "<"  # the sender's byte order
+        rows = rows.view(np.dtype(layout.dtype).newbyteorder(order))  # (H, W * C)
     return rows.reshape(height, width, layout.channels)  # (H, W, C)
+
+
+def depth_image_array(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/Image with depth (16UC1 or 32FC1) -> (H, W) uint16 or float32 in native byte order."""
+    layout = DEPTH_ENCODINGS.get(image.encoding)
+    if layout is None:
+        raise ImageConversionError(
+            f"depth encoding '{image.encoding}' is not supported: publish aligned depth as 16UC1 (millimetres) "
+            "or 32FC1 (metres)"
+        )
+    pixels = image_to_array(image, max_pixels, layout)[:, :, 0]  # (H, W)
+    return pixels.astype(layout.dtype, copy=False)  # a copy only for a byte order other than ours
 
 
 def image_to_rgb(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -43,9 +43,10 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("onnx_dir", "", "Exported ONNX graphs for onnxruntime/tensorrt; empty = a per-model cache folder (exported on first use)"),
         Parameter("num_threads", 0, "CPU threads for inference; 0 = library default", range=(0, 256, 1)),
         Parameter("score_threshold", 0.0, "Publish a box only if its confidence is at least this", range=(0.0, 1.0, 0.0), runtime=True),
+        Parameter("top_k", 1, "Candidates per utterance on csref/detections, best first (the head's best cells; near-duplicates left out)", range=(1, 100, 1), runtime=True),
     )),
     ("Camera", (
-        Parameter("image_topic", "/camera/image_raw", "sensor_msgs/Image topic (with image_transport=compressed: <topic>/compressed)"),
+        Parameter("image_topic", "camera/image_raw", "sensor_msgs/Image topic (with image_transport=compressed: <topic>/compressed); relative names resolve in the node's namespace"),
         Parameter("image_transport", "raw", "raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage (jpeg/png)", choices=("raw", "compressed")),
         Parameter("image_qos_reliability", "best_effort", "Image subscription reliability (best_effort = sensor data QoS)", choices=("best_effort", "reliable")),
         Parameter("image_qos_depth", 5, "Image subscription queue depth", range=(1, 100, 1)),
@@ -54,6 +55,15 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("image_qos_adapt", True, "When no image arrives, resubscribe with the publishers' reliability and durability"),
         Parameter("frame_history_s", 3.0, "How far back camera frames are kept for pairing with utterances", range=(0.1, 60.0, 0.0)),
         Parameter("frame_history_rate_hz", 10.0, "Frames kept per second of history (the newest frame is always kept)", range=(0.5, 240.0, 0.0)),
+    )),
+    ("Depth: the target in 3D", (
+        Parameter("use_depth", False, "Subscribe to aligned depth + camera_info and publish csref/target_3d and csref/target_point"),
+        Parameter("depth_topic", "camera/aligned_depth_to_color/image_raw", "Depth image aligned to the colour image: 16UC1 (mm) or 32FC1 (m)"),
+        Parameter("depth_info_topic", "camera/aligned_depth_to_color/camera_info", "sensor_msgs/CameraInfo of the depth image (its K is used)"),
+        Parameter("depth_min_m", 0.1, "Nearer depths are holes (the sensor's minimum range)", range=(0.0, 100.0, 0.0), runtime=True),
+        Parameter("depth_max_m", 10.0, "Farther depths are holes", range=(0.01, 1000.0, 0.0), runtime=True),
+        Parameter("depth_sync_tolerance_s", 0.05, "Largest stamp difference between the colour frame used and its depth frame", range=(0.0, 5.0, 0.0), runtime=True),
+        Parameter("target_frame", "", "Publish 3D output in this tf2 frame (needs tf2_ros); empty = the depth image's optical frame"),
     )),
     ("Audio", (
         Parameter("audio_source", "microphone", "Where speech comes from (topic: audio_common_msgs/AudioStamped on audio_topic)", choices=("microphone", "file", "topic")),

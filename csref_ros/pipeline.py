@@ -2,11 +2,15 @@
 
     pipeline = Pipeline(settings, callbacks)
     pipeline.start(grounder)                          # the inference thread
-    pipeline.activate(frame_history_s=3.0, frame_history_rate_hz=10.0)
+    pipeline.activate(frame_history_s=3.0, frame_history_rate_hz=10.0, use_depth=False)
     pipeline.add_frame(stamp_s, CameraFrame(rgb, header))   # camera thread
+    pipeline.add_depth(stamp_s, DepthFrame(depth_image, header))   # depth thread, with use_depth
     pipeline.on_audio(chunk, end_time_s)              # audio thread (or on_stamped_audio)
-    # -> callbacks.publish(job, frame, box_xyxy, score) on the inference thread
-    #    (callbacks.unanswered(job, status, why) when no box: no_match, no_frame)
+    # -> callbacks.publish(Outcome(job, frame, detections, depth)) on the inference thread, for
+    #    every utterance grounded: up to top_k detections, none when nothing passed score_threshold
+    #    (callbacks.unanswered(job, "no_frame", why) when there was no frame to ground it on)
+    # -> callbacks.voice_activity(active) on the audio thread when the VAD's voice state changes,
+    #    callbacks.speech_event(started, time_s) when an utterance starts or closes
     pipeline.enqueue(pipeline.given_utterance(samples, end_s))   # speech from elsewhere
     pipeline.set_listening(False)                     # mute: audio dropped until True
     pipeline.deactivate(); pipeline.stop()
@@ -26,7 +30,9 @@ Threads and the data each owns:
 - inference thread (`run`): the work done ahead, `precomputed` image features and
   `speech_ahead` speech features. No other thread touches them: activate() asks for them to
   be dropped through the `reset_requested` event, honoured before the next step.
-- camera thread (`add_frame`): frames go into the FrameBuffer, which has its own lock.
+- camera thread (`add_frame`): frames go into the FrameBuffer, which has its own lock; so do
+  depth frames (`add_depth`, a second FrameBuffer), matched to the colour frame used by stamp
+  (`depth_sync_tolerance_s`) when the utterance is delivered.
 - `settings` is an immutable snapshot; `update_settings` swaps the reference and each step
   reads it once. `active` is a flag with one writer (the caller's thread).
 - `counters` (a Counters) and the latencies (under `latency_lock`) are written by the audio
@@ -48,6 +54,7 @@ from csref_model import Grounder, GroundingResult
 from csref_model.audio import SAMPLE_RATE
 from csref_ros.audio import sanitize_chunk
 from csref_ros.counters import Counters
+from csref_ros.depth import DepthImage, DepthLimits, Target3D, locate_box
 from csref_ros.frame_buffer import FrameBuffer, StampedFrame
 from csref_ros.parameters import vad_config_from
 from csref_ros.vad import SpeechSegmenter, Utterance, VadConfig
@@ -59,8 +66,11 @@ PIPELINE_COUNTERS = (
     "utterances_dropped_short",  # speech shorter than vad_min_utterance_s
     "utterances_dropped_queue_full",  # inference was behind; the oldest waiting one was dropped
     "utterances_without_frame",  # no camera frame within max_frame_age_s
-    "utterances_below_threshold",  # best box scored below score_threshold
-    "detections",  # boxes published
+    "utterances_below_threshold",  # best box scored below score_threshold (an empty array is published)
+    "detections",  # utterances published with a box (the target; up to top_k candidates each)
+    "depth_frames_missing",  # use_depth: no depth frame within depth_sync_tolerance_s of the colour frame
+    "targets_without_depth",  # use_depth: a box with too few valid depth pixels (holes, out of range)
+    "targets_located",  # use_depth: boxes given a 3D position
     "precomputed_images",  # frames encoded ahead, during speech
     "precomputed_used",  # utterances grounded on a frame encoded ahead
     "speech_encoded_ahead",  # provisional utterances encoded during the hangover
@@ -80,7 +90,10 @@ class PipelineSettings:
     max_frame_age_s: float
     precomputed_frame_tolerance_s: float
     score_threshold: float
+    top_k: int
     max_pending_utterances: int
+    depth_limits: DepthLimits
+    depth_sync_tolerance_s: float
     vad: VadConfig
 
     @classmethod
@@ -91,15 +104,37 @@ class PipelineSettings:
             max_frame_age_s=float(values["max_frame_age_s"]),
             precomputed_frame_tolerance_s=float(values["precomputed_frame_tolerance_s"]),
             score_threshold=float(values["score_threshold"]),
+            top_k=values["top_k"],
             max_pending_utterances=values["max_pending_utterances"],
+            depth_limits=depth_limits_from(values),
+            depth_sync_tolerance_s=float(values["depth_sync_tolerance_s"]),
             vad=vad_config_from(values),
         )
+
+
+def depth_limits_from(values: Mapping[str, Any]) -> DepthLimits:
+    if values["depth_min_m"] >= values["depth_max_m"]:
+        raise ValueError(f"depth_min_m ({values['depth_min_m']}) must be below depth_max_m ({values['depth_max_m']})")
+    return DepthLimits(min_m=float(values["depth_min_m"]), max_m=float(values["depth_max_m"]))
 
 
 @dataclass(frozen=True)
 class CameraFrame:
     rgb: np.ndarray  # (H, W, 3) uint8 RGB, often a view of the message buffer
     header: Any  # opaque here: what the caller publishes the result with (the image's std_msgs/Header)
+
+
+@dataclass(frozen=True)
+class DepthFrame:
+    image: DepthImage  # aligned to the colour frames, with its camera_info's intrinsics
+    header: Any  # opaque here: the depth image's std_msgs/Header (its frame_id is the optical frame)
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: Box
+    score: float
+    target: Target3D | None  # with use_depth: where the box is, in the depth frame's optical frame
 
 
 @dataclass(frozen=True)
@@ -125,9 +160,21 @@ class SpeechState:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """What an utterance grounded to: sent whether or not a box passed score_threshold, so that
+    "heard, no match" (no detections) is distinct from silence (nothing sent)."""
+
+    job: UtteranceJob
+    frame: CameraFrame
+    detections: tuple[Detection, ...]  # best first, at most top_k, each scoring >= score_threshold
+    depth: DepthFrame | None  # the depth frame matched to `frame` (use_depth, and a box to locate)
+
+
+@dataclass(frozen=True)
 class PipelineCallbacks:
-    publish: Callable[[UtteranceJob, CameraFrame, Box, float], None]  # inference thread: a box to send
-    unanswered: Callable[[UtteranceJob, str, str], None]  # inference thread: (job, "no_match" | "no_frame", why)
+    publish: Callable[[Outcome], None]  # inference thread: the result of an utterance to send
+    unanswered: Callable[[UtteranceJob, str, str], None]  # inference thread: (job, "no_frame", why)
+    voice_activity: Callable[[bool], None]  # audio thread: the VAD's voice state changed
     speech_event: Callable[[bool, float], None]  # audio thread: (True: speech started / False: the
     # utterance closed, clock time of that start / end of speech)
     report_problem: Callable[[str, str | None], None]  # any thread: (message, kind that groups repeats)
@@ -146,6 +193,7 @@ class Pipeline:
         self.active = False
         self.listening = True  # one writer (set_listening); the audio thread drops audio while False
         self.frames = FrameBuffer(capacity=2)
+        self.depth_frames: FrameBuffer | None = None  # with use_depth
         self.jobs: queue.Queue[UtteranceJob] = queue.Queue()
         self.speech = SpeechState()
         # Audio thread (replaced by activate/deactivate under audio_lock).
@@ -180,11 +228,11 @@ class Pipeline:
             self.worker = None
         self.grounder = None
 
-    def activate(self, frame_history_s: float, frame_history_rate_hz: float) -> None:
-        """Start listening and pairing: a fresh frame history, VAD and work ahead."""
-        self.frames = FrameBuffer(
-            capacity=max(2, math.ceil(frame_history_s * frame_history_rate_hz) + 1), min_interval_s=1.0 / frame_history_rate_hz
-        )
+    def activate(self, frame_history_s: float, frame_history_rate_hz: float, use_depth: bool = False) -> None:
+        """Start listening and pairing: a fresh frame history (and depth history), VAD and work ahead."""
+        capacity = max(2, math.ceil(frame_history_s * frame_history_rate_hz) + 1)
+        self.frames = FrameBuffer(capacity=capacity, min_interval_s=1.0 / frame_history_rate_hz)
+        self.depth_frames = FrameBuffer(capacity=capacity, min_interval_s=1.0 / frame_history_rate_hz) if use_depth else None
         self.reset_requested.set()
         with self.audio_lock:
             self.segmenter = SpeechSegmenter(self.settings.vad)
@@ -197,6 +245,8 @@ class Pipeline:
         """Stop listening; utterances waiting for inference are dropped, results no longer published."""
         self.active = False
         self.frames.clear()
+        if self.depth_frames is not None:
+            self.depth_frames.clear()
         with self.audio_lock:
             self.segmenter = None
             self.speech = SpeechState()
@@ -239,6 +289,12 @@ class Pipeline:
     def add_frame(self, stamp_s: float, frame: CameraFrame) -> None:
         self.frames.add(stamp_s, frame)
 
+    def add_depth(self, stamp_s: float, depth: DepthFrame) -> None:
+        """A depth frame (ignored unless activated with use_depth); stamps on the colour frames' clock."""
+        depth_frames = self.depth_frames
+        if depth_frames is not None:
+            depth_frames.add(stamp_s, depth)
+
     # ------------------------------------------------------------------------------------
     # Audio thread
 
@@ -273,6 +329,7 @@ class Pipeline:
             to_clock = chunk_end_s - self.fed_samples / SAMPLE_RATE  # clock time of stream time 0
             provisional = segmenter.provisional()
             was_in_utterance = self.speech.in_utterance
+            voice_was_active = self.speech.voice_active
             voice_stopped_s = self.speech.voice_stopped_s
             if segmenter.in_speech:
                 voice_stopped_s = to_clock + segmenter.frame_time(segmenter.last_voiced_frame + 1)
@@ -288,6 +345,9 @@ class Pipeline:
                 jobs.append(self.job_for(utterance, to_clock, chunk_end_s, self.utterance_count))
             speech_start_s = segmenter.speech_start_s
             started_s = None if speech_start_s is None or (was_in_utterance and not jobs) else to_clock + speech_start_s
+            voice_changed = self.speech.voice_active != voice_was_active
+        if voice_changed:
+            self.callbacks.voice_activity(self.speech.voice_active)
         for job in jobs:
             self.callbacks.speech_event(False, job.end_s)
             self.enqueue(job)
@@ -402,20 +462,33 @@ class Pipeline:
             speech_features = self.grounder.encode_speech(job.samples, SAMPLE_RATE)
         else:
             self.counters.add("speech_ahead_used")
-        self.deliver(job, frame.frame, self.grounder.ground_features(image_features, speech_features), settings)
+        result = self.grounder.ground_features(image_features, speech_features, top_k=settings.top_k)
+        self.deliver(job, frame, result, settings)
 
-    def deliver(self, job: UtteranceJob, frame: CameraFrame, result: GroundingResult, settings: PipelineSettings) -> None:
+    def deliver(self, job: UtteranceJob, stamped: StampedFrame, result: GroundingResult, settings: PipelineSettings) -> None:
         if not self.active:
             return  # deactivated while this utterance was being grounded
-        if result.score < settings.score_threshold:
-            self.counters.add("utterances_below_threshold")
-            why = f"utterance {job.number}: best box scores {result.score:.2f} < score_threshold {settings.score_threshold}"
-            self.callbacks.log(f"{why}; nothing published")
-            self.callbacks.unanswered(job, "no_match", why)
-            return
+        frame = stamped.frame
         height, width = frame.rgb.shape[:2]
-        x1, y1, x2, y2 = (float(v) for v in np.clip(result.box_xyxy, 0, [width, height, width, height]))
-        self.callbacks.publish(job, frame, (x1, y1, x2, y2), float(result.score))
+        passing = [row for row in result.candidates if row[4] >= settings.score_threshold]  # (5,) each, best first
+        depth = self.depth_for(job, stamped.stamp_s, settings) if passing and self.depth_frames is not None else None
+        detections = []
+        for row in passing:
+            x1, y1, x2, y2 = (float(v) for v in np.clip(row[:4], 0, [width, height, width, height]))
+            target = None
+            if depth is not None:
+                target = locate_box(depth.image, (x1, y1, x2, y2), (width, height), settings.depth_limits)
+                self.counters.add("targets_located" if target is not None else "targets_without_depth")
+            detections.append(Detection((x1, y1, x2, y2), float(row[4]), target))
+        self.callbacks.publish(Outcome(job, frame, tuple(detections), depth))
+        if not detections:
+            self.counters.add("utterances_below_threshold")
+            self.callbacks.log(
+                f"utterance {job.number}: best box scores {result.score:.2f} < score_threshold "
+                f"{settings.score_threshold}; no detection published"
+            )
+            return
+        x1, y1, x2, y2 = detections[0].box
         now_s = self.callbacks.now_s()
         self.counters.add("detections")
         with self.latency_lock:
@@ -425,3 +498,16 @@ class Pipeline:
             f"utterance {job.number}: box x1={x1:.0f} y1={y1:.0f} x2={x2:.0f} y2={y2:.0f} score {result.score:.2f}, "
             f"published {now_s - job.end_s:.2f} s after the end of speech"
         )
+
+    def depth_for(self, job: UtteranceJob, stamp_s: float, settings: PipelineSettings) -> DepthFrame | None:
+        """The depth frame stamped nearest the colour frame used, if within depth_sync_tolerance_s."""
+        stamped = self.depth_frames.nearest(stamp_s, settings.depth_sync_tolerance_s)
+        if stamped is None:
+            self.counters.add("depth_frames_missing")
+            self.callbacks.report_problem(
+                f"utterance {job.number}: no depth frame within depth_sync_tolerance_s={settings.depth_sync_tolerance_s} s "
+                "of its colour frame; published without 3D (is the aligned depth topic publishing?)",
+                "no depth frame",
+            )
+            return None
+        return stamped.frame

@@ -11,11 +11,14 @@ from torch import nn
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE
+from csref_model.boxes import box_iou
+from csref_model.grounder import CANDIDATE_MAX_IOU
 from csref_model.runtime.contract import Backend, BackendUnavailable
 from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from csref_model.runtime.selection import create_backend
 from csref_model.runtime.torch_backend import TorchBackend, fold_batchnorm
 from csref_model.config import load_model_config
+from csref_model.head import best_cell
 from csref_model.srec import build_srec
 
 
@@ -38,8 +41,8 @@ def test_folded_torch_cpu_matches_the_oracle_and_leaves_the_model_alone(base_ora
     assert backend.folded == batchnorms - 4 and count_batchnorms(backend.parts) == 3
     assert count_batchnorms(model) == batchnorms  # the original keeps its BatchNorms
     x, tolerances = oracle["inputs"], oracle["tolerances"]
-    boxes = backend.ground_features(backend.encode_image(x["image"]),
-                                    backend.encode_speech(x["input_values"], x["attention_mask"]))
+    boxes = best_cell(backend.ground_features(backend.encode_image(x["image"]),
+                                              backend.encode_speech(x["input_values"], x["attention_mask"])))
     reference = oracle["outputs"]["boxes"]
     assert (boxes[:, :4] - reference[:, :4]).abs().max() <= tolerances["boxes_xyxy_px"]
     assert (boxes[:, 4] - reference[:, 4]).abs().max() <= tolerances["boxes_score"]
@@ -90,6 +93,21 @@ def test_onnxruntime_grounder_has_the_same_api_and_answers(tiny, tmp_path):
     batch = ort_grounder.ground_batch(images, audios)
     for result, image, audio in zip(batch, images, audios):
         np.testing.assert_allclose(result.box_xyxy, ort_grounder.ground(image, audio).box_xyxy, rtol=0, atol=1e-3)
+    # Top-k candidates: the same cells from both backends, best first, the first one the answer.
+    grid_cells = (config.image_size // 32) ** 2
+    for image, audio in zip(images, audios):
+        expected, result = torch_grounder.ground(image, audio, top_k=5), ort_grounder.ground(image, audio, top_k=5)
+        assert result.candidates.shape == expected.candidates.shape and 1 <= len(result.candidates) <= 5
+        np.testing.assert_allclose(result.candidates, expected.candidates, rtol=0, atol=1e-2)
+        for candidates in (result.candidates, expected.candidates):
+            assert np.all(np.diff(candidates[:, 4]) <= 0)
+        assert np.array_equal(result.candidates[0, :4], result.box_xyxy) and result.candidates[0, 4] == np.float32(result.score)
+        every_cell = ort_grounder.ground(image, audio, top_k=10_000).candidates
+        assert len(every_cell) <= grid_cells and every_cell[0, 4] == np.float32(result.score)
+        overlaps = box_iou(every_cell[:, None, :4], every_cell[None, :, :4])  # (K, K)
+        assert (overlaps[~np.eye(len(every_cell), dtype=bool)] <= CANDIDATE_MAX_IOU + 1e-6).all()
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        ort_grounder.ground(images[0], audios[0], top_k=0)
     with pytest.raises(ValueError, match="at least 400 samples"):
         ort_grounder.ground(images[0], np.sin(np.arange(300, dtype=np.float32)))
     with pytest.raises(ValueError, match=f"must be {config.image_size}x{config.image_size}"):

@@ -16,6 +16,7 @@ import torch
 
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
+from csref_model.head import best_cell
 from csref_model.runtime.contract import GRAPHS, Backend, Manifest
 from csref_model.runtime.export import OPSET, ensure_onnx, export_onnx, model_hash
 from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -69,7 +70,8 @@ def test_graph_files_opset_and_axes(tiny_export, tiny):
     assert [o.name for o in image.output] == ["s8", "s16", "s32"]
     head = graphs["grounding_head"].graph
     assert [i.name for i in head.input] == ["s8", "s16", "s32", "speech_feat"]
-    assert dims(head.output[0])[1] == 5
+    assert [o.name for o in head.output] == ["cells"]
+    assert dims(head.output[0])[1:] == [(size // 32) ** 2, 5]  # every cell of the head's grid
 
 
 def test_onnxruntime_matches_torch_tiny(tiny_export, tiny):
@@ -89,8 +91,10 @@ def test_onnxruntime_matches_torch_tiny(tiny_export, tiny):
     with torch.no_grad():
         maps = model.encode_image(image)
         speech = model.encode_speech(input_values, attention_mask)
-        boxes_broadcast = model.ground_features([m[:1] for m in maps], speech)  # one frame, three utterances
-        boxes_paired = model.ground_features(maps, speech[:2])
+        cells_broadcast = model.ground_cells([m[:1] for m in maps], speech)  # one frame, three utterances
+        cells_paired = model.ground_cells(maps, speech[:2])
+        # The cells' best is the model's answer (ground_features), the graph contract's invariant.
+        torch.testing.assert_close(best_cell(cells_paired), model.ground_features(maps, speech[:2]), rtol=0, atol=0)
     onnx_maps = sessions["image_encoder"].run(None, {"image": image.numpy()})
     for mine, expected in zip(onnx_maps, maps):
         np.testing.assert_allclose(mine, expected.numpy(), rtol=0, atol=1e-4)
@@ -106,9 +110,9 @@ def test_onnxruntime_matches_torch_tiny(tiny_export, tiny):
     head = sessions["grounding_head"]
     feeds = {"s8": maps[0][:1].numpy(), "s16": maps[1][:1].numpy(), "s32": maps[2][:1].numpy(),
              "speech_feat": speech.numpy()}
-    np.testing.assert_allclose(head.run(None, feeds)[0], boxes_broadcast.numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(head.run(None, feeds)[0], cells_broadcast.numpy(), rtol=0, atol=1e-3)
     feeds = {"s8": maps[0].numpy(), "s16": maps[1].numpy(), "s32": maps[2].numpy(), "speech_feat": speech[:2].numpy()}
-    np.testing.assert_allclose(head.run(None, feeds)[0], boxes_paired.numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(head.run(None, feeds)[0], cells_paired.numpy(), rtol=0, atol=1e-3)
 
 
 def test_ensure_onnx_reuses_matching_graphs_and_reexports_stale_ones(tiny, tmp_path, caplog):
@@ -140,7 +144,7 @@ def test_onnxruntime_base_matches_the_oracle(base_oracle, tmp_path):
     backend = OnnxRuntimeBackend(tmp_path, "cpu", threads=2)
     x, tolerances = oracle["inputs"], oracle["tolerances"]
     speech = backend.encode_speech(x["input_values"], x["attention_mask"])
-    boxes = backend.ground_features(backend.encode_image(x["image"]), speech)
+    boxes = best_cell(backend.ground_features(backend.encode_image(x["image"]), speech))
     reference = oracle["outputs"]["boxes"]
     assert manifest.opset >= 17
     assert (speech - oracle["intermediates"]["speech_flat_feat"]).abs().max() <= tolerances["speech_flat_feat"]

@@ -71,3 +71,11 @@ def test_wait_gives_up_on_timeout_or_too_late():
     frames.add(7.0, "much later")
     assert frames.wait_for_frame_after(5.0, max_age_s=0.5, timeout_s=0.2) is None
     assert frames.wait_for_frame_after(5.0, max_age_s=5.0, timeout_s=0.1).frame == "much later"
+
+
+def test_nearest_frame_for_syncing_depth_with_colour(buffer):
+    assert buffer.nearest(10.24, max_difference_s=0.05).frame == "frame@10.2"
+    assert buffer.nearest(10.26, max_difference_s=0.05).frame == "frame@10.3"
+    assert buffer.nearest(10.45, max_difference_s=0.1) is None
+    assert buffer.nearest(9.95, max_difference_s=0.1).frame == "frame@10.0"
+    assert FrameBuffer().nearest(10.0, max_difference_s=1.0) is None

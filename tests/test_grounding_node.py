@@ -75,6 +75,48 @@ def damaged_command(tmp_path_factory, command) -> Path:
     return path
 
 
+@pytest.mark.parametrize("depth_encoding", ["16UC1", "32FC1"])
+def test_depth_gives_the_target_in_3d(tmp_path, ros_env, tiny_checkpoint, command, depth_encoding):
+    """Colour + aligned depth (a wall 1.2 m away, with holes) + camera_info from another process:
+    the point is the box centre back-projected with K at 1.2 m, in the depth image's frame."""
+    depth_m, focal, bad_depth_frames = 1.2, 500.0, 3
+    detections, diagnostics, report, node_log = run_scenario(
+        tmp_path,
+        ros_env,
+        {
+            "model_checkpoint": tiny_checkpoint,
+            "audio_source": "file",
+            "audio_file": command[0],
+            "image_topic": "/test_camera/image",
+            "use_depth": True,
+            "depth_topic": "/test_camera/depth",
+            "depth_info_topic": "/test_camera/depth_info",
+            "top_k": 3,
+        },
+        ["--topic", "/test_camera/image", "--width", str(WIDTH), "--height", str(HEIGHT), "--rate", "15",
+         "--depth-topic", "/test_camera/depth", "--info-topic", "/test_camera/depth_info",
+         "--depth-encoding", depth_encoding, "--depth-m", str(depth_m), "--bad-depth-frames", str(bad_depth_frames)],
+        ["--count", "1", "--timeout", "120", "--depth"],
+    )
+    assert len(detections) == 1, node_log
+    lines = json_lines(tmp_path / "listener.log")
+    arrays = [line["array"] for line in lines if "array" in line]
+    points = [line for line in lines if "point" in line]
+    located = [line["target_3d"] for line in lines if "target_3d" in line]
+    assert len(arrays) == len(points) == len(located) == 1, node_log
+    (cx, cy), (w, h) = detections[0]["center"], detections[0]["size"]
+    assert 1 <= len(arrays[0]) <= 3 and arrays[0][0] == pytest.approx([cx, cy])
+    expected = [(cx - 0.5 - (WIDTH - 1) / 2) * depth_m / focal, (cy - 0.5 - (HEIGHT - 1) / 2) * depth_m / focal, depth_m]
+    assert points[0]["frame_id"] == "camera_depth_optical_frame"
+    np.testing.assert_allclose(points[0]["point"], expected, atol=1e-6)
+    best = located[0][0]
+    assert best["frame_id"] == "camera_depth_optical_frame" and best["center"] == pytest.approx(points[0]["point"])
+    np.testing.assert_allclose(best["size"], [w * depth_m / focal, h * depth_m / focal, 0.0], atol=1e-5)
+    assert int(diagnostics["depth_rejected"]) >= 1 and "depth encoding '8UC1' is not supported" in node_log
+    assert int(diagnostics["targets_located"]) == len(located[0]) and int(diagnostics["depth_frames_missing"]) == 0
+    assert int(diagnostics["inference_errors"]) == 0 and int(diagnostics["detections"]) == 1
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkpoint, damaged_command, backend):
     wav = damaged_command
@@ -95,7 +137,8 @@ def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkp
     )
     assert len(detections) == 1, node_log
     detection = detections[0]
-    assert detection["frame_id"] == "camera" and detection["id"] == "1"
+    # The utterance number is the hypothesis' class; id (a stable object id in vision_msgs) stays empty.
+    assert detection["frame_id"] == "camera" and detection["id"] == "" and detection["utterance"] == "utterance/1"
     assert_box_inside_image(detection)
     # The header is the one of a camera frame seen while the command was spoken.
     assert 0 < detection["received_s"] - detection["stamp_s"] < 5.0

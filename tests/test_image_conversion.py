@@ -8,6 +8,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from csref_ros.image_conversion import (
     ImageConversionError,
     compressed_image_to_rgb,
+    depth_image_array,
     fill_image,
     image_to_array,
     image_to_rgb,
@@ -25,8 +26,8 @@ def padded_image_msg(pixels: np.ndarray, encoding: str, padding: int, bigendian:
     """An Image whose rows are followed by `padding` junk bytes, built by hand (not by fill_image)."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    if pixels.dtype == np.uint16:
-        pixels = pixels.astype(">u2" if bigendian else "<u2")
+    if pixels.dtype.itemsize > 1:
+        pixels = pixels.astype(pixels.dtype.newbyteorder(">" if bigendian else "<"))
     row_bytes = pixels.shape[1] * pixels.shape[2] * pixels.itemsize
     rows = pixels.reshape(pixels.shape[0], -1).view(np.uint8).reshape(pixels.shape[0], row_bytes)
     junk = np.full((pixels.shape[0], padding), 0xAB, dtype=np.uint8)
@@ -80,6 +81,21 @@ def test_mono16_keeps_full_precision_in_native_array(rgb):
     for bigendian in (False, True):
         msg = padded_image_msg(depth, "mono16", padding=2, bigendian=bigendian)
         np.testing.assert_array_equal(image_to_array(msg)[:, :, 0], depth)
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
+def test_depth_images_in_either_byte_order_with_padding(encoding):
+    rng = np.random.default_rng(1)
+    depth = rng.integers(0, 10_000, size=(HEIGHT, WIDTH)).astype(np.uint16 if encoding == "16UC1" else np.float32)
+    if encoding == "32FC1":
+        depth = depth / 1000 + np.float32(1e-4)
+        depth[0, :3] = np.nan
+    for bigendian in (False, True):
+        array = depth_image_array(padded_image_msg(depth, encoding, padding=4, bigendian=bigendian))
+        assert array.dtype == depth.dtype and array.dtype.isnative and array.shape == (HEIGHT, WIDTH)
+        np.testing.assert_array_equal(array, depth)
+    with pytest.raises(ImageConversionError, match="16UC1 \\(millimetres\\) or 32FC1"):
+        depth_image_array(padded_image_msg(depth.astype(np.uint16), "mono16", padding=0))
 
 
 @pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16"])

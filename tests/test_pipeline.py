@@ -15,7 +15,7 @@ import pytest
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE
 from csref_ros.parameters import PARAMETERS
-from csref_ros.pipeline import CameraFrame, Pipeline, PipelineCallbacks, PipelineSettings, SpeechState, UtteranceJob
+from csref_ros.pipeline import CameraFrame, Outcome, Pipeline, PipelineCallbacks, PipelineSettings, SpeechState, UtteranceJob
 from speech_support import espeak_16k, speech_with_pauses
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "models" / "spoken_shapes_tiny"
@@ -43,17 +43,25 @@ class Outputs:
     """What the pipeline hands to its callbacks."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[UtteranceJob, CameraFrame, tuple, float]] = []
+        self.outcomes: list[Outcome] = []  # every utterance grounded
+        self.published: list[tuple[UtteranceJob, CameraFrame, tuple, float]] = []  # those with a box: the best one
         self.unanswered: list[tuple[int, str]] = []  # (job number, status)
         self.speech_events: list[tuple[bool, float]] = []
+        self.voice: list[bool] = []
         self.problems: list[str] = []
         self.lines: list[str] = []
         self.changed = threading.Condition()
 
-    def publish(self, job, frame, box, score) -> None:
+    def publish(self, outcome: Outcome) -> None:
         with self.changed:
-            self.published.append((job, frame, box, score))
+            self.outcomes.append(outcome)
+            if outcome.detections:
+                best = outcome.detections[0]
+                self.published.append((outcome.job, outcome.frame, best.box, best.score))
             self.changed.notify_all()
+
+    def voice_activity(self, active: bool) -> None:
+        self.voice.append(active)
 
     def report_problem(self, message: str, kind: str | None) -> None:
         with self.changed:
@@ -69,7 +77,8 @@ class Outputs:
         return PipelineCallbacks(
             publish=self.publish, unanswered=self.on_unanswered,
             speech_event=lambda started, time_s: self.speech_events.append((started, time_s)),
-            report_problem=self.report_problem, log=self.lines.append, now_s=time.time,
+            voice_activity=self.voice_activity, report_problem=self.report_problem, log=self.lines.append,
+            now_s=time.time,
         )
 
     def wait_for(self, condition, timeout_s: float = 60.0) -> bool:
@@ -152,6 +161,7 @@ def test_spoken_command_is_grounded_on_the_frame_at_its_end(running, command):
     (started, start_s), (ended, end_s) = outputs.speech_events
     assert started and not ended and end_s == job.end_s
     assert start_s - started_at == pytest.approx(truth[0][0], abs=0.35)  # includes vad_preroll_ms
+    assert outputs.voice[:2] == [True, False] and outputs.voice == [True, False] * (len(outputs.voice) // 2)
 
 
 def test_full_queue_drops_the_oldest_and_short_speech_is_counted(command):
@@ -192,7 +202,8 @@ def test_settings_swapped_at_run_time_apply_to_the_next_utterance(running, comma
     with Camera(pipeline, period_s=0.05):
         play(pipeline, wave, realtime=False)
         assert outputs.wait_for(lambda: pipeline.counters.snapshot()["utterances_below_threshold"] == 1)
-        assert outputs.published == [] and outputs.unanswered == [(1, "no_match")]
+        assert outputs.published == [] and outputs.unanswered == []
+        assert len(outputs.outcomes) == 1 and outputs.outcomes[0].detections == ()  # heard, no match
         new_vad = settings(vad_hangover_ms=300, vad_postroll_ms=100)
         pipeline.update_settings(new_vad)
         play(pipeline, wave, realtime=False)

@@ -5,8 +5,10 @@ utterance, then the cheap grounding step):
 * `speech_encoder`: input_values (B, L) float32, normalised audio at SAMPLE_RATE, + attention_mask
   (B, L) int32 -> speech_feat (B, D). B and L are dynamic; L is at least `min_speech_samples`.
 * `image_encoder`: image (B, 3, S, S) float32 RGB in [0, 1] -> s8, s16, s32 maps. S is fixed (config).
-* `grounding_head`: s8, s16, s32 + speech_feat -> boxes (B, 5) x1, y1, x2, y2, score in letterboxed
-  pixels. Image batch and speech batch are separate dynamic axes; either may be 1 and broadcasts.
+* `grounding_head`: s8, s16, s32 + speech_feat -> cells (B, G*G, 5) x1, y1, x2, y2, score of every
+  cell of the head's grid (row-major) in letterboxed pixels; the Grounder ranks them (the best
+  cell is the model's answer, the next ones are the top-k candidates). Image batch and speech
+  batch are separate dynamic axes; either may be 1 and broadcasts.
 
 An export directory holds one `.onnx` file per graph and `manifest.json` (`Manifest`).
 """
@@ -28,7 +30,7 @@ from csref_model.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: grounding_head outputs every cell (version 1: the best box only)
 # Longest utterance the exported speech graph is built for (TensorRT's optimisation profile).
 DEFAULT_MAX_AUDIO_SECONDS = 10.0
 # Numeric precisions a backend may be asked for, and their torch dtypes; which backend serves
@@ -56,9 +58,9 @@ GRAPHS: dict[str, GraphSpec] = {
         inputs=("image",), outputs=IMAGE_MAPS,
         dynamic_axes={name: {0: "image_batch"} for name in ("image", *IMAGE_MAPS)}),
     "grounding_head": GraphSpec(
-        inputs=(*IMAGE_MAPS, "speech_feat"), outputs=("boxes",),
+        inputs=(*IMAGE_MAPS, "speech_feat"), outputs=("cells",),
         dynamic_axes={**{name: {0: "image_batch"} for name in IMAGE_MAPS},
-                      "speech_feat": {0: "speech_batch"}, "boxes": {0: "batch"}}),
+                      "speech_feat": {0: "speech_batch"}, "cells": {0: "batch"}}),
 }
 
 
@@ -69,7 +71,7 @@ class BackendUnavailable(RuntimeError):
 @runtime_checkable
 class Backend(Protocol):
     """The calls the Grounder makes; torch tensors in (CPU is fine), outputs on the backend's device
-    except `ground_features`, whose boxes are float32."""
+    except `ground_features`, whose cells are float32."""
 
     name: str
     device: torch.device
@@ -85,7 +87,7 @@ class Backend(Protocol):
         """Both encoders for one `ground()` call (concurrently where that is faster)."""
 
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
-        """[s8, s16, s32] + (B, D) -> (B, 5) x1, y1, x2, y2, score in letterboxed pixels."""
+        """[s8, s16, s32] + (B, D) -> (B, G*G, 5) x1, y1, x2, y2, score of every cell in letterboxed pixels."""
 
 
 def min_speech_samples(config: ModelConfig) -> int:

@@ -54,7 +54,7 @@ class GroundingHeadGraph(nn.Module):
 
     def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor,
                 speech_feat: torch.Tensor) -> torch.Tensor:
-        return self.model.ground_features([s8, s16, s32], speech_feat)  # (B, 5)
+        return self.model.ground_cells([s8, s16, s32], speech_feat)  # (B, G*G, 5)
 
 
 def file_sha256(path: str | Path) -> str:

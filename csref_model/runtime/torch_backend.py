@@ -124,7 +124,7 @@ class TorchBackend:
         with self._autocast():
             fused = [fusion(visual, speech_feat) for fusion, visual in zip(parts.fusion_manner, (s8, s16, s32))]
             top = parts.attention_manner(speech_feat, parts.multi_scale_manner(fused))  # (B, C, G, G)
-            return parts.head(top).float()  # (B, 5)
+            return parts.head.scored_cells(top).float()  # (B, G*G, 5)
 
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:

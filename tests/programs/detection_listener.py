@@ -11,8 +11,9 @@ import time
 import rclpy
 from audio_common_msgs.msg import AudioStamped
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import Image
-from vision_msgs.msg import Detection2D
+from vision_msgs.msg import Detection2D, Detection2DArray, Detection3DArray
 
 
 def main() -> None:
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--debug-image-topic", help="also count annotated images on this topic")
     parser.add_argument("--utterance-topic", help="also report the AudioStamped utterances on this topic")
+    parser.add_argument("--depth", action="store_true",
+                        help="also print csref/detections, csref/target_3d and csref/target_point messages")
     parser.add_argument("--until", metavar="KEY=VALUE", help="also stop once the diagnostics show this value")
     parser.add_argument("--until-at-least", metavar="KEY=N", action="append", default=[],
                         help="also stop once this diagnostics counter is >= N (repeatable: all must hold)")
@@ -39,6 +42,7 @@ def main() -> None:
             "stamp_s": msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9,
             "frame_id": msg.header.frame_id,
             "id": msg.id,
+            "utterance": msg.results[0].hypothesis.class_id if msg.results else None,
             "center": [msg.bbox.center.position.x, msg.bbox.center.position.y],
             "size": [msg.bbox.size_x, msg.bbox.size_y],
             "score": msg.results[0].hypothesis.score if msg.results else None,
@@ -61,6 +65,25 @@ def main() -> None:
             "stamp_s": m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, "rate": m.audio.info.rate,
             "format": m.audio.info.format, "samples": len(m.audio.audio_data.float32_data)}), 10)
     node.create_subscription(Detection2D, args.topic, on_detection, 10)
+    if args.depth:
+        def on_array(msg: Detection2DArray) -> None:
+            print(json.dumps({"array": [[d.bbox.center.position.x, d.bbox.center.position.y] for d in msg.detections]}),
+                  flush=True)
+
+        def on_3d(msg: Detection3DArray) -> None:
+            print(json.dumps({"target_3d": [{
+                "frame_id": msg.header.frame_id,
+                "center": [d.bbox.center.position.x, d.bbox.center.position.y, d.bbox.center.position.z],
+                "size": [d.bbox.size.x, d.bbox.size.y, d.bbox.size.z],
+            } for d in msg.detections]}), flush=True)
+
+        def on_point(msg: PointStamped) -> None:
+            print(json.dumps({"point": [msg.point.x, msg.point.y, msg.point.z], "frame_id": msg.header.frame_id}),
+                  flush=True)
+
+        node.create_subscription(Detection2DArray, "/csref/detections", on_array, 10)
+        node.create_subscription(Detection3DArray, "/csref/target_3d", on_3d, 10)
+        node.create_subscription(PointStamped, "/csref/target_point", on_point, 10)
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
     def condition_met() -> bool:
         if args.until:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import rclpy
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, Image
 
 from csref_ros.image_conversion import fill_image
 
@@ -69,6 +69,11 @@ def main() -> None:
     parser.add_argument("--bad-frames", type=int, default=0, help="first publish this many broken frames")
     parser.add_argument("--linger", type=float, default=0.0, help="stay alive this long after the last frame")
     parser.add_argument("--wait-subscribers", type=int, default=1)
+    parser.add_argument("--depth-topic", help="also publish a depth image with the colour frame's stamp")
+    parser.add_argument("--info-topic", help="and the depth image's camera_info (fx=fy=500, centred)")
+    parser.add_argument("--depth-encoding", choices=["16UC1", "32FC1"], default="16UC1")
+    parser.add_argument("--depth-m", type=float, default=1.2, help="the depth of the whole scene (a wall)")
+    parser.add_argument("--bad-depth-frames", type=int, default=0, help="first publish this many depth frames as 8UC1")
     args = parser.parse_args()
 
     rclpy.init()
@@ -87,6 +92,16 @@ def main() -> None:
     time.sleep(0.5)  # let the reader's side of discovery finish too
 
     pixels = in_encoding(scene_pixels(args), args.encoding)
+    depth_publisher = info_publisher = None
+    if args.depth_topic:
+        depth_publisher = node.create_publisher(Image, args.depth_topic, qos)
+        info_publisher = node.create_publisher(CameraInfo, args.info_topic, qos)
+        depth = np.full((args.height, args.width), args.depth_m, dtype=np.float32)
+        depth[::7, ::5] = 0.0  # holes
+        depth_pixels = (np.round(depth * 1000).astype(np.uint16) if args.depth_encoding == "16UC1" else depth)
+        info = CameraInfo(width=args.width, height=args.height)
+        info.k = [500.0, 0.0, (args.width - 1) / 2, 0.0, 500.0, (args.height - 1) / 2, 0.0, 0.0, 1.0]
+        info.header.frame_id = "camera_depth_optical_frame"
     period = 1.0 / args.rate
     published = 0
     next_time = time.monotonic()
@@ -99,6 +114,16 @@ def main() -> None:
             msg.header.frame_id = args.frame_id
             msg.header.stamp = node.get_clock().now().to_msg()
             publisher.publish(msg)
+            if depth_publisher is not None:
+                depth_msg = Image(header=msg.header)
+                depth_msg.header.frame_id = info.header.frame_id
+                depth_msg.height, depth_msg.width = depth_pixels.shape
+                depth_msg.encoding = "8UC1" if published < args.bad_depth_frames else args.depth_encoding
+                depth_msg.step = depth_pixels.shape[1] * depth_pixels.itemsize
+                depth_msg.data = depth_pixels.tobytes()
+                info.header.stamp = msg.header.stamp
+                info_publisher.publish(info)
+                depth_publisher.publish(depth_msg)
             published += 1
             next_time += period
             time.sleep(max(0.0, next_time - time.monotonic()))
