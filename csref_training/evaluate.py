@@ -127,6 +127,11 @@ def evaluate_srec(
     """Acc@0.5, Acc@0.75 and mean IoU of `model` on the items of `dataset` that have a box."""
     records = predict_boxes(model, dataset, batch_size, device, rank, world_size, num_workers, vis_dir,
                             show_progress)
+    return box_metrics(records, device)
+
+
+def box_metrics(records: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+    """Acc@0.5, Acc@0.75 and mean IoU over the `predict_boxes` records that have a box, summed over ranks."""
     iou = np.array([r["iou"] for r in records if not np.isnan(r["iou"])])
     sums = [len(iou), int((iou > 0.5).sum()), int((iou > 0.75).sum()), float(iou.sum())]
     count, hits_50, hits_75, iou_sum = sum_over_ranks(sums, device)

@@ -43,7 +43,7 @@ from csref_model.typed_yaml import from_dict, merge, read_yaml
 from csref_training import trainer
 from csref_training.datasets import build_srec_dataset, collate_srec, refcoco_layout
 from csref_training.distributed import DistInfo, sum_over_ranks
-from csref_training.evaluate import evaluate_srec, predict_boxes
+from csref_training.evaluate import box_metrics, evaluate_srec, predict_boxes
 from csref_training.reproducibility import eval_subset
 from csref_training.spoken_shapes.grammar import parse_expression
 from csref_training.train_config import TrainConfig, load_train_config
@@ -186,11 +186,7 @@ def predict(checkpoint: Path, cfg: TrainConfig, split: str) -> list[dict[str, An
 
 def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     records = [r for r in predict(args.checkpoint, cfg, args.split) if not np.isnan(r["iou"])]
-    if not records:
-        raise ValueError(f"split {args.split!r} has no boxes to evaluate against")
-    iou = np.array([r["iou"] for r in records])
-    metrics = {"count": len(iou), "acc_50": float((iou > 0.5).mean()), "acc_75": float((iou > 0.75).mean()),
-               "mean_iou": float(iou.mean())}
+    metrics = box_metrics(records, torch.device("cpu"))
     by_kind: dict[str, list[float]] = defaultdict(list)
     for record in records:
         by_kind[expression_kind(record["sentence"])].append(record["iou"] > 0.5)
