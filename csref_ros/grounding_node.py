@@ -15,9 +15,14 @@ utterance; matched in csref_ros.ground_requests) and the std_srvs/SetBool servic
 
 This module is the rclpy glue. The work is in csref_ros.pipeline (VAD, pairing, work ahead,
 the inference thread; its docstring says which thread owns what), the watchdog on image
-arrival in csref_ros.image_watchdog and the status in csref_ros.diagnostics. The executor runs
-the image callback, timers and services; parameters are read as one snapshot (`values`),
-replaced whole when a parameter changes.
+arrival in csref_ros.image_watchdog and the status in csref_ros.diagnostics. One
+SingleThreadedExecutor runs every callback (images, depth, audio messages, timers, services, goals,
+which wait with `await` without holding it); each is short, the heavy work is on the pipeline's
+threads. rclpy's MultiThreadedExecutor is not used: in the rclpy releases we install it re-queues
+tasks that wait in its pool and spins hot (ros2/rclpy#1452, fixed by ros2/rclpy#1547), which under
+a 30 Hz camera + depth + audio replay made the node drop two thirds of its messages and answer
+12 s late (scripts/replay_load_test.py). Parameters are read as one snapshot (`values`), replaced
+whole when a parameter changes.
 
 Output (docs/ROS.md has the details): for every utterance grounded, vision_msgs/Detection2DArray
 on csref/detections (up to top_k candidates, best first; empty when none passes score_threshold),
@@ -45,10 +50,9 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter as RosParameter
 from geometry_msgs.msg import PointStamped
@@ -175,16 +179,13 @@ class GroundingNode(LifecycleNode):
         self.tf_buffer = None  # tf2_ros.Buffer when target_frame is set
         self.tf_listener = None
         self.tf_error: type[Exception] = Exception  # tf2_ros.TransformException once imported
-        self.image_group = MutuallyExclusiveCallbackGroup()
         self.audio_subscription = None
-        self.audio_group = MutuallyExclusiveCallbackGroup()
         self.audio_stream = AudioStream()
-        request_group = ReentrantCallbackGroup()  # goals wait (await) side by side
         self.ground_server = ActionServer(
             self, Ground, "csref/ground", execute_callback=self.execute_ground, goal_callback=self.accept_goal,
-            cancel_callback=lambda goal_handle: CancelResponse.ACCEPT, callback_group=request_group,
+            cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
         )
-        self.goal_timer = self.create_timer(GOAL_CHECK_PERIOD_S, lambda: self.requests.expire(self.now_s()), request_group)
+        self.goal_timer = self.create_timer(GOAL_CHECK_PERIOD_S, lambda: self.requests.expire(self.now_s()))
         self.enable_service = self.create_service(SetBool, "csref/enable", self.on_enable)
         self.watchdog: ImageWatchdog | None = None
         self.audio_source: MicrophoneSource | WavFileSource | None = None
@@ -303,10 +304,10 @@ class GroundingNode(LifecycleNode):
         self.subscribe_images(qos)
         if values["use_depth"]:
             self.depth_subscription = self.create_subscription(
-                Image, values["depth_topic"], self.on_depth, qos, callback_group=self.image_group
+                Image, values["depth_topic"], self.on_depth, qos
             )
             self.camera_info_subscription = self.create_subscription(
-                CameraInfo, values["depth_info_topic"], self.on_camera_info, qos, callback_group=self.image_group
+                CameraInfo, values["depth_info_topic"], self.on_camera_info, qos
             )
         if values["audio_source"] == "microphone":
             device = values["audio_device"]
@@ -322,7 +323,7 @@ class GroundingNode(LifecycleNode):
             qos = QoSProfile(depth=values["audio_topic_depth"], reliability=qos_profile_sensor_data.reliability,
                              durability=qos_profile_sensor_data.durability)
             self.audio_subscription = self.create_subscription(
-                AudioStamped, values["audio_topic"], self.on_audio_message, qos, callback_group=self.audio_group
+                AudioStamped, values["audio_topic"], self.on_audio_message, qos
             )
         elif self.audio_source is None:  # reactivated after a deactivate: replay the file
             self.audio_source = self.wav_file_source(values)
@@ -342,7 +343,6 @@ class GroundingNode(LifecycleNode):
             self.image_topic(),
             self.on_image,
             qos,
-            callback_group=self.image_group,
             event_callbacks=SubscriptionEventCallbacks(
                 incompatible_qos=self.watchdog.on_incompatible_qos, message_lost=self.watchdog.on_message_lost
             ),
@@ -404,9 +404,7 @@ class GroundingNode(LifecycleNode):
     def on_image(self, msg: Image | CompressedImage) -> None:
         if not self.pipeline.active:
             return
-        watchdog = self.watchdog  # None once a deactivation (another callback group) has begun
-        if watchdog is not None:
-            watchdog.image_arrived()
+        self.watchdog.image_arrived()  # set while active: activation and callbacks share the executor thread
         self.counters.add("images")
         max_pixels = self.values["max_image_pixels"]
         try:
@@ -706,7 +704,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"grounding_node: bad parameter: {error}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     if node.values["autostart"] and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
         node.trigger_activate()

@@ -137,9 +137,9 @@ def image_to_rgb(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 def fill_image(image, pixels: np.ndarray, encoding: str) -> None:
     """Write an array into a sensor_msgs/Image's fields (little-endian, no row padding).
 
-    `pixels` is (H, W, C) or (H, W) for mono, in `encoding`'s channel order and dtype.
+    `pixels` is (H, W, C) or (H, W) for mono and depth, in `encoding`'s channel order and dtype.
     """
-    layout = layout_of(encoding)
+    layout = DEPTH_ENCODINGS[encoding] if encoding in DEPTH_ENCODINGS else layout_of(encoding)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if pixels.ndim != 3 or pixels.shape[2] != layout.channels or pixels.dtype != layout.dtype:

@@ -90,7 +90,7 @@ def main() -> None:
     os.environ.update(loopback_environment(args.domain_id, REPO_ROOT / "config" / "fastdds_loopback.xml"))
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
     from vision_msgs.msg import Detection2D
@@ -133,7 +133,7 @@ def main() -> None:
 
     client.create_subscription(Detection2D, "/csref/target_box", lambda msg: boxes.append(time.time()), 10)
     client.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = SingleThreadedExecutor()
     executor.add_node(client)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()

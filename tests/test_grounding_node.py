@@ -198,6 +198,9 @@ def test_qos_adapts_to_a_reliable_latched_camera_without_our_dds_profile(tmp_pat
             "audio_file": wav,
             "image_topic": "/latched/image",
             "image_timeout_s": 1.0,
+            # The one frame is stamped when the camera starts, before the node has loaded its
+            # model: by the end of the utterance it may be older than the default 5 s.
+            "max_frame_age_s": 60.0,
         },
         ["--topic", "/latched/image", "--count", "1", "--reliability", "reliable", "--durability", "transient_local",
          "--depth", "1", "--wait-subscribers", "0", "--linger", "120"],

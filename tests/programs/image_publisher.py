@@ -116,11 +116,10 @@ def main() -> None:
             publisher.publish(msg)
             if depth_publisher is not None:
                 depth_msg = Image(header=msg.header)
+                fill_image(depth_msg, depth_pixels, args.depth_encoding)
                 depth_msg.header.frame_id = info.header.frame_id
-                depth_msg.height, depth_msg.width = depth_pixels.shape
-                depth_msg.encoding = "8UC1" if published < args.bad_depth_frames else args.depth_encoding
-                depth_msg.step = depth_pixels.shape[1] * depth_pixels.itemsize
-                depth_msg.data = depth_pixels.tobytes()
+                if published < args.bad_depth_frames:
+                    depth_msg.encoding = "8UC1"
                 info.header.stamp = msg.header.stamp
                 info_publisher.publish(info)
                 depth_publisher.publish(depth_msg)
