@@ -44,7 +44,6 @@ import numpy as np
 import rclpy
 import torch
 from audio_common_msgs.msg import AudioStamped
-from builtin_interfaces.msg import Time
 from csref_interfaces.action import Ground
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
@@ -62,13 +61,12 @@ from rclpy.time import Time as RclpyTime
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Bool, Header
 from std_srvs.srv import SetBool
-from vision_msgs.msg import Detection2D, Detection2DArray, Detection3D, Detection3DArray, ObjectHypothesisWithPose
+from vision_msgs.msg import Detection2D, Detection2DArray, Detection3DArray
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE, resample
-from csref_model.visualize import DrawnBox, draw_boxes
 from csref_ros.audio import AUDIO_SOURCE_COUNTERS, MicrophoneSource, WavFileSource
-from csref_ros.audio_messages import FLOAT32_FORMAT, AudioMessageError, AudioStream, audio_to_mono, has_samples
+from csref_ros.audio_messages import AudioMessageError, AudioStream, audio_to_mono, has_samples
 from csref_ros.counters import Counters
 from csref_ros.depth import DepthError, DepthImage, Intrinsics, RigidTransform
 from csref_ros.diagnostics import ImageRate, grounding_status
@@ -77,15 +75,22 @@ from csref_ros.image_conversion import (
     ImageConversionError,
     compressed_image_to_rgb,
     depth_image_array,
-    fill_image,
     image_to_rgb,
 )
 from csref_ros.image_watchdog import WATCHDOG_COUNTERS, ImageWatchdog, subscription_qos
+from csref_ros.messages import (
+    debug_image,
+    detection_array,
+    detections_3d,
+    s_to_time,
+    target_point,
+    time_to_s,
+    utterance_audio,
+)
 from csref_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, check_value
 from csref_ros.pipeline import (
     CameraFrame,
     DepthFrame,
-    Detection,
     Outcome,
     Pipeline,
     PipelineCallbacks,
@@ -132,15 +137,6 @@ def descriptor_for(name: str) -> ParameterDescriptor:
     if isinstance(spec.default, float):
         descriptor.dynamic_typing = True  # accept -p max_frame_age_s:=5 (an integer) too; checked in check_value
     return descriptor
-
-
-def time_to_s(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
-def s_to_time(seconds: float) -> Time:
-    nanoseconds = round(seconds * 1e9)
-    return Time(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
 
 
 class GroundingNode(LifecycleNode):
@@ -504,17 +500,6 @@ class GroundingNode(LifecycleNode):
         """The pipeline's callback for an utterance it could not ground (no frame; inference thread)."""
         self.requests.finish(job, GoalOutcome(status, why, job))
 
-    def publish_utterance(self, job: UtteranceJob) -> None:
-        publisher = self.utterance_publisher
-        if publisher is None:
-            return
-        msg = AudioStamped()
-        msg.header.stamp = s_to_time(job.start_s)
-        msg.audio.audio_data.float32_data = job.samples.astype(np.float32, copy=False)
-        msg.audio.info.format, msg.audio.info.channels = FLOAT32_FORMAT, 1
-        msg.audio.info.rate, msg.audio.info.chunk = SAMPLE_RATE, int(job.samples.size)
-        publisher.publish(msg)
-
     # ------------------------------------------------------------------------------------
     # Depth (use_depth): the 3D target
 
@@ -544,33 +529,15 @@ class GroundingNode(LifecycleNode):
             return
         self.pipeline.add_depth(self.trusted_stamp(time_to_s(msg.header.stamp), "depth"), DepthFrame(depth, msg.header))
 
-    def publish_3d(self, outcome: Outcome, hypotheses: list[ObjectHypothesisWithPose]) -> None:
+    def publish_3d(self, outcome: Outcome, located_2d: list[Detection2D]) -> None:
         """Detection3DArray of the located boxes and the best one's point (inference thread)."""
-        depth = outcome.depth
-        header, transform = self.output_frame(depth.header)
+        header, transform = self.output_frame(outcome.depth.header)
         if header is None:
             return
-        array = Detection3DArray(header=header)
-        for detection, hypothesis in zip(outcome.detections, hypotheses):
-            if detection.target is None:
-                continue
-            x, y, z = transform.apply(detection.target.point)
-            located = Detection3D(header=header)
-            located.bbox.center.position.x, located.bbox.center.position.y, located.bbox.center.position.z = x, y, z
-            # The box's axes are the optical frame's (x right, y down, z forward), expressed in the output frame.
-            rotation = located.bbox.center.orientation
-            rotation.x, rotation.y, rotation.z, rotation.w = transform.rotation_xyzw
-            located.bbox.size.x, located.bbox.size.y, located.bbox.size.z = detection.target.size
-            result = ObjectHypothesisWithPose(hypothesis=hypothesis.hypothesis)
-            result.pose.pose = located.bbox.center
-            located.results.append(result)
-            array.detections.append(located)
-        self.target_3d_publisher.publish(array)
+        self.target_3d_publisher.publish(detections_3d(header, outcome.detections, located_2d, transform))
         best = outcome.detections[0].target
         if best is not None:
-            point = PointStamped(header=header)
-            point.point.x, point.point.y, point.point.z = transform.apply(best.point)
-            self.target_point_publisher.publish(point)
+            self.target_point_publisher.publish(target_point(header, best.point, transform))
 
     def output_frame(self, depth_header) -> tuple[Any, RigidTransform | None]:
         """(header, transform) for 3D output: the depth image's optical frame, or target_frame
@@ -607,44 +574,21 @@ class GroundingNode(LifecycleNode):
         if publisher is None:
             return
         frame, number = outcome.frame, outcome.job.number
-        array = Detection2DArray(header=frame.header)
-        hypotheses = []
-        for detection in outcome.detections:
-            located = self.detection_2d(frame.header, detection, number)
-            hypotheses.append(located.results[0])
-            array.detections.append(located)
+        array = detection_array(frame.header, outcome.detections, number)
         publisher.publish(array)  # empty: heard, nothing passed score_threshold
         if outcome.detections:
             self.detection_publisher.publish(array.detections[0])
         if outcome.depth is not None and outcome.detections and self.target_3d_publisher is not None:
-            self.publish_3d(outcome, hypotheses)
-        self.publish_utterance(outcome.job)
+            self.publish_3d(outcome, array.detections)
+        if self.utterance_publisher is not None:
+            self.utterance_publisher.publish(utterance_audio(outcome.job))
         if outcome.detections:
             status, message = "ok", f"utterance {number}: score {outcome.detections[0].score:.2f}"
         else:
             status, message = "no_match", f"utterance {number}: no box passed score_threshold"
         self.requests.finish(outcome.job, GoalOutcome(status, message, outcome.job, tuple(array.detections), frame.header))
         if outcome.detections and self.values["publish_debug_image"] and self.debug_image_publisher is not None:
-            labels = [f"#{number} {d.score:.2f}" if rank == 0 else f"{d.score:.2f}" for rank, d in enumerate(outcome.detections)]
-            picture = draw_boxes(frame.rgb, [DrawnBox(d.box, label=label) for d, label in zip(outcome.detections, labels)])
-            msg = Image(header=frame.header)
-            fill_image(msg, picture, "rgb8")  # (H, W, 3)
-            self.debug_image_publisher.publish(msg)
-
-    @staticmethod
-    def detection_2d(header, detection: Detection, utterance_number: int) -> Detection2D:
-        """id stays empty (vision_msgs means a stable object id); the utterance is the hypothesis' class."""
-        x1, y1, x2, y2 = detection.box
-        message = Detection2D(header=header)
-        message.bbox.center.position.x = (x1 + x2) / 2
-        message.bbox.center.position.y = (y1 + y2) / 2
-        message.bbox.size_x = x2 - x1
-        message.bbox.size_y = y2 - y1
-        hypothesis = ObjectHypothesisWithPose()
-        hypothesis.hypothesis.class_id = f"utterance/{utterance_number}"
-        hypothesis.hypothesis.score = detection.score
-        message.results.append(hypothesis)
-        return message
+            self.debug_image_publisher.publish(debug_image(frame, outcome.detections, number))
 
     def publish_voice_activity(self, active: bool) -> None:
         """The pipeline's voice_activity callback (audio thread)."""

@@ -38,7 +38,6 @@ import numpy as np
 import rclpy
 import soundfile
 from audio_common_msgs.msg import AudioStamped
-from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
 from rclpy.executors import SingleThreadedExecutor
@@ -51,6 +50,7 @@ from csref_model.audio import SAMPLE_RATE, load_audio_16k
 from csref_model.boxes import box_iou
 from csref_ros.image_conversion import fill_image
 from csref_ros.loopback import loopback_environment
+from csref_ros.messages import s_to_time, time_to_s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CAMERA_WIDTH, CAMERA_HEIGHT = 640, 480
@@ -59,6 +59,7 @@ FLOOR_NEAR_M, FLOOR_FAR_M = 1.2, 2.4  # depth of the floor at the bottom and the
 OBJECT_NEAR_M, OBJECT_STEP_M = 0.6, 0.07  # object k of a scene stands at NEAR + k * STEP
 PAUSE_BEFORE_S, PAUSE_AFTER_S = 1.2, 1.6
 AUDIO_CHUNK_S = 0.02
+AUDIBLE = 0.02  # |sample| above this (-34 dBFS) is speech; the TTS clips end with 0.1-0.5 s below it
 SETTLE_S = 8.0  # commands that ended this close to the stop are not counted: their answer may still be on its way
 
 
@@ -66,7 +67,7 @@ SETTLE_S = 8.0  # commands that ended this close to the stop are not counted: th
 class Scene:
     index: int
     shown_s: float  # the scene is on screen from shown_s to the next scene's shown_s (recording time)
-    speech_end_s: float
+    speech_end_s: float  # the last audible sample of the command (the clip's trailing silence excluded)
     text: str
     voice: str
     box_xyxy: tuple[float, float, float, float]  # the referent in camera pixels
@@ -128,13 +129,14 @@ def record(folder: Path, scenes: int, seed: int) -> None:
         speech = load_audio_16k(generated / "audios" / "spoken_shapes" / ref["speaker"] / f"{ref['sent_id']}.wav")
         silence_before, silence_after = (np.zeros(round(s * SAMPLE_RATE), np.float32) for s in (PAUSE_BEFORE_S, PAUSE_AFTER_S))
         audio += [silence_before, speech, silence_after]
-        speech_end_s = now_s + PAUSE_BEFORE_S + speech.size / SAMPLE_RATE
+        audible = np.flatnonzero(np.abs(speech) > AUDIBLE)
+        speech_end_s = now_s + PAUSE_BEFORE_S + (audible[-1] + 1) / SAMPLE_RATE
         timeline.append({
             "index": index, "shown_s": round(now_s, 4), "speech_end_s": round(speech_end_s, 4), "text": ref["sent"],
             "voice": ref["speaker"], "box_xyxy": [round(v, 2) for v in boxes[target]],
             "point_m": [round(v, 5) for v in analytic_point(boxes[target], OBJECT_NEAR_M + target * OBJECT_STEP_M)],
         })
-        now_s = speech_end_s + PAUSE_AFTER_S
+        now_s += PAUSE_BEFORE_S + speech.size / SAMPLE_RATE + PAUSE_AFTER_S
     samples = np.concatenate(audio)
     soundfile.write(folder / "audio.wav", samples, SAMPLE_RATE, subtype="PCM_16")
     (folder / "timeline.json").write_text(json.dumps({
@@ -155,11 +157,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def stamp(seconds: float) -> Time:
-    sec, nanosec = divmod(round(seconds * 1e9), 1_000_000_000)
-    return Time(sec=sec, nanosec=nanosec)
 
 
 class Player:
@@ -234,7 +231,7 @@ class Player:
                 if scene is not shown:
                     shown, messages = scene, self.images(scene)
                 colour, aligned = messages
-                colour.header.stamp = aligned.header.stamp = self.info.header.stamp = stamp(frame_s)
+                colour.header.stamp = aligned.header.stamp = self.info.header.stamp = s_to_time(frame_s)
                 self.image_pub.publish(colour)
                 self.depth_pub.publish(aligned)
                 self.info_pub.publish(self.info)
@@ -244,7 +241,7 @@ class Player:
                 begin = (audio_n * chunk) % self.audio.size
                 part = np.take(self.audio, np.arange(begin, begin + chunk), mode="wrap")
                 msg = AudioStamped()
-                msg.header.stamp = stamp(chunk_end_s - chunk / SAMPLE_RATE)
+                msg.header.stamp = s_to_time(chunk_end_s - chunk / SAMPLE_RATE)
                 msg.audio.audio_data.int16_data = part
                 msg.audio.info.format, msg.audio.info.channels = 8, 1  # paInt16, mono
                 msg.audio.info.rate, msg.audio.info.chunk = SAMPLE_RATE, chunk
@@ -300,17 +297,14 @@ def main() -> None:
     points: dict[float, PointStamped] = {}  # by frame stamp
     diagnostics: dict[str, str] = {}
 
-    def stamp_s(header) -> float:
-        return header.stamp.sec + header.stamp.nanosec * 1e-9
-
     def on_diagnostics(msg: DiagnosticArray) -> None:
         for status in msg.status:
             if "speech grounding" in status.name:
                 diagnostics.update({kv.key: kv.value for kv in status.values})
 
     client.create_subscription(Detection2DArray, "csref/detections",
-                               lambda msg: answers.append((time.time(), stamp_s(msg.header), msg)), 50)
-    client.create_subscription(PointStamped, "csref/target_point", lambda msg: points.__setitem__(stamp_s(msg.header), msg), 50)
+                               lambda msg: answers.append((time.time(), time_to_s(msg.header.stamp), msg)), 50)
+    client.create_subscription(PointStamped, "csref/target_point", lambda msg: points.__setitem__(time_to_s(msg.header.stamp), msg), 50)
     client.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
     player = Player(client, folder, meta, scenes, args.fps)
     executor = SingleThreadedExecutor()
@@ -366,13 +360,16 @@ def summarise(player: Player, answers: list, points: dict, diagnostics: dict[str
         loop = int((frame_s - player.start_s) // player.duration_s)
         scene = player.scene_at(frame_s)
         by_command.setdefault((loop, scene.index), []).append((received_s, frame_s, msg))
-    correct, boxes, empty, latencies, point_errors_mm = 0, 0, 0, [], []
+    correct, boxes, empty, latencies, point_errors_mm, per_command = 0, 0, 0, [], [], []
     for loop, scene, speech_end_s in spoken:
+        record = {"pass": loop, "scene": scene.index, "text": scene.text, "voice": scene.voice}
+        per_command.append(record)
         replies = by_command.get((loop, scene.index), [])
         if not replies:
             continue
         received_s, frame_s, msg = replies[0]
         latencies.append((received_s - speech_end_s) * 1000)
+        record["latency_ms"] = round(latencies[-1], 1)
         if not msg.detections:
             empty += 1
             continue
@@ -380,12 +377,14 @@ def summarise(player: Player, answers: list, points: dict, diagnostics: dict[str
         bbox = msg.detections[0].bbox
         box = (bbox.center.position.x - bbox.size_x / 2, bbox.center.position.y - bbox.size_y / 2,
                bbox.center.position.x + bbox.size_x / 2, bbox.center.position.y + bbox.size_y / 2)
-        if float(box_iou(np.array(box), np.array(scene.box_xyxy))) >= 0.5:
+        record["iou"] = round(float(box_iou(np.array(box), np.array(scene.box_xyxy))), 3)
+        if record["iou"] >= 0.5:
             correct += 1
             point = points.get(frame_s)
             if point is not None:
                 error = np.subtract((point.point.x, point.point.y, point.point.z), scene.point_m)
                 point_errors_mm.append(float(np.linalg.norm(error)) * 1000)
+                record["point_error_mm"] = round(point_errors_mm[-1], 1)
     answered = sum(1 for loop, scene, _ in spoken if (loop, scene.index) in by_command)
     extra = sum(len(v) - 1 for v in by_command.values())
     count = {key: int(diagnostics.get(key, 0)) for key in (
@@ -415,6 +414,7 @@ def summarise(player: Player, answers: list, points: dict, diagnostics: dict[str
         "node_counters": count,
         "node_rss_mb": {"start": round(memory[0][1]), "after_1_min": round(settled[0]), "end": round(memory[-1][1]),
                         "max": round(max(rss for _, rss in memory))},
+        "per_command": per_command,
     }
 
 
