@@ -60,6 +60,7 @@ OBJECT_NEAR_M, OBJECT_STEP_M = 0.6, 0.07  # object k of a scene stands at NEAR +
 PAUSE_BEFORE_S, PAUSE_AFTER_S = 1.2, 1.6
 AUDIO_CHUNK_S = 0.02
 AUDIBLE = 0.02  # |sample| above this (-34 dBFS) is speech; the TTS clips end with 0.1-0.5 s below it
+DEPTH_SYNC_TOLERANCE_S = 0.05  # the node's default depth_sync_tolerance_s
 SETTLE_S = 8.0  # commands that ended this close to the stop are not counted: their answer may still be on its way
 
 
@@ -294,7 +295,7 @@ def main() -> None:
     rclpy.init()
     client = rclpy.create_node("replay_player")
     answers: list[tuple[float, float, Detection2DArray]] = []  # (wall time received, frame stamp, message)
-    points: dict[float, PointStamped] = {}  # by frame stamp
+    points: dict[float, PointStamped] = {}  # by the stamp of the depth frame used
     diagnostics: dict[str, str] = {}
 
     def on_diagnostics(msg: DiagnosticArray) -> None:
@@ -380,7 +381,9 @@ def summarise(player: Player, answers: list, points: dict, diagnostics: dict[str
         record["iou"] = round(float(box_iou(np.array(box), np.array(scene.box_xyxy))), 3)
         if record["iou"] >= 0.5:
             correct += 1
-            point = points.get(frame_s)
+            # The depth frame paired with the colour frame may be another one within depth_sync_tolerance_s.
+            depth_s = min(points, key=lambda s: abs(s - frame_s), default=None)
+            point = points[depth_s] if depth_s is not None and abs(depth_s - frame_s) <= DEPTH_SYNC_TOLERANCE_S else None
             if point is not None:
                 error = np.subtract((point.point.x, point.point.y, point.point.z), scene.point_m)
                 point_errors_mm.append(float(np.linalg.norm(error)) * 1000)
