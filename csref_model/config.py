@@ -156,6 +156,12 @@ class FreezeConfig:
     csa_text_encoder: bool = True
 
 
+def check_image_size(image_size: int, key: str, source: str) -> None:
+    """Every model here letterboxes to a square whose side the stride-32 backbone divides."""
+    if image_size <= 0 or image_size % 32:
+        raise ValueError(f"{source}: {key} must be a positive multiple of 32, got {image_size}")
+
+
 @dataclass
 class ModelConfig:
     image_size: int = 416
@@ -177,8 +183,7 @@ class ModelConfig:
         return config
 
     def validate(self, source: str = "<config>") -> None:
-        if self.image_size <= 0 or self.image_size % 32:
-            raise ValueError(f"{source}: image_size must be a positive multiple of 32, got {self.image_size}")
+        check_image_size(self.image_size, "image_size", source)
         if self.text_encoder.pooling not in ("cls", "mean"):
             raise ValueError(f"{source}: text_encoder.pooling must be 'cls' or 'mean', got {self.text_encoder.pooling!r}")
         if self.fusion.hidden_size % self.fusion.garan_heads:

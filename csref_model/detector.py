@@ -23,7 +23,13 @@ from torch import nn
 
 from csref_model.backbone import CSPDarknet
 from csref_model.checkpoint import CONFIG_FILE, load_into, load_visual_backbone, read_checkpoint_dir
-from csref_model.config import HeadConfig, VisualBackboneConfig, resolve_config_path, resolve_pretrained_path
+from csref_model.config import (
+    HeadConfig,
+    VisualBackboneConfig,
+    check_image_size,
+    resolve_config_path,
+    resolve_pretrained_path,
+)
 from csref_model.fusion import MultiScaleFusion
 from csref_model.head import SRECHead, box_objectness_loss, decode_cell_corners
 from csref_model.layers import ConvBnAct
@@ -51,8 +57,7 @@ class DetectorConfig:
         config = from_dict(cls, data, source)
         if config.kind != DETECTOR_KIND:
             raise ValueError(f"{source}: kind must be {DETECTOR_KIND!r} for a detector config, got {config.kind!r}")
-        if config.image_size <= 0 or config.image_size % 32:
-            raise ValueError(f"{source}: image_size must be a positive multiple of 32, got {config.image_size}")
+        check_image_size(config.image_size, "image_size", source)
         if config.neck_channels % 2:
             raise ValueError(f"{source}: neck_channels must be even, got {config.neck_channels}")
         return config

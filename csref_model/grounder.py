@@ -48,7 +48,8 @@ class GroundingResult:
     candidates: np.ndarray
 
     def to_dict(self) -> dict:
-        return {"box_xyxy": [float(v) for v in self.box_xyxy], "score": self.score, "image_size": list(self.image_size)}
+        return {"box_xyxy": [float(v) for v in self.box_xyxy], "score": self.score, "image_size": list(self.image_size),
+                "candidates": [{"box_xyxy": [float(v) for v in row[:4]], "score": float(row[4])} for row in self.candidates]}
 
 
 @dataclass(frozen=True)

@@ -219,10 +219,14 @@ def test_cli_json_and_visualisation(tmp_path, tiny_model, tiny_config, grounder)
     audio = speech_like(1.5, 22050, seed=15)
     soundfile.write(tmp_path / "utterance.wav", audio, 22050, subtype="PCM_16")
     completed = run_cli("--checkpoint", str(directory), "--image", str(tmp_path / "scene.png"),
-                        "--audio", str(tmp_path / "utterance.wav"), "--json", "--save-vis", str(tmp_path / "vis.png"))
+                        "--audio", str(tmp_path / "utterance.wav"), "--json", "--save-vis", str(tmp_path / "vis.png"),
+                        "--top-k", "3")
     assert completed.returncode == 0, completed.stderr
     output = json.loads(completed.stdout)
-    assert set(output) == {"box_xyxy", "score", "image_size"} and output["image_size"] == [320, 240]
+    assert set(output) == {"box_xyxy", "score", "image_size", "candidates"} and output["image_size"] == [320, 240]
+    assert 1 <= len(output["candidates"]) <= 3 and output["candidates"][0]["box_xyxy"] == output["box_xyxy"]
+    scores = [candidate["score"] for candidate in output["candidates"]]
+    assert scores == sorted(scores, reverse=True)
     pcm, sample_rate = soundfile.read(tmp_path / "utterance.wav", dtype="float32")
     expected = grounder.ground(image_rgb, pcm, sample_rate)
     np.testing.assert_allclose(output["box_xyxy"], expected.box_xyxy, rtol=0, atol=1e-3)

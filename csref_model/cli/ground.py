@@ -1,9 +1,10 @@
 """Ground one spoken referring expression in one image from the command line.
 
     python -m csref_model ground --config base --checkpoint csref_refcoco_speech.pth \
-        --image scene.jpg --audio utterance.wav --json [--save-vis out.png]
+        --image scene.jpg --audio utterance.wav --json [--top-k 5] [--save-vis out.png]
 
-Prints {"box_xyxy": [x1, y1, x2, y2], "score": s, "image_size": [w, h]} with --json.
+Prints {"box_xyxy": [x1, y1, x2, y2], "score": s, "image_size": [w, h], "candidates": [{"box_xyxy":
+..., "score": ...}, ...]} with --json (candidates: the top-k cells, best first; the first is the box).
 Bad input (missing files, unreadable image/audio, a mismatched checkpoint) exits with code 2 and
 a one-line message on stderr.
 """
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", required=True, help="image file (anything OpenCV reads)")
     parser.add_argument("--audio", required=True, help="audio file (WAV/FLAC/OGG, any sample rate, mono or averaged to mono)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--top-k", type=int, default=1,
+                        help="also report this many candidates (the head's best cells, near-duplicates left out), best first")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--save-vis", default=None, help="write the image with the box drawn on it to this file")
     return parser.parse_args(argv)
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         image = read_image_rgb(Path(args.image))
         audio, sample_rate = load_audio(args.audio)
         grounder = Grounder.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
-        result = grounder.ground(image, audio, sample_rate)
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        result = grounder.ground(image, audio, sample_rate, top_k=args.top_k)
         if args.save_vis:
             box = DrawnBox(xyxy=tuple(float(v) for v in result.box_xyxy), label=f"{result.score:.2f}")
             save_picture(draw_boxes(image, [box]), args.save_vis)
