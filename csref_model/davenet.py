@@ -32,6 +32,7 @@ encoder turn its frames into discrete units (codes) on the way. What the officia
     features, lengths = log_mel_batch([wave_16k, ...], cfg.log_mel)  # (B, 40, T), (B,)
     loss, parts = model.loss(images, features, lengths)
     scores = model.similarity(model.encode_images(images), model.encode_speech(features, lengths))  # (B_img, B_speech)
+    view = best_view(SpeechImageRetriever.from_checkpoint(path), wave, sr, [("/cam_a", rgb_a), ("/cam_b", rgb_b)])
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ speech<->image retrieval and the discrete units its VQ layers learn.
     python -m csref_training.davenet units --checkpoint runs/davenet/best audio.wav [--layer 3] [--dedup]
 
 The model is `csref_model.davenet`. Data: Spoken Shapes generated with `--captions` (each entry's
-"caption", audio in audios/<dataset>_captions/, word alignments) with `data.format: refcoco`, or
+"caption", audio in audios/<dataset>_captions/, word alignments; one pair per image, however many
+referents the scene has, and every referring expression a query) with `data.format: refcoco`, or
 Places Audio Captions with `data.format: places` (`<data.root>/<split>.json` holding
 {"image_base_path", "audio_base_path", "data": [{"image", "wav", ...}]}, base paths replaced by
 `data.image_dir` / `data.audio_root` when given).
@@ -15,7 +16,9 @@ The staged VQ schedule ({} -> {3} -> {2,3}, the paper's best) is a chain of runs
 `model_overrides.speech.vq_layers` and starts from the previous run's checkpoint with
 `task.warm_start`, whose active VQ layers must be a subset of the new ones; only the new
 codebooks start fresh. Validation reports R@1/5/10 in both directions over the split's pairs
-(`best` is picked by the mean of the two R@10, as the official code), and per active VQ layer
+with their chance (`best` is picked by the mean of the two R@10, as the official code); on
+Spoken Shapes the semantic R@1 of the spoken referring expressions (`semantic_recall`: the best
+image holds a referent) with its chance; and per active VQ layer
 the codebook perplexity, the fraction of entries used, and the word-detection F1 of its codes
 against the generator's word alignments (`word_detection`).
 """
