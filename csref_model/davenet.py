@@ -32,15 +32,17 @@ encoder turn its frames into discrete units (codes) on the way. What the officia
     features, lengths = log_mel_batch([wave_16k, ...], cfg.log_mel)  # (B, 40, T), (B,)
     loss, parts = model.loss(images, features, lengths)
     scores = model.similarity(model.encode_images(images), model.encode_speech(features, lengths))  # (B_img, B_speech)
+    view = best_view(SpeechImageRetriever.from_checkpoint(path), wave, sr, [("/cam_a", rgb_a), ("/cam_b", rgb_b)])
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -305,6 +307,15 @@ def temporal_jitter(x: torch.Tensor, probability: float) -> torch.Tensor:
     return x.index_select(-1, index)
 
 
+def residual_stage(make_block: Callable[..., nn.Module], in_channels: int, out_channels: int, depth: int,
+                   stride: int) -> nn.Sequential:
+    """`depth` residual blocks, `make_block(in_channels=, stride=)` each: the first takes `in_channels`
+    with the stage's stride, the others `out_channels` with stride 1 (both encoders' stages)."""
+    blocks = [make_block(in_channels=in_channels, stride=stride)]
+    blocks += [make_block(in_channels=out_channels, stride=1) for _ in range(depth - 1)]
+    return nn.Sequential(*blocks)
+
+
 class SpeechBlock(nn.Module):
     """Basic residual block of two 1 x conv_width convolutions over time; the first may stride 2."""
 
@@ -345,12 +356,10 @@ class ResDavenetVQ(nn.Module):
         self.jitter = cfg.jitter
         self.conv1 = nn.Conv2d(1, widths[0], (num_mel_bins, 1), bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.stages = nn.ModuleList()
-        for stage, depth in enumerate(cfg.depths):
-            blocks = [SpeechBlock(widths[stage], widths[stage + 1], cfg.conv_width, stride=2)]
-            blocks += [SpeechBlock(widths[stage + 1], widths[stage + 1], cfg.conv_width, stride=1)
-                       for _ in range(depth - 1)]
-            self.stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList([
+            residual_stage(functools.partial(SpeechBlock, out_channels=widths[stage + 1], conv_width=cfg.conv_width),
+                           widths[stage], widths[stage + 1], depth, stride=2)
+            for stage, depth in enumerate(cfg.depths)])
         self.quantizers = nn.ModuleDict({
             str(slot): VectorQuantizerEMA(cfg.codebook_size, widths[slot - 1], cfg.ema_decay, cfg.commitment_cost)
             for slot in self.vq_layers})
@@ -418,11 +427,9 @@ class ResNet50(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         in_channels = 64
         for stage, (depth, width) in enumerate(zip(RESNET50_DEPTHS, RESNET50_WIDTHS)):
-            blocks = []
-            for index in range(depth):
-                blocks.append(Bottleneck(in_channels, width, stride=2 if index == 0 and stage > 0 else 1))
-                in_channels = 4 * width
-            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+            setattr(self, f"layer{stage + 1}", residual_stage(functools.partial(Bottleneck, width=width), in_channels,
+                                                              4 * width, depth, stride=2 if stage > 0 else 1))
+            in_channels = 4 * width
         self.out_channels = in_channels
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -576,3 +583,29 @@ class SpeechImageRetriever:
         scores = self.scores(wave, sample_rate, images_rgb)
         order = np.argsort(-scores, kind="stable")
         return order, scores[order]
+
+
+@dataclass(frozen=True)
+class BestView:
+    """The view that best matches an utterance, among labelled candidates."""
+
+    label: str  # the caller's name for it: a camera topic, a frame's stamp
+    index: int  # into the candidates
+    score: float
+    # Its lead over the runner-up (inf with a single candidate): a small margin means "can't tell".
+    margin: float
+    ranking: list[tuple[str, float]]  # (label, score) of every candidate, best first
+
+
+def best_view(retriever: SpeechImageRetriever, wave: np.ndarray, sample_rate: int,
+              views: Sequence[tuple[str, np.ndarray]]) -> BestView:
+    """Which of several camera views (recent frames, or the latest frame of each camera) shows
+    what the utterance describes: `views` are (label, HxWx3 uint8 RGB) pairs; ties go to the
+    earlier one. The ROS-free half of the node's best-view option."""
+    if not views:
+        raise ValueError("best_view needs at least one (label, image) view to choose from")
+    labels = [label for label, _ in views]
+    order, scores = retriever.rank(wave, sample_rate, [image for _, image in views])
+    margin = float(scores[0] - scores[1]) if len(scores) > 1 else math.inf
+    return BestView(labels[order[0]], int(order[0]), float(scores[0]), margin,
+                    [(labels[index], float(score)) for index, score in zip(order, scores)])

@@ -6,7 +6,8 @@ speech<->image retrieval and the discrete units its VQ layers learn.
     python -m csref_training.davenet units --checkpoint runs/davenet/best audio.wav [--layer 3] [--dedup]
 
 The model is `csref_model.davenet`. Data: Spoken Shapes generated with `--captions` (each entry's
-"caption", audio in audios/<dataset>_captions/, word alignments) with `data.format: refcoco`, or
+"caption", audio in audios/<dataset>_captions/, word alignments; one pair per image, however many
+referents the scene has, and every referring expression a query) with `data.format: refcoco`, or
 Places Audio Captions with `data.format: places` (`<data.root>/<split>.json` holding
 {"image_base_path", "audio_base_path", "data": [{"image", "wav", ...}]}, base paths replaced by
 `data.image_dir` / `data.audio_root` when given).
@@ -15,7 +16,9 @@ The staged VQ schedule ({} -> {3} -> {2,3}, the paper's best) is a chain of runs
 `model_overrides.speech.vq_layers` and starts from the previous run's checkpoint with
 `task.warm_start`, whose active VQ layers must be a subset of the new ones; only the new
 codebooks start fresh. Validation reports R@1/5/10 in both directions over the split's pairs
-(`best` is picked by the mean of the two R@10, as the official code), and per active VQ layer
+with their chance (`best` is picked by the mean of the two R@10, as the official code); on
+Spoken Shapes the semantic R@1 of the spoken referring expressions (`semantic_recall`: the best
+image holds a referent) with its chance; and per active VQ layer
 the codebook perplexity, the fraction of entries used, and the word-detection F1 of its codes
 against the generator's word alignments (`word_detection`).
 """
@@ -31,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from csref_model.audio import load_audio, load_audio_16k
 from csref_model.checkpoint import load_into, read_checkpoint_dir
+from csref_model.cli.ground import read_image_rgb
 from csref_model.davenet import (
     Davenet,
     DavenetConfig,
@@ -55,6 +58,7 @@ from csref_training import trainer
 from csref_training.datasets import image_file_name, refcoco_layout
 from csref_training.distributed import DistInfo
 from csref_training.spoken_shapes.generate import caption_dataset_name
+from csref_training.spoken_shapes.grammar import Expression, SceneObject, parse_expression, referents
 from csref_training.train_config import DataConfig, TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
@@ -93,10 +97,37 @@ class CaptionPair:
     audio_path: Path
     # (word, start s, end s) of the caption, when the data has alignments.
     words: tuple[tuple[str, float, float], ...] | None = None
+    # Every object of the scene (Spoken Shapes), for semantic retrieval.
+    objects: tuple[SceneObject, ...] | None = None
 
 
-def read_caption_pairs(data: DataConfig, split: str) -> list[CaptionPair]:
-    """The (image, caption) pairs of `split` (see the module docstring for the two formats)."""
+@dataclass(frozen=True)
+class ExpressionQuery:
+    """A spoken referring expression (a Spoken Shapes ref) used as a retrieval query: a retrieved
+    scene is a semantic hit when the expression has a referent in it."""
+    audio_path: Path
+    expression: Expression
+    # The scene it was said about: an index into the split's caption pairs.
+    pair_index: int
+
+
+@dataclass
+class CaptionSplit:
+    pairs: list[CaptionPair]
+    # Empty for data without referring expressions (Places).
+    queries: list[ExpressionQuery]
+
+
+def scene_objects(entry: dict[str, Any]) -> tuple[SceneObject, ...]:
+    """An annotation entry's objects ([x, y, w, h] boxes) as grammar.SceneObjects (x0, y0, x1, y1)."""
+    return tuple(SceneObject(o["shape"], o["colour"], o["size"],
+                             (o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2], o["bbox"][1] + o["bbox"][3]))
+                 for o in entry["objects"])
+
+
+def read_caption_split(data: DataConfig, split: str) -> CaptionSplit:
+    """The (image, caption) pairs of `split`, one per image, and its referring expressions as
+    queries (see the module docstring for the two formats)."""
     if data.format == "refcoco":
         layout = refcoco_layout(data.dataset, data.root, data.ann_path, data.image_dir, None, data.image_pattern)
         audio_root = Path(data.audio_root) if data.audio_root else \
@@ -107,10 +138,22 @@ def read_caption_pairs(data: DataConfig, split: str) -> list[CaptionPair]:
             raise ValueError(f"{layout.ann_path} [{split}]: {len(missing)} entries have no scene caption (iid "
                              f"{missing[0]}, ...); generate the data with `python -m csref_training.spoken_shapes "
                              f"--captions ...`")
-        return [CaptionPair(layout.image_dir / image_file_name(layout.image_pattern, entry["iid"]),
-                            audio_root / entry["caption"]["speaker"] / f"{entry['caption']['sent_id']}.wav",
-                            tuple((w["word"], w["start"], w["end"]) for w in entry["caption"]["words"]))
-                for entry in entries]
+        # With --referents-per-scene N a scene has up to N entries sharing one caption: one pair per
+        # image, or retrieval would count a scene's copies as impostors of each other.
+        pair_of_iid: dict[int, int] = {}
+        pairs, queries = [], []
+        for entry in entries:
+            if entry["iid"] not in pair_of_iid:
+                pair_of_iid[entry["iid"]] = len(pairs)
+                pairs.append(CaptionPair(
+                    layout.image_dir / image_file_name(layout.image_pattern, entry["iid"]),
+                    audio_root / entry["caption"]["speaker"] / f"{entry['caption']['sent_id']}.wav",
+                    tuple((w["word"], w["start"], w["end"]) for w in entry["caption"]["words"]),
+                    scene_objects(entry)))
+            queries += [ExpressionQuery(layout.audio_root / ref["speaker"] / f"{ref['sent_id']}.wav",
+                                        parse_expression(ref["sent"]), pair_of_iid[entry["iid"]])
+                        for ref in entry["refs"]]
+        return CaptionSplit(pairs, queries)
     if data.format == "places":
         json_path = Path(data.root) / f"{split}.json"
         if not json_path.is_file():
@@ -118,36 +161,54 @@ def read_caption_pairs(data: DataConfig, split: str) -> list[CaptionPair]:
         listing = json.loads(json_path.read_text())
         image_base = Path(data.image_dir or Path(data.root) / listing["image_base_path"])
         audio_base = Path(data.audio_root or Path(data.root) / listing["audio_base_path"])
-        return [CaptionPair(image_base / datum["image"], audio_base / datum["wav"]) for datum in listing["data"]]
+        return CaptionSplit([CaptionPair(image_base / datum["image"], audio_base / datum["wav"])
+                             for datum in listing["data"]], [])
     raise ValueError(f"data.format {data.format!r} is not one ResDAVEnet-VQ reads: use refcoco (Spoken Shapes "
                      "with --captions) or places")
 
 
 class CaptionPairs(Dataset):
-    """Items {"image": (3, S, S), "features": (F, T) log-mel, "index"} of (image, caption) pairs."""
+    """Items {"image": (3, S, S), "image_size": (H, W) before resizing, "features": (F, T) log-mel,
+    "index"} of (image, caption) pairs; `queries` are the split's spoken referring expressions."""
 
-    def __init__(self, pairs: list[CaptionPair], model_cfg: DavenetConfig) -> None:
-        if not pairs:
+    def __init__(self, split: CaptionSplit, model_cfg: DavenetConfig) -> None:
+        if not split.pairs:
             raise ValueError("no (image, caption) pairs in this split")
-        self.pairs, self.model_cfg = pairs, model_cfg
+        self.pairs, self.queries, self.model_cfg = split.pairs, split.queries, model_cfg
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
-        bgr = cv2.imread(str(pair.image_path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"could not read image {pair.image_path}")
-        image = image_batch([cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)], self.model_cfg.image.image_size)[0]
+        rgb = read_image_rgb(pair.image_path)
+        image = image_batch([rgb], self.model_cfg.image.image_size)[0]
         features = log_mel(torch.from_numpy(load_audio_16k(pair.audio_path)), self.model_cfg.log_mel)
-        return {"image": image, "features": features, "index": index}
+        return {"image": image, "image_size": rgb.shape[:2], "features": features, "index": index}
+
+
+class Utterances(Dataset):
+    """Items {"features": (F, T) log-mel, "index"} of audio files (the expression queries)."""
+
+    def __init__(self, paths: list[Path], model_cfg: DavenetConfig) -> None:
+        self.paths, self.model_cfg = paths, model_cfg
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"features": log_mel(torch.from_numpy(load_audio_16k(self.paths[index])), self.model_cfg.log_mel),
+                "index": index}
+
+
+def collate_utterances(items: list[dict[str, Any]], floor_db: float) -> dict[str, Any]:
+    features, lengths = pad_features([item["features"] for item in items], floor_db)
+    return {"features": features, "lengths": lengths, "index": torch.tensor([item["index"] for item in items])}
 
 
 def collate_pairs(items: list[dict[str, Any]], floor_db: float) -> dict[str, Any]:
-    features, lengths = pad_features([item["features"] for item in items], floor_db)
-    return {"image": torch.stack([item["image"] for item in items]), "features": features, "lengths": lengths,
-            "index": torch.tensor([item["index"] for item in items])}
+    return {**collate_utterances(items, floor_db), "image": torch.stack([item["image"] for item in items]),
+            "image_size": [item["image_size"] for item in items]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,19 +288,40 @@ def word_detection(codes: list[np.ndarray], frame_s: float, words: list[tuple[tu
             "words_f1_50": sum(f1 >= 0.5 for f1 in best_f1.values()), "vocabulary": len(best_f1)}
 
 
+def semantic_recall(scores: torch.Tensor, queries: list[ExpressionQuery], pairs: list[CaptionPair],
+                    image_sizes: list[tuple[int, int]]) -> dict[str, float]:
+    """(N_img, N_query) scores -> "semantic" R@1: the fraction of queries whose best image holds a
+    referent of the expression (grammar.referents, place words included; the query's own scene
+    counts like any other), and its chance: the mean over queries of the fraction of images that
+    hold a referent."""
+    # Scenes x distinct expressions: a split has far fewer expressions than queries.
+    fits: dict[Expression, np.ndarray] = {}
+    for query in queries:
+        if query.expression not in fits:
+            fits[query.expression] = np.array([
+                bool(referents(query.expression, list(pair.objects), width, height))
+                for pair, (height, width) in zip(pairs, image_sizes)])  # (N_img,)
+    best = scores.argmax(dim=0).tolist()  # (N_query,)
+    hits = [fits[query.expression][image] for query, image in zip(queries, best)]
+    return {"queries": len(queries), "semantic_r1": float(np.mean(hits)),
+            "chance_semantic_r1": float(np.mean([fits[query.expression].mean() for query in queries]))}
+
+
 @torch.no_grad()
 def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, device: torch.device,
                      settings: DavenetTaskConfig, num_workers: int = 0) -> dict[str, float]:
-    """Retrieval over every pair of `dataset` and the units report of each active VQ layer. Every
-    process computes it on the whole split (one similarity matrix needs all pairs)."""
+    """Retrieval over every pair of `dataset`, semantic retrieval by its spoken referring expressions
+    (when it has them) and the units report of each active VQ layer. Every process computes it on
+    the whole split (one similarity matrix needs all pairs)."""
     model.eval()
     floor_db = model.cfg.log_mel.floor_db
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=functools.partial(collate_pairs, floor_db=floor_db))
-    image_maps, speech_outputs = [], []
+    image_maps, speech_outputs, image_sizes = [], [], []
     codes: dict[int, list[np.ndarray]] = defaultdict(list)
     for batch in loader:
         image_maps.append(model.encode_images(batch["image"].to(device)).float())
+        image_sizes += batch["image_size"]
         speech = model.encode_speech(batch["features"].to(device), batch["lengths"].to(device))
         speech.embeddings = speech.embeddings.float()
         speech_outputs.append(speech)
@@ -248,7 +330,19 @@ def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, dev
                 codes[slot].append(row[:length])
     scores = torch.cat([torch.cat([model.similarity(maps, speech) for speech in speech_outputs], dim=1)
                         for maps in image_maps]).cpu()  # (N, N)
-    metrics: dict[str, float] = {"pairs": len(dataset), **retrieval_recalls(scores)}
+    n = len(dataset)
+    metrics: dict[str, float] = {"pairs": n, **retrieval_recalls(scores),
+                                 **{f"chance_r{k}": min(k, n) / n for k in RECALL_AT}}
+    if dataset.queries:
+        query_loader = DataLoader(Utterances([q.audio_path for q in dataset.queries], model.cfg), batch_size=batch_size,
+                                  shuffle=False, num_workers=num_workers,
+                                  collate_fn=functools.partial(collate_utterances, floor_db=floor_db))
+        query_scores = []
+        for batch in query_loader:
+            speech = model.encode_speech(batch["features"].to(device), batch["lengths"].to(device))
+            speech.embeddings = speech.embeddings.float()
+            query_scores.append(torch.cat([model.similarity(maps, speech) for maps in image_maps]).cpu())
+        metrics.update(semantic_recall(torch.cat(query_scores, dim=1), dataset.queries, dataset.pairs, image_sizes))
     words = [pair.words for pair in dataset.pairs]
     for slot in sorted(codes):
         for key, value in codebook_use(codes[slot], model.cfg.speech.codebook_size).items():
@@ -294,7 +388,7 @@ class DavenetTask:
         return build_davenet(self.model_cfg)
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        return CaptionPairs(read_caption_pairs(self.cfg.data, split), self.model_cfg)
+        return CaptionPairs(read_caption_split(self.cfg.data, split), self.model_cfg)
 
     def initialise(self, model: nn.Module) -> None:
         if self.settings.warm_start:
@@ -320,10 +414,9 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_train_config(args.config, args.overrides)
     settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
     model, model_cfg = build_davenet_from_checkpoint(args.checkpoint)
-    dataset = CaptionPairs(read_caption_pairs(cfg.data, args.split), model_cfg)
+    dataset = CaptionPairs(read_caption_split(cfg.data, args.split), model_cfg)
     metrics = evaluate_davenet(model, dataset, cfg.eval_batch_size, torch.device("cpu"), settings,
                                num_workers=cfg.data.num_workers)
-    metrics["chance_r10"] = min(10, len(dataset)) / len(dataset)
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -13,9 +13,15 @@ import pytest
 import soundfile as sf
 import torch
 
+from csref_model.cli.ground import read_image_rgb
 from csref_model.davenet import (
+    Davenet,
     LogMelConfig,
+    SpeechImageRetriever,
     VectorQuantizerEMA,
+    best_view,
+    image_batch,
+    load_davenet_config,
     log_mel,
     pad_features,
     triplet_loss,
@@ -23,10 +29,11 @@ from csref_model.davenet import (
 from csref_training import davenet
 from csref_training.spoken_shapes import generate
 from csref_training.spoken_shapes.generate import SynthConfig
-from csref_training.spoken_shapes.grammar import SceneObject, caption_words, scene_caption
+from csref_training.spoken_shapes.grammar import SceneObject, caption_words, parse_expression, referents, scene_caption
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "train" / "davenet_spoken_shapes.yaml"
 COUNTS = {"train": 8, "val": 4, "test": 4}
+REFERENTS = 2  # scenes with several entries: retrieval must still see each image once
 
 
 def test_vq_ema_update_and_commitment_on_a_hand_made_case():
@@ -103,13 +110,15 @@ def test_scene_caption_lists_every_object_left_to_right():
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("davenet_data")
-    cfg = SynthConfig(out=out, seed=7, noise_prob=0.0, carrier_prob=0.0, backgrounds=("plain",), captions=True)
+    cfg = SynthConfig(out=out, seed=7, noise_prob=0.0, carrier_prob=0.0, backgrounds=("plain",), captions=True,
+                      referents_per_scene=REFERENTS)
     generate.generate_dataset(cfg, COUNTS, workers=1)
     return out
 
 
 def test_captions_have_exact_word_alignments_and_leave_the_rest_unchanged(captions, tmp_path):
     annotations = json.loads((captions / "anns" / "spoken_shapes.json").read_text())
+    assert len(annotations["train"]) > COUNTS["train"]  # some scenes have two referents
     for entry in annotations["train"]:
         caption = entry["caption"]
         assert [w["word"] for w in caption["words"]] == caption_words(caption["sent"])
@@ -126,8 +135,8 @@ def test_captions_have_exact_word_alignments_and_leave_the_rest_unchanged(captio
         assert np.all(gap == 0)
 
     plain = tmp_path / "plain"
-    generate.generate_dataset(SynthConfig(out=plain, seed=7, noise_prob=0.0, carrier_prob=0.0, backgrounds=("plain",)),
-                              COUNTS, workers=1)
+    generate.generate_dataset(SynthConfig(out=plain, seed=7, noise_prob=0.0, carrier_prob=0.0, backgrounds=("plain",),
+                                          referents_per_scene=REFERENTS), COUNTS, workers=1)
     without = json.loads((plain / "anns" / "spoken_shapes.json").read_text())
     assert without == {split: [{k: v for k, v in e.items() if k != "caption"} for e in entries]
                        for split, entries in annotations.items()}
@@ -149,6 +158,37 @@ def test_word_detection_scores_a_perfect_and_a_useless_code():
     assert report == {"word_f1": pytest.approx(0.65), "words_f1_50": 2, "vocabulary": 2}
 
 
+def test_caption_split_has_one_pair_per_image_and_every_expression_as_a_query(captions):
+    data = davenet.load_train_config(CONFIG, [f"data.root={captions}"]).data
+    annotations = json.loads((captions / "anns" / "spoken_shapes.json").read_text())
+    split = davenet.read_caption_split(data, "train")
+    iids = list(dict.fromkeys(entry["iid"] for entry in annotations["train"]))
+    assert [pair.image_path.name for pair in split.pairs] == [f"{iid:012d}.jpg" for iid in iids]
+    assert len(split.queries) == len(annotations["train"])
+    for query, entry in zip(split.queries, annotations["train"]):
+        assert query.audio_path.is_file() and query.audio_path.parent.parent.name == "spoken_shapes"
+        assert iids[query.pair_index] == entry["iid"]
+        # The scene the expression was said about holds exactly its target as the referent.
+        pair = split.pairs[query.pair_index]
+        height, width = read_image_rgb(pair.image_path).shape[:2]
+        assert referents(query.expression, list(pair.objects), width, height) == [entry["target_index"]]
+
+
+def test_semantic_recall_of_hand_made_scenes():
+    box = (0.0, 0.0, 10.0, 10.0)
+    scenes = [(SceneObject("circle", "red", "big", box),), (SceneObject("star", "red", "big", box),),
+              (SceneObject("circle", "blue", "small", box), SceneObject("star", "red", "small", box))]
+    pairs = [davenet.CaptionPair(Path(f"{i}.jpg"), Path(f"{i}.wav"), objects=objects) for i, objects in enumerate(scenes)]
+    queries = [davenet.ExpressionQuery(Path("q0.wav"), parse_expression("the circle"), 0),
+               davenet.ExpressionQuery(Path("q1.wav"), parse_expression("the red star"), 1),
+               davenet.ExpressionQuery(Path("q2.wav"), parse_expression("the blue circle"), 2)]
+    # Best images: 2 (has a circle: hit), 0 (no star: miss), 2 (its own scene: hit).
+    scores = torch.tensor([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0], [2.0, 1.0, 3.0]])
+    report = davenet.semantic_recall(scores, queries, pairs, [(100, 100)] * 3)
+    # Chance: circles in 2 of 3 scenes, red stars in 2, blue circles in 1.
+    assert report == {"queries": 3, "semantic_r1": pytest.approx(2 / 3), "chance_semantic_r1": pytest.approx(5 / 9)}
+
+
 def test_retrieval_recalls_of_a_hand_made_matrix():
     scores = torch.tensor([[5.0, 0.0, 0.0], [6.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
     recalls = davenet.retrieval_recalls(scores)
@@ -164,6 +204,8 @@ def test_training_evaluation_warm_start_units_and_retrieval(captions, tmp_path, 
     assert result["global_step"] == 2
     metrics = json.loads((tmp_path / "none" / "best" / "metrics.json").read_text())
     assert metrics["pairs"] == COUNTS["val"] and 0.0 <= metrics["s2i_r1"] <= metrics["s2i_r5"] <= 1.0
+    assert metrics["queries"] > COUNTS["val"] and 0.0 <= metrics["semantic_r1"] <= 1.0
+    assert 0.0 < metrics["chance_semantic_r1"] <= 1.0
     assert not any(key.startswith("vq") for key in metrics)
 
     # Staged schedule: {} -> {2,3}; only the two new codebooks start fresh.
@@ -212,3 +254,30 @@ def test_training_evaluation_warm_start_units_and_retrieval(captions, tmp_path, 
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
     done = subprocess.run(cmd[:-3] + ["--images", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert done.returncode == 2 and "nowhere" in done.stderr
+
+
+def test_best_view_picks_the_highest_scoring_labelled_view(captions):
+    torch.manual_seed(0)
+    model = Davenet(load_davenet_config("davenet_tiny"))
+    images = [read_image_rgb(path) for path in sorted((captions / "images").iterdir())[:5]]
+    views = [(f"/camera_{index}/image_raw", image) for index, image in enumerate(images)]
+    wave, sample_rate = sf.read(next((captions / "audios" / "spoken_shapes_captions").rglob("*.wav")), dtype="float32")
+    # BatchNorm statistics of these images, so that an untrained model's scores differ between them.
+    with torch.no_grad():
+        for _ in range(20):
+            model.train().encode_images(image_batch(images, model.image_size))
+    retriever = SpeechImageRetriever(model, batch_size=2)
+    # Each view scored alone (eval-mode BatchNorm: a view's score does not depend on its batch).
+    alone = np.array([retriever.scores(wave, sample_rate, [image])[0] for image in images])
+    assert alone.max() - np.sort(alone)[-2] > 1e-3
+    chosen = best_view(retriever, wave, sample_rate, views)
+    assert chosen.index == int(alone.argmax()) and chosen.label == f"/camera_{chosen.index}/image_raw"
+    assert chosen.score == pytest.approx(alone.max(), rel=1e-4, abs=1e-4)
+    assert [label for label, _ in chosen.ranking] == [views[i][0] for i in np.argsort(-alone, kind="stable")]
+    assert chosen.margin == pytest.approx(chosen.ranking[0][1] - chosen.ranking[1][1]) and chosen.margin >= 0
+    # A single view has no runner-up.
+    assert best_view(retriever, wave, sample_rate, views[2:3]).margin == math.inf
+    with pytest.raises(ValueError, match="at least one"):
+        best_view(retriever, wave, sample_rate, [])
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        best_view(retriever, wave, sample_rate, [("gray", images[0][:, :, 0])])
