@@ -280,15 +280,17 @@ def load_csa_speech_encoder(model: nn.Module, path: str | Path) -> LoadReport:
 
 
 def load_visual_backbone(backbone: nn.Module, path: str | Path) -> LoadReport:
-    """`cspdarknet_coco.pth` (keys `model.<idx>...`) into the CSPDarknet module.
+    """`cspdarknet_coco.pth` (keys `model.<idx>...`), or the `visual_encoder.*` part of any of our
+    checkpoints (SREC, the candidate detector), into the CSPDarknet module.
 
     Every backbone tensor must come from the file, except BatchNorm `num_batches_tracked`
     counters (unused in eval, absent from some exports). Other entries of the file (a detector's
     neck/head, as the reference's strict=False load allows) are ignored and reported.
     """
     state_dict = read_state_dict(path)
-    if all(key.startswith("visual_encoder.") for key in state_dict):
-        state_dict = {key[len("visual_encoder."):]: value for key, value in state_dict.items()}
+    prefix = "visual_encoder."
+    if any(key.startswith(prefix) for key in state_dict):
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     expected = backbone.state_dict()
     if not any(key in expected for key in state_dict):
         raise ValueError(f"{path} shares no key with the CSPDarknet backbone (expected keys like "

@@ -53,7 +53,7 @@ from torch import nn
 from csref_model.audio import SAMPLE_RATE, resample
 from csref_model.backbone import CSPDarknet
 from csref_model.checkpoint import CONFIG_FILE, load_into, load_visual_backbone, read_checkpoint_dir, read_state_dict
-from csref_model.config import VisualBackboneConfig, resolve_config_path
+from csref_model.config import VisualBackboneConfig, check_image_size, resolve_config_path
 from csref_model.typed_yaml import from_dict, read_yaml
 
 DAVENET_KIND = "resdavenet_vq"
@@ -141,9 +141,7 @@ class DavenetConfig:
         if config.image.backbone not in IMAGE_BACKBONES:
             raise ValueError(f"{source}: image.backbone must be one of {', '.join(IMAGE_BACKBONES)}, "
                              f"got {config.image.backbone!r}")
-        if config.image.image_size <= 0 or config.image.image_size % 32:
-            raise ValueError(f"{source}: image.image_size must be a positive multiple of 32, "
-                             f"got {config.image.image_size}")
+        check_image_size(config.image.image_size, "image.image_size", source)
         if config.similarity not in SIMILARITIES:
             raise ValueError(f"{source}: similarity must be one of {', '.join(SIMILARITIES)}, "
                              f"got {config.similarity!r}")

@@ -230,6 +230,16 @@ def test_cspdarknet_file_loads_into_backbone(tmp_path, tiny_config, tiny_source)
         load_visual_backbone(random_srec(tiny_config, seed=2).visual_encoder, path)
 
 
+def test_backbone_of_one_of_our_checkpoint_directories_loads_and_the_rest_is_skipped(tmp_path, tiny_config, tiny_source):
+    """A detector's or SREC's directory (visual_encoder.* beside neck, head, speech) starts a backbone."""
+    directory = save_checkpoint(tmp_path / "srec", tiny_source, tiny_config)
+    model = random_srec(tiny_config, seed=2)
+    report = load_visual_backbone(model.visual_encoder, directory)
+    assert report.unexpected == [] and all(key.endswith("num_batches_tracked") for key in report.missing)
+    for key, value in model.visual_encoder.state_dict().items():
+        assert torch.equal(value, tiny_source.visual_encoder.state_dict()[key]), key
+
+
 def test_backbone_file_given_as_srec_checkpoint_gets_a_hint(tmp_path, tiny_config, tiny_source):
     path = tmp_path / "cspdarknet_coco.pth"
     torch.save(tiny_source.visual_encoder.state_dict(), path)
