@@ -369,18 +369,20 @@ class SceneReferentsDataset(Dataset):
 
 
 def collate_referents(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Unfold images into one sample per referent (S+S+C's unfolding): image i repeated per referent."""
-    images, waveforms, referents, iids, candidates = [], [], [], [], []
-    for item in items:
+    """Unfold images into one sample per referent (S+S+C's unfolding): sample n reads image
+    image_index[n]; each image is stored (and encoded) once."""
+    image_index, waveforms, referents, iids, candidates = [], [], [], [], []
+    for index, item in enumerate(items):
         for waveform, referent, masks in zip(item["waveforms"], item["referents"], item["candidates"]):
-            images.append(item["image"])
+            image_index.append(index)
             waveforms.append(waveform)
             referents.append(referent)
             iids.append(item["iid"])
             candidates.append(masks)
     input_values, attention_mask = speech_batch(waveforms)  # (N, L) each
-    return {"image": torch.stack(images), "input_values": input_values, "attention_mask": attention_mask,
-            "referent": referents, "iid": iids, "candidates": candidates}
+    return {"image": torch.stack([item["image"] for item in items]), "image_index": torch.tensor(image_index),
+            "input_values": input_values, "attention_mask": attention_mask, "referent": referents, "iid": iids,
+            "candidates": candidates}
 
 
 def ssc_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -427,8 +429,11 @@ class SSCCorrectTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device
-        _, logits = _unwrap(model).segment(batch["image"].to(device), batch["input_values"].to(device),
-                                           batch["attention_mask"].to(device))  # (N, 2, S/4, S/4)
+        srec = _unwrap(model)
+        maps = srec.encode_image_pyramid(batch["image"].to(device))  # per image: s8, s16, s32, s4
+        maps = [m[batch["image_index"].to(device)] for m in maps]  # per sample
+        speech_feat = srec.encode_speech(batch["input_values"].to(device), batch["attention_mask"].to(device))
+        logits = srec.mask_features(maps, speech_feat)  # (N, 2, S/4, S/4)
         size = batch["image"].shape[-1]
         logits = torch.nn.functional.interpolate(logits.float(), size=(size, size), mode="bilinear",
                                                  align_corners=False)  # (N, 2, S, S)
