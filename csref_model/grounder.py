@@ -4,6 +4,7 @@
     result = grounder.ground(image_rgb_uint8, waveform_float32, sample_rate)
     result.box_xyxy, result.score          # original-image pixels, sigmoid objectness
     result.candidates                      # (top_k, 5) the best cells, best first (top_k=1 by default)
+    result.mask                            # (H, W) bool target pixels when the model has a mask head, else None
 
 For a robot the two encoders run separately: the image once per camera frame, the speech once
 per utterance, then `ground_features` fuses them; the result is identical to `ground`.
@@ -25,6 +26,7 @@ from torch import nn
 from csref_model.audio import SAMPLE_RATE
 from csref_model.boxes import box_iou
 from csref_model.config import ModelConfig, load_model_config
+from csref_model.mask_head import mask_to_original
 from csref_model.preprocessing import Letterbox, letterbox, prepare_waveform, speech_batch
 from csref_model.runtime.contract import min_speech_samples
 from csref_model.runtime.selection import create_backend
@@ -46,6 +48,9 @@ class GroundingResult:
     # box_xyxy, score), original-image pixels, not clipped. K <= the top_k asked for: a cell whose
     # box overlaps a better candidate's by more than CANDIDATE_MAX_IOU is left out.
     candidates: np.ndarray
+    # (H, W) bool, the target's pixels in the original image, when the model has a mask head
+    # (csref_model.mask_head); None otherwise.
+    mask: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {"box_xyxy": [float(v) for v in self.box_xyxy], "score": self.score, "image_size": list(self.image_size),
@@ -54,7 +59,7 @@ class GroundingResult:
 
 @dataclass(frozen=True)
 class ImageFeatures:
-    maps: list[torch.Tensor]  # backbone outputs at strides 8, 16, 32, each (1, C, H, W)
+    maps: list[torch.Tensor]  # backbone outputs at strides 8, 16, 32 (and 4 with a mask head), each (1, C, H, W)
     letterbox: Letterbox
 
 
@@ -74,6 +79,7 @@ class Grounder:
         self.config = config
         self.backend = create_backend(backend, self.model, config, self.device, precision, onnx_dir, threads)
         self.min_samples = min_speech_samples(config)
+        self.has_mask = self.backend.has_mask
 
     @classmethod
     def from_checkpoint(
@@ -109,8 +115,7 @@ class Grounder:
         image_tensor, geometry = letterbox(image, self.config.image_size)
         input_values, attention_mask = self._speech_inputs([audio], sample_rate)
         image_maps, speech_feat = self.backend.encode_image_and_speech(image_tensor[None], input_values, attention_mask)
-        cells = self.backend.ground_features(image_maps, speech_feat)  # (1, G*G, 5)
-        return _result(cells[0], geometry, top_k)
+        return self._results(image_maps, speech_feat, [geometry], top_k)[0]
 
     @torch.inference_mode()
     def ground_batch(
@@ -128,8 +133,7 @@ class Grounder:
         letterboxed = [letterbox(image, self.config.image_size) for image in images]
         image_batch = torch.stack([tensor for tensor, _ in letterboxed])  # (B, 3, S, S)
         speech = torch.cat([self._encode_speech(audio, sample_rate) for audio in audios])  # (B, D)
-        cells = self.backend.ground_features(self.backend.encode_image(image_batch), speech)  # (B, G*G, 5)
-        return [_result(item, geometry, top_k) for item, (_, geometry) in zip(cells, letterboxed)]
+        return self._results(self.backend.encode_image(image_batch), speech, [g for _, g in letterboxed], top_k)
 
     @torch.inference_mode()
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
@@ -143,8 +147,13 @@ class Grounder:
     @torch.inference_mode()
     def ground_features(self, image_features: ImageFeatures, speech_features: SpeechFeatures,
                         top_k: int = 1) -> GroundingResult:
-        cells = self.backend.ground_features(image_features.maps, speech_features.feature)  # (1, G*G, 5)
-        return _result(cells[0], image_features.letterbox, top_k)
+        return self._results(image_features.maps, speech_features.feature, [image_features.letterbox], top_k)[0]
+
+    def _results(self, maps: list[torch.Tensor], speech_feat: torch.Tensor, geometries: list[Letterbox],
+                 top_k: int) -> list[GroundingResult]:
+        cells = self.backend.ground_features(maps, speech_feat)  # (B, G*G, 5)
+        masks = self.backend.mask_features(maps, speech_feat) if self.has_mask else [None] * len(cells)  # (B, 2, S/4, S/4)
+        return [_result(item, geometry, top_k, logits) for item, geometry, logits in zip(cells, geometries, masks)]
 
     def _speech_inputs(self, audios: Sequence[np.ndarray], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
         waves = [prepare_waveform(audio, sample_rate, min_samples=self.min_samples) for audio in audios]
@@ -154,8 +163,9 @@ class Grounder:
         return self.backend.encode_speech(*self._speech_inputs([audio], sample_rate))  # (1, D)
 
 
-def _result(cells: torch.Tensor, geometry: Letterbox, top_k: int) -> GroundingResult:
-    """(G*G, 5) letterboxed-input x1, y1, x2, y2, score of every cell -> result in original-image pixels."""
+def _result(cells: torch.Tensor, geometry: Letterbox, top_k: int, mask_logits: torch.Tensor | None) -> GroundingResult:
+    """(G*G, 5) letterboxed-input x1, y1, x2, y2, score of every cell (and (2, S/4, S/4) mask logits)
+    -> result in original-image pixels."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     cells = cells.double().cpu().numpy()
@@ -174,4 +184,5 @@ def _result(cells: torch.Tensor, geometry: Letterbox, top_k: int) -> GroundingRe
         score=float(ranked[0, 4]),
         image_size=(geometry.w, geometry.h),
         candidates=candidates,
+        mask=None if mask_logits is None else mask_to_original(mask_logits, geometry),
     )

@@ -10,15 +10,18 @@ finest scale is speech-conditioned as well. Two-class logits (background, target
 stride 4, the form S+S+C's class-weighted cross-entropy takes.
 
     logits = mask_head(stride4, fused, top, speech)  # (B, 2, S/4, S/4)
+    mask = mask_to_original(logits[0], geometry)     # (h, w) bool, the original image's pixels
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from csref_model.layers import ConvBnAct
+from csref_model.preprocessing import Letterbox
 
 MASK_CLASSES = 2  # background, target
 
@@ -50,3 +53,14 @@ class MaskHead(nn.Module):
 
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+def mask_to_original(logits: torch.Tensor, geometry: Letterbox) -> np.ndarray:
+    """(2, s, s) mask logits on the letterboxed input -> (h, w) bool mask of the original image:
+    upsampled to the input side, the letterbox's padding cut off, resized to the original size,
+    target where its logit beats the background's."""
+    logits = F.interpolate(logits[None].float(), size=(geometry.size, geometry.size), mode="bilinear",
+                           align_corners=False)[0]  # (2, S, S)
+    inside = logits[:, geometry.dy:geometry.dy + geometry.nh, geometry.dx:geometry.dx + geometry.nw]  # (2, nh, nw)
+    original = F.interpolate(inside[None], size=(geometry.h, geometry.w), mode="bilinear", align_corners=False)[0]
+    return (original[1] > original[0]).cpu().numpy()

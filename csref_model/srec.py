@@ -73,18 +73,35 @@ class SREC(nn.Module):
         top = self.multi_scale_manner(fused)  # (B, C, G, G)
         return fused, self.attention_manner(speech_feat, top)  # (B, C, G, G)
 
-    def segment(self, image: torch.Tensor, input_values: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boxes (B, 5) as `forward` and the mask logits (B, 2, S/4, S/4) (background, target) in
-        letterboxed-input space; needs the mask head (`mask_head.enabled`)."""
+    def encode_image_pyramid(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) -> `encode_image`'s three maps and the backbone's stride-4 map (B, C2, S/4, S/4)
+        last: what `mask_features` reads."""
+        check_image(image)
+        stride4, *image_maps = self.visual_encoder.pyramid(image)
+        return [*image_maps, stride4]
+
+    def mask_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        """[s8, s16, s32, s4] (`encode_image_pyramid`) + (B, D) speech -> mask logits (B, 2, S/4, S/4)
+        (background, target) in letterboxed-input space; needs the mask head (`mask_head.enabled`).
+        Batches of 1 broadcast as in `ground_features`."""
+        self._require_mask_head()
+        *image_maps, stride4 = maps
+        fused, top = self._trunk(image_maps, speech_feat)
+        return self.mask_head(stride4, fused, top, speech_feat)
+
+    def _require_mask_head(self) -> None:
         if self.mask_head is None:
             raise RuntimeError("this SREC has no mask head; build it with mask_head.enabled: true "
                                "(and train it: python -m csref_training.ssc correct)")
-        check_image(image)
-        stride4, *image_maps = self.visual_encoder.pyramid(image)
+
+    def segment(self, image: torch.Tensor, input_values: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes (B, 5) as `forward` and the mask logits (B, 2, S/4, S/4) of `mask_features`."""
+        self._require_mask_head()
+        maps = self.encode_image_pyramid(image)
         speech_feat = self.encode_speech(input_values, attention_mask)
-        fused, top = self._trunk(image_maps, speech_feat)
-        return self.head(top), self.mask_head(stride4, fused, top, speech_feat)
+        fused, top = self._trunk(maps[:3], speech_feat)
+        return self.head(top), self.mask_head(maps[3], fused, top, speech_feat)
 
     def forward(self, image: torch.Tensor, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

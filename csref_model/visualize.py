@@ -3,6 +3,8 @@
 Used by the ground CLI, evaluation's --save-vis, the node's debug image and the demo. A
 prediction is a solid box, a ground truth a dashed one; each may carry a filled tag placed
 where it hides no other tag. Lines are outlined in dark grey so they show on any background.
+A target mask (a model with a mask head) is a translucent fill in the prediction colour with a
+solid edge, under the boxes.
 """
 
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ OUTLINE_COLOUR: RGB = (20, 20, 20)
 CAPTION_BACKGROUND: RGB = (30, 30, 30)
 CAPTION_TEXT: RGB = (235, 235, 235)
 REFERENCE_WIDTH = 720  # px at which line widths and text sizes below hold; they scale with the picture
+MASK_OPACITY = 0.45  # of the mask's fill; its edge is opaque
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,12 @@ class DrawnBox:
 
 
 def draw_boxes(image_rgb: np.ndarray, boxes: Sequence[DrawnBox], caption: Sequence[str] = (),
-               min_width: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> a new uint8 RGB picture with the boxes, their tags and caption lines
-    under the image. Pictures narrower than `min_width` are enlarged first (legible text)."""
+               min_width: int = 0, mask: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> a new uint8 RGB picture with the (H, W) bool `mask` if given, the
+    boxes, their tags and caption lines under the image. Pictures narrower than `min_width` are
+    enlarged first (legible text)."""
+    if mask is not None:
+        image_rgb = tint_mask(image_rgb, mask)
     height, width = image_rgb.shape[:2]
     zoom = max(1.0, min_width / width)
     picture = Image.fromarray(np.ascontiguousarray(image_rgb, dtype=np.uint8))
@@ -64,6 +70,23 @@ def draw_boxes(image_rgb: np.ndarray, boxes: Sequence[DrawnBox], caption: Sequen
         for i, line in enumerate(caption):
             draw.text((round(8 * unit), height + round(8 * unit) + i * line_h), line, fill=CAPTION_TEXT, font=caption_font)
     return np.asarray(canvas)
+
+
+def tint_mask(image_rgb: np.ndarray, mask: np.ndarray, colour: RGB = PREDICTION_COLOUR) -> np.ndarray:
+    """(H, W, 3) uint8 RGB + (H, W) bool -> a copy with the mask filled at MASK_OPACITY and its
+    edge (mask pixels with a 4-neighbour outside it) in `colour`."""
+    if mask.shape != image_rgb.shape[:2]:
+        raise ValueError(f"mask of shape {mask.shape} does not match the image's {image_rgb.shape[:2]}")
+    mask = mask.astype(bool)
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    tinted = image_rgb.astype(np.float32)
+    tinted[mask] = (1 - MASK_OPACITY) * tinted[mask] + MASK_OPACITY * np.asarray(colour, dtype=np.float32)
+    tinted[mask & ~inner] = colour
+    return tinted.round().astype(np.uint8)
 
 
 def dashed_rectangle(draw: ImageDraw.ImageDraw, box: Sequence[float], colour: RGB, width: int, dash: int) -> None:

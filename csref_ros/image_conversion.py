@@ -219,3 +219,18 @@ def compressed_image_to_rgb(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
             "the data is probably truncated"
         )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def mask_to_mono8(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A target mask (h, w) bool (`GroundingResult.mask`: the letterbox already undone, at the
+    resolution of the image that was grounded) -> (height, width) uint8, 255 on the target and 0
+    elsewhere, at the camera's resolution: what a mono8 sensor_msgs/Image of the mask carries
+    (`fill_image(msg, mask_to_mono8(...), "mono8")`). A mask of another size (the frame was scaled
+    before grounding) is resized with nearest neighbours, so it stays binary."""
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"a target mask must be a non-empty (H, W) array, got shape {mask.shape}")
+    check_image_size(height, width)
+    pixels = np.where(mask.astype(bool), np.uint8(255), np.uint8(0))  # (h, w)
+    if pixels.shape != (height, width):
+        pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_NEAREST)
+    return pixels

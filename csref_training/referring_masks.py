@@ -81,13 +81,17 @@ def instance_label_map(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> n
 # ----------------------------------------------------------------------------------------
 # Correct: loss and assignment of candidate masks
 # ----------------------------------------------------------------------------------------
-def class_weighted_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N, 2, H, W) logits, (N, H, W) {0, 1} targets -> the mean over samples of each sample's
-    cross-entropy with class weights CLASS_WEIGHTS (weighted mean over its pixels)."""
+def class_weighted_ce(logits: torch.Tensor, targets: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 2, H, W) logits, (N, H, W) {0, 1} targets -> the mean over the N samples of each
+    sample's cross-entropy with class weights CLASS_WEIGHTS (weighted mean over its pixels), as
+    S+S+C sums them and divides by the batch size; `active` (N,) bool leaves samples out of the
+    sum (greedy_ce's samples without a mask) but not out of the count."""
     weight = torch.tensor(CLASS_WEIGHTS, dtype=logits.dtype, device=logits.device)
-    per_sample = [F.cross_entropy(logits[i:i + 1], targets[i:i + 1].long(), weight=weight)
-                  for i in range(logits.shape[0])]
-    return torch.stack(per_sample).mean()
+    per_sample = torch.stack([F.cross_entropy(logits[i:i + 1], targets[i:i + 1].long(), weight=weight)
+                              for i in range(logits.shape[0])])  # (N,)
+    if active is not None:
+        per_sample = per_sample * active.to(per_sample.dtype)
+    return per_sample.mean()
 
 
 def pseudo_iou(foreground_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,25 +121,27 @@ def random_assignment(num_masks: Sequence[int], referents: Sequence[Hashable], i
 
 
 def greedy_assignment(preferences: Sequence[torch.Tensor], referents: Sequence[Hashable],
-                      images: Sequence[Hashable], rng: np.random.Generator) -> list[int]:
+                      images: Sequence[Hashable]) -> list[int | None]:
     """greedy_ce: constrained greedy matching of samples to candidate masks.
 
     preferences[i] (M_i,) is the pseudo-IoU of sample i's prediction with each candidate of its
     image. Per image, repeatedly take the highest remaining (sample, mask) preference; every
     sample of that referent gets that mask, and the mask is struck out for the image's other
-    referents. Samples left without a mask (more referents than masks) get a random one.
+    referents. A sample with a single candidate always gets it. A sample left without a mask (more
+    referents than masks) gets None: S+S+C draws it a random mask but adds no cross-entropy for
+    it, so it only counts in the batch mean.
     """
-    assigned: dict[int, int] = {}
+    assigned = {i: 0 for i in range(len(images)) if len(preferences[i]) == 1}
     for image in dict.fromkeys(images):
-        members = [i for i in range(len(images)) if images[i] == image]
+        members = [i for i in range(len(images)) if images[i] == image and i not in assigned]
         remaining = {i: preferences[i].detach().float().cpu().clone() for i in members}
         while remaining:
             best_value, best_sample, best_mask = -np.inf, -1, -1
             for i, prefs in remaining.items():
                 if prefs.numel() and float(prefs.max()) > best_value:
                     best_value, best_sample, best_mask = float(prefs.max()), i, int(prefs.argmax())
-            if best_sample < 0 or best_value == -np.inf:
-                break
+            if best_sample < 0:
+                break  # every mask of the image is taken
             for i in members:
                 if i not in remaining:
                     continue
@@ -144,7 +150,7 @@ def greedy_assignment(preferences: Sequence[torch.Tensor], referents: Sequence[H
                     del remaining[i]
                 else:
                     remaining[i][best_mask] = -np.inf
-    return [assigned[i] if i in assigned else int(rng.integers(len(preferences[i]))) for i in range(len(images))]
+    return [assigned.get(i) for i in range(len(images))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,12 +226,3 @@ def letterbox_labels(labels: np.ndarray, geometry: Letterbox) -> np.ndarray:
     canvas = np.zeros((geometry.size, geometry.size), dtype=labels.dtype)
     canvas[geometry.dy:geometry.dy + geometry.nh, geometry.dx:geometry.dx + geometry.nw] = resized
     return canvas
-
-
-def logits_to_original_mask(logits: torch.Tensor, geometry: Letterbox) -> np.ndarray:
-    """(2, s, s) mask logits on the letterboxed input -> (h, w) bool mask of the original image."""
-    logits = F.interpolate(logits[None].float(), size=(geometry.size, geometry.size), mode="bilinear",
-                           align_corners=False)[0]  # (2, S, S)
-    inside = logits[:, geometry.dy:geometry.dy + geometry.nh, geometry.dx:geometry.dx + geometry.nw]
-    original = F.interpolate(inside[None], size=(geometry.h, geometry.w), mode="bilinear", align_corners=False)[0]
-    return (original.argmax(0) == 1).cpu().numpy()

@@ -46,18 +46,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from csref_model.audio import SAMPLE_RATE, load_audio
 from csref_model.boxes import box_iou
 from csref_model.checkpoint import load_csa_speech_encoder, load_into, read_state_dict
 from csref_model.config import ModelConfig
 from csref_model.detector import build_detector_from_checkpoint, top_cells
-from csref_model.preprocessing import letterbox, speech_batch
+from csref_model.mask_head import mask_to_original
+from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
 from csref_model.refclip import build_refclip_from_checkpoint
 from csref_model.srec import build_srec, build_srec_from_checkpoint
 from csref_model.typed_yaml import from_dict
 from csref_training import trainer
 from csref_training.datasets import (
     SpeakerIndex,
-    _read_waveform,
     build_srec_dataset,
     collate_srec,
     image_file_name,
@@ -72,7 +73,6 @@ from csref_training.referring_masks import (
     greedy_assignment,
     instance_label_map,
     letterbox_labels,
-    logits_to_original_mask,
     mask_box,
     mask_counts,
     metric_sums,
@@ -88,7 +88,7 @@ from csref_training.train_config import TrainConfig, build_model_config, load_tr
 
 logger = logging.getLogger(__name__)
 
-SELECT_METHODS = ("refclip", "first", "random", "best")
+SELECT_METHODS = ("refclip", "first", "random", "best", "truth")
 LOSSES = ("random_ce", "greedy_ce")
 
 
@@ -102,6 +102,9 @@ class SSCTaskConfig:
     candidates: int = 17  # the detector's most object-like cells considered (RefCLIP's select_num)
     min_objectness: float = 0.3
     dedupe_iou: float = 0.5
+    # A detector checkpoint whose backbone (visual_encoder.*) initialises SREC's, for a fresh trunk
+    # (init_checkpoint null): the one stage that has seen Spoken Shapes' objects without a referring label.
+    visual_encoder_checkpoint: str | None = None
     loss: str = "random_ce"
     select_method: str = "refclip"  # whose selected masks random_ce trains on
     seed: int = 0  # the random baseline's draws
@@ -249,14 +252,29 @@ def oracle_scores(entry: dict[str, Any], labels: np.ndarray, root: Path) -> list
 def select_main(cfg: TrainConfig, settings: SSCTaskConfig, split: str, method: str) -> dict[str, Any]:
     layout, annotations = _annotations(cfg)
     stage_dir = Path(settings.stage_dir)
+    out_dir = stage_dir / "select" / method / split
+    if method == "truth":
+        record = write_true_masks(_split_entries(annotations, split), layout.ann_path.parent.parent, out_dir)
+    else:
+        record = select_instances(cfg, settings, split, method, _split_entries(annotations, split),
+                                  layout.ann_path.parent.parent, out_dir)
+    (out_dir.parent / f"{split}.json").write_text(json.dumps(record))
+    report = {"split": split, "method": method, "referents": len(record), "out": str(out_dir)}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def select_instances(cfg: TrainConfig, settings: SSCTaskConfig, split: str, method: str,
+                     entries: list[dict[str, Any]], root: Path, out_dir: Path) -> dict[str, Any]:
+    """One segment-stage instance per referent, by `method`'s scores -> {sent_id: {"instance", "scores"}}."""
+    stage_dir = Path(settings.stage_dir)
     segments_path = stage_dir / "segment" / f"{split}.json"
     if not segments_path.is_file():
         raise FileNotFoundError(f"{segments_path} not found; run `python -m csref_training.ssc segment --split {split}` first")
     segments = json.loads(segments_path.read_text())
     learned = refclip_instance_scores(cfg, settings, split, segments) if method == "refclip" else {}
-    out_dir = stage_dir / "select" / method / split
     record: dict[str, Any] = {}
-    for entry in _split_entries(annotations, split):
+    for entry in entries:
         ref = str(_referent_id(entry))
         if ref not in segments:
             continue
@@ -273,14 +291,25 @@ def select_main(cfg: TrainConfig, settings: SSCTaskConfig, split: str, method: s
         elif method == "random":
             scores = np.random.default_rng([settings.seed, int(ref)]).random(count).tolist()
         else:
-            scores = oracle_scores(entry, labels, layout.ann_path.parent.parent)
+            scores = oracle_scores(entry, labels, root)
         chosen = int(np.argmax(scores[:count]))
         write_label_png(out_dir / f"mask_{ref}.png", (labels == chosen + 1).astype(np.uint8))
         record[ref] = {"instance": chosen, "scores": np.round(scores, 4).tolist()}
-    (out_dir.parent / f"{split}.json").write_text(json.dumps(record))
-    report = {"split": split, "method": method, "referents": len(record), "out": str(out_dir)}
-    print(json.dumps(report, indent=2))
-    return report
+    return record
+
+
+def write_true_masks(entries: list[dict[str, Any]], root: Path, out_dir: Path) -> dict[str, Any]:
+    """`truth`: each referent's true mask as its selected mask, for the fully supervised upper
+    bound (train masks come from the generator's --train-masks); no segment stage is read."""
+    record: dict[str, Any] = {}
+    for entry in entries:
+        if "mask_file" not in entry:
+            raise ValueError(f"select --method truth: the entry of image {entry['iid']} names no mask_file; "
+                             "generate the data with --masks --train-masks")
+        truth = read_label_png(root / entry["mask_file"]) == entry["target_index"] + 1
+        write_label_png(out_dir / f"mask_{_referent_id(entry)}.png", truth.astype(np.uint8))
+        record[str(_referent_id(entry))] = {"instance": None, "scores": []}
+    return record
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,6 +345,11 @@ class SceneReferentsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.iids)
 
+    def read_waveform(self, path: Path) -> np.ndarray:
+        """16 kHz float32 (N,), trimmed and capped as data.use_trim / data.max_duration say."""
+        wave = prepare_waveform(*load_audio(path), trim=self.use_trim)
+        return wave if self.max_duration is None else wave[:int(self.max_duration * SAMPLE_RATE)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         referents = self.images[self.iids[index]]
         tensor, geometry = letterbox(_read_rgb(referents[0][0].image_path), self.image_size)  # (3, S, S)
@@ -323,7 +357,7 @@ class SceneReferentsDataset(Dataset):
         for entry, mask_path in referents:
             utterances = entry.sentences[np.random.randint(len(entry.sentences))]
             utterance = utterances[np.random.randint(len(utterances))]
-            waveforms.append(_read_waveform(utterance.audio_path, self.use_trim, self.max_duration, entry.where))
+            waveforms.append(self.read_waveform(utterance.audio_path))
             referent_ids.append(entry.sentences[0][0].sent_id)
             labels = letterbox_labels(read_label_png(mask_path), geometry)  # (S, S)
             masks = [labels == k + 1 for k in range(int(labels.max()))]
@@ -335,18 +369,20 @@ class SceneReferentsDataset(Dataset):
 
 
 def collate_referents(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Unfold images into one sample per referent (S+S+C's unfolding): image i repeated per referent."""
-    images, waveforms, referents, iids, candidates = [], [], [], [], []
-    for item in items:
+    """Unfold images into one sample per referent (S+S+C's unfolding): sample n reads image
+    image_index[n]; each image is stored (and encoded) once."""
+    image_index, waveforms, referents, iids, candidates = [], [], [], [], []
+    for index, item in enumerate(items):
         for waveform, referent, masks in zip(item["waveforms"], item["referents"], item["candidates"]):
-            images.append(item["image"])
+            image_index.append(index)
             waveforms.append(waveform)
             referents.append(referent)
             iids.append(item["iid"])
             candidates.append(masks)
     input_values, attention_mask = speech_batch(waveforms)  # (N, L) each
-    return {"image": torch.stack(images), "input_values": input_values, "attention_mask": attention_mask,
-            "referent": referents, "iid": iids, "candidates": candidates}
+    return {"image": torch.stack([item["image"] for item in items]), "image_index": torch.tensor(image_index),
+            "input_values": input_values, "attention_mask": attention_mask, "referent": referents, "iid": iids,
+            "candidates": candidates}
 
 
 def ssc_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -376,33 +412,44 @@ class SSCCorrectTask:
         return MaskEvalDataset(self.cfg, split, self.model_cfg.image_size)
 
     def initialise(self, model: nn.Module) -> None:
-        """The trunk from an SREC checkpoint (a box-only one leaves the fresh mask head), the speech
-        encoder from a CSA one."""
+        """The trunk from an SREC checkpoint (a box-only one leaves the fresh mask head), or only its
+        backbone from a detector; the speech encoder from a CSA one."""
         if self.cfg.init_checkpoint:
             load_into(model, read_state_dict(self.cfg.init_checkpoint), self.cfg.init_checkpoint,
                       allow_missing=("mask_head.",))
+        elif self.settings.visual_encoder_checkpoint:
+            prefix, path = "visual_encoder.", self.settings.visual_encoder_checkpoint
+            backbone = {k[len(prefix):]: v for k, v in read_state_dict(path).items() if k.startswith(prefix)}
+            if not backbone:
+                raise ValueError(f"task.visual_encoder_checkpoint {path} has no '{prefix}*' entries "
+                                 "(expected a detector checkpoint: python -m csref_training.detector)")
+            load_into(model.visual_encoder, backbone, f"{path} ({prefix}*)")
         if self.cfg.init_speech_encoder:
             load_csa_speech_encoder(model, self.cfg.init_speech_encoder)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device
-        _, logits = _unwrap(model).segment(batch["image"].to(device), batch["input_values"].to(device),
-                                           batch["attention_mask"].to(device))  # (N, 2, S/4, S/4)
+        srec = _unwrap(model)
+        maps = srec.encode_image_pyramid(batch["image"].to(device))  # per image: s8, s16, s32, s4
+        maps = [m[batch["image_index"].to(device)] for m in maps]  # per sample
+        speech_feat = srec.encode_speech(batch["input_values"].to(device), batch["attention_mask"].to(device))
+        logits = srec.mask_features(maps, speech_feat)  # (N, 2, S/4, S/4)
         size = batch["image"].shape[-1]
         logits = torch.nn.functional.interpolate(logits.float(), size=(size, size), mode="bilinear",
                                                  align_corners=False)  # (N, 2, S, S)
         candidates = [c.to(device) for c in batch["candidates"]]
-        rng = np.random.default_rng([self.cfg.seed, step])
         if self.settings.loss == "random_ce":
+            rng = np.random.default_rng([self.cfg.seed, step])
             chosen = random_assignment([len(c) for c in candidates], batch["referent"], batch["iid"], rng)
         else:
             with torch.no_grad():
                 foreground = logits.softmax(dim=1)[:, 1]  # (N, S, S)
                 preferences = [torch.stack([pseudo_iou(foreground[i], m.float()) for m in c])
                                for i, c in enumerate(candidates)]
-            chosen = greedy_assignment(preferences, batch["referent"], batch["iid"], rng)
-        targets = torch.stack([c[k] for c, k in zip(candidates, chosen)])  # (N, S, S)
-        return class_weighted_ce(logits, targets)
+            chosen = greedy_assignment(preferences, batch["referent"], batch["iid"])
+        targets = torch.stack([c[k or 0] for c, k in zip(candidates, chosen)])  # (N, S, S)
+        active = torch.tensor([k is not None for k in chosen], device=device)  # (N,)
+        return class_weighted_ce(logits, targets, active)
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         return evaluate_masks(model, dataset, self.cfg.eval_batch_size, self.dist_info)
@@ -452,7 +499,7 @@ def evaluate_masks(model: nn.Module, dataset: MaskEvalDataset, batch_size: int, 
         for i, sent_id in enumerate(batch["sent_id"]):
             if str(sent_id) not in dataset.truth:
                 continue
-            predicted = logits_to_original_mask(logits[i], batch["letterbox"][i])
+            predicted = mask_to_original(logits[i], batch["letterbox"][i])
             counts.append((*mask_counts(predicted, dataset.true_mask(sent_id)),
                            box_hit(predicted, batch["gt_xyxy"][i].numpy())))
     sums = metric_sums([c[0] for c in counts], [c[1] for c in counts], [c[2] for c in counts])

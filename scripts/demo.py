@@ -20,6 +20,8 @@ ROS_DOMAIN_ID of its own, config/fastdds_loopback.xml):
    (VAD), and publishes a vision_msgs/Detection2D on /csref/target_box.
 3. The box, its score, the match with the generator's target box (IoU > 0.5), the latency
    from the end of speech (the node's own measurement, from /diagnostics) and an annotated PNG.
+   With a model that has a mask head, the node is asked for its mask (`publish_mask:=true`) and
+   the mono8 image it publishes on /csref/target_mask is drawn in the picture too.
 
 Exit status: 0 when a box arrived, 1 when none came within --timeout (or the node failed),
 2 for bad arguments or a missing model.
@@ -43,6 +45,7 @@ import soundfile as sf
 
 from csref_model.audio import SAMPLE_RATE, load_audio
 from csref_model.boxes import box_iou
+from csref_model.checkpoint import read_config
 from csref_model.visualize import TARGET_COLOUR, DrawnBox, draw_boxes, save_picture
 from csref_training.spoken_shapes.generate import SynthConfig
 from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, parse_expression
@@ -154,7 +157,13 @@ def user_scene(image_path: Path, audio_path: Path | None, text: str | None, voic
 # --------------------------------------------------------------------------------------
 # ROS: the node as a subprocess, the camera and the listener in this process
 # --------------------------------------------------------------------------------------
-def start_node(checkpoint: Path, wav_path: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def has_mask_head(checkpoint: Path) -> bool:
+    """Whether the model gives masks: our directories say so in config.yaml; official .pth files are box-only."""
+    return checkpoint.is_dir() and read_config(checkpoint).mask_head.enabled
+
+
+def start_node(checkpoint: Path, wav_path: Path, env: dict[str, str], log_path: Path,
+               publish_mask: bool) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "csref_ros.grounding_node", "--ros-args",
         "-p", f"model_checkpoint:={checkpoint}",
@@ -162,6 +171,7 @@ def start_node(checkpoint: Path, wav_path: Path, env: dict[str, str], log_path: 
         "-p", f"audio_file:={wav_path}",
         "-p", f"image_topic:={IMAGE_TOPIC}",
         "-p", "diagnostics_period_s:=0.25",
+        *(("-p", "publish_mask:=true") if publish_mask else ()),
     ]
     with open(log_path, "w") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -186,10 +196,12 @@ class Outcome:
     latency_ms: str | None = None
     node_error: str | None = None  # why the node could not load the model (its /diagnostics)
     node_exit: int | None = None  # the node's exit status if it ended before the box came
+    mask: np.ndarray | None = None  # (H, W) bool in published pixels, from /csref/target_mask
 
 
-def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float) -> Outcome:
-    """Publish the scene until the node's Detection2D (and its latency in /diagnostics) arrives."""
+def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float, want_mask: bool) -> Outcome:
+    """Publish the scene until the node's Detection2D (and its latency in /diagnostics, and with
+    `want_mask` its mask) arrives."""
     # ROS loads only here, so that --help and the argument and model checks work without it.
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -198,7 +210,7 @@ def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float) 
     from sensor_msgs.msg import Image
     from vision_msgs.msg import Detection2D
 
-    from csref_ros.image_conversion import fill_image
+    from csref_ros.image_conversion import fill_image, image_to_array
 
     outcome = Outcome()
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # Ctrl-C stays a KeyboardInterrupt here
@@ -221,6 +233,10 @@ def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float) 
                 outcome.box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
                 outcome.score = msg.results[0].hypothesis.score if msg.results else float("nan")
 
+        def on_mask(msg: Image) -> None:
+            if outcome.mask is None:
+                outcome.mask = image_to_array(msg)[:, :, 0] > 127  # mono8: 255 on the target
+
         def on_diagnostics(msg: DiagnosticArray) -> None:
             for status in msg.status:
                 values = {kv.key: kv.value for kv in status.values}
@@ -234,6 +250,8 @@ def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float) 
         ros_node.create_timer(1.0 / CAMERA_RATE_HZ, publish_frame)
         ros_node.create_subscription(Detection2D, "/csref/target_box", on_detection, 10)
         ros_node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+        if want_mask:
+            ros_node.create_subscription(Image, "/csref/target_mask", on_mask, 10)
 
         deadline = time.monotonic() + timeout_s
         latency_deadline = None
@@ -241,7 +259,8 @@ def ground_over_ros(scene: DemoScene, node: subprocess.Popen, timeout_s: float) 
             rclpy.spin_once(ros_node, timeout_sec=0.05)
             if outcome.box is not None:
                 latency_deadline = latency_deadline or time.monotonic() + 2.0  # the next diagnostics
-                if outcome.latency_ms is not None or time.monotonic() > latency_deadline:
+                waiting = outcome.latency_ms is None or (want_mask and outcome.mask is None)
+                if not waiting or time.monotonic() > latency_deadline:
                     break
     finally:
         ros_node.destroy_node()
@@ -258,10 +277,11 @@ def level_of(level: bytes | int) -> int:
 # --------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------
-def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: Path) -> None:
-    """The picture with the published box (solid, tagged with the command and score), the
-    generator's target box (dashed, tagged "target") and a caption; written as PNG. Small scenes
-    are enlarged so that the text stays legible."""
+def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: Path, want_mask: bool) -> None:
+    """The picture with the published mask (translucent, when the model has a mask head), box
+    (solid, tagged with the command and score), the generator's target box (dashed, tagged
+    "target") and a caption; written as PNG. Small scenes are enlarged so that the text stays
+    legible."""
     said = f"said: {scene.said}" if scene.voice is None else f'said: "{scene.said}"  (voice {scene.voice}, {scene.speech_s:.1f} s)'
     result = "no box arrived" if outcome.box is None else f"box score {outcome.score:.2f}"
     if match_iou is not None:
@@ -269,6 +289,9 @@ def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: 
     caption = [said, result]
     if outcome.latency_ms:
         caption.append(f"{outcome.latency_ms} ms from the end of speech to the box")
+    if want_mask:
+        caption.append("no mask arrived on /csref/target_mask" if outcome.mask is None
+                       else f"mask: {int(outcome.mask.sum())} px on /csref/target_mask")
     boxes = []
     if outcome.box is not None:
         command = scene.said if scene.voice is not None else "your command"
@@ -277,7 +300,11 @@ def annotate(scene: DemoScene, outcome: Outcome, match_iou: float | None, path: 
     if scene.target_box is not None:
         boxes.append(DrawnBox(scene.target_box, colour=TARGET_COLOUR, label="target", dashed=True))
     base = scene.original if scene.original is not None else scene.image
-    save_picture(draw_boxes(base, boxes, caption, min_width=ANNOTATED_MIN_WIDTH), str(path))
+    mask = None
+    if outcome.mask is not None:  # published pixels -> the original picture's
+        resized = cv2.resize(outcome.mask.astype(np.uint8), (base.shape[1], base.shape[0]), interpolation=cv2.INTER_NEAREST)
+        mask = resized.astype(bool)
+    save_picture(draw_boxes(base, boxes, caption, min_width=ANNOTATED_MIN_WIDTH, mask=mask), str(path))
 
 
 def box_text(box: tuple[float, ...]) -> str:
@@ -330,13 +357,14 @@ def check_checkpoint(checkpoint: Path) -> str | None:
     )
 
 
-def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, timeout_s: float) -> int:
+def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, timeout_s: float,
+           want_mask: bool) -> int:
     """Print the outcome, write annotated.png and result.json; the exit status."""
     match_iou = None
     if outcome.box is not None and scene.target_box is not None:
         match_iou = float(box_iou(np.asarray(outcome.box), np.asarray(scene.target_box)))
     annotated = out_dir / "annotated.png"
-    annotate(scene, outcome, match_iou, annotated)
+    annotate(scene, outcome, match_iou, annotated, want_mask)
     box = None if outcome.box is None else tuple(v / scene.scale for v in outcome.box)
     result = {
         "said": scene.said,
@@ -347,6 +375,7 @@ def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, ti
         "iou": match_iou,
         "match": None if match_iou is None else match_iou > MATCH_IOU,
         "latency_end_of_speech_ms": outcome.latency_ms,
+        "mask_pixels": None if outcome.mask is None else int(outcome.mask.sum()),
         "annotated_png": str(annotated),
     }
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -409,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)  # this process's own ROS participant, before rclpy starts
     node_log = out_dir / "node.log"
     print(f"node     model {checkpoint}, ROS domain {domain_id} on loopback, log {node_log}")
-    node = start_node(checkpoint, scene.wav_path, env, node_log)
+    want_mask = has_mask_head(checkpoint)
+    node = start_node(checkpoint, scene.wav_path, env, node_log, publish_mask=want_mask)
     try:
-        outcome = ground_over_ros(scene, node, args.timeout)
-        status = report(scene, outcome, out_dir, node_log, args.timeout)
+        outcome = ground_over_ros(scene, node, args.timeout, want_mask)
+        status = report(scene, outcome, out_dir, node_log, args.timeout, want_mask)
         print(f"took     {time.monotonic() - start:.1f} s")
         return status
     finally:

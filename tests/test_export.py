@@ -1,5 +1,6 @@
 """ONNX export of the three node graphs: files, opset, dynamic axes, ONNX Runtime parity (tiny random
-weights and the base oracle), the model-hash cache, the CLI, and the TensorRT build where it exists."""
+weights and the base oracle), the model-hash cache, the CLI, and the TensorRT build where it exists;
+the mask head's graphs and masks through every CPU backend."""
 
 import importlib.util
 import json
@@ -15,13 +16,17 @@ import pytest
 import torch
 
 from csref_model.checkpoint import save_checkpoint
-from csref_model.config import load_model_config
+from csref_model.config import ModelConfig, load_model_config
+from csref_model.grounder import Grounder
 from csref_model.head import best_cell
-from csref_model.runtime.contract import GRAPHS, Backend, Manifest
+from csref_model.preprocessing import letterbox
+from csref_model.runtime.contract import GRAPHS, MASK_GRAPH, Backend, Manifest
 from csref_model.runtime.export import OPSET, ensure_onnx, export_onnx, model_hash
 from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from csref_model.runtime.tensorrt_backend import EngineSettings, TensorRTBackend, build_engines, profile_shapes
 from csref_model.srec import build_srec
+from csref_model.typed_yaml import merge
+from test_training import TEST_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,3 +236,53 @@ def test_export_cli_tensorrt_without_gpu_says_why(tiny, tmp_path):
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "TensorRT is not installed" in completed.stderr or "needs a CUDA GPU" in completed.stderr
     assert (tmp_path / "out" / "manifest.json").is_file()  # the ONNX graphs it builds from are kept
+
+
+def test_mask_head_graphs_and_masks_through_every_cpu_backend(tmp_path):
+    # A model with a mask head exports a fourth graph and s4 from the image encoder; torch and ONNX
+    # Runtime give the same logits and the Grounder's mask (original-image pixels) from either.
+    overrides = merge(TEST_MODEL, {"mask_head": {"enabled": True, "hidden_size": 8}})
+    config = ModelConfig.from_dict(merge(load_model_config("tiny").to_dict(), overrides))
+    torch.manual_seed(0)
+    model = build_srec(config, load_pretrained=False).eval()
+    manifest = export_onnx(model, config, tmp_path / "graphs")
+    assert set(manifest.graphs) == {*GRAPHS, MASK_GRAPH}
+    image_graph = onnx.load(str(tmp_path / "graphs" / manifest.graphs["image_encoder"]))
+    assert [o.name for o in image_graph.graph.output] == ["s8", "s16", "s32", "s4"]
+    mask_graph = onnx.load(str(tmp_path / "graphs" / manifest.graphs[MASK_GRAPH]))
+    assert [i.name for i in mask_graph.graph.input] == ["s8", "s16", "s32", "s4", "speech_feat"]
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(90, 140, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    results, speech_of = {}, {}
+    for backend in ("torch", "onnxruntime"):
+        grounder = Grounder.from_model(model, config, backend=backend, onnx_dir=tmp_path / "graphs")
+        assert grounder.has_mask
+        features = grounder.encode_image(image)
+        assert len(features.maps) == 4
+        speech = grounder.encode_speech(audio).feature
+        results[backend] = grounder.backend.mask_features(features.maps, speech)
+        result = grounder.ground(image, audio)
+        assert result.mask.shape == (90, 140) and result.mask.dtype == bool
+        np.testing.assert_array_equal(result.mask, grounder.ground_features(features, grounder.encode_speech(audio)).mask)
+        speech_of[backend] = speech
+    with torch.no_grad():
+        maps = model.encode_image_pyramid(letterbox(image, config.image_size)[0][None])
+        expected = model.mask_features(maps, speech_of["torch"])
+    assert results["torch"].shape == (1, 2, config.image_size // 4, config.image_size // 4)
+    torch.testing.assert_close(results["onnxruntime"], results["torch"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(results["torch"], expected, rtol=0, atol=1e-3)
+
+
+def test_box_only_model_exports_three_graphs_and_gives_no_mask(tiny_export, tiny):
+    directory, manifest = tiny_export
+    model, config = tiny
+    assert set(manifest.graphs) == set(GRAPHS) and not config.mask_head.enabled
+    grounder = Grounder.from_model(model, config, backend="onnxruntime", onnx_dir=directory)
+    assert not grounder.has_mask
+    result = grounder.ground(np.zeros((64, 64, 3), dtype=np.uint8), np.zeros(16000, dtype=np.float32) + 0.01)
+    assert result.mask is None
+    with pytest.raises(RuntimeError, match="no mask head"):
+        grounder.backend.mask_features(grounder.encode_image(np.zeros((64, 64, 3), dtype=np.uint8)).maps,
+                                       torch.zeros(1, config.speech_encoder.output_dim))

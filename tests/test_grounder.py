@@ -18,7 +18,7 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
 from csref_model.srec import build_srec
-from csref_model.visualize import PREDICTION_COLOUR
+from csref_model.visualize import MASK_OPACITY, PREDICTION_COLOUR, DrawnBox, draw_boxes
 from oracle_weights import deltas, srec_entries
 
 REPO = Path(__file__).resolve().parent.parent
@@ -261,3 +261,18 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, tiny_model, tiny_con
         assert completed.returncode == 2, completed.stderr
         assert message in completed.stderr and "Traceback" not in completed.stderr
         assert completed.stdout == ""
+
+
+def test_mask_is_drawn_translucent_with_an_edge_under_the_boxes():
+    image = np.full((60, 80, 3), 100, dtype=np.uint8)
+    mask = np.zeros((60, 80), dtype=bool)
+    mask[20:40, 30:60] = True
+    picture = draw_boxes(image, [DrawnBox((5, 5, 15, 15))], mask=mask)
+    assert picture.shape == image.shape  # no caption, no zoom
+    inside = np.round((1 - MASK_OPACITY) * 100 + MASK_OPACITY * np.array(PREDICTION_COLOUR)).astype(np.uint8)
+    np.testing.assert_array_equal(picture[30, 45], inside)  # translucent fill
+    np.testing.assert_array_equal(picture[20, 45], PREDICTION_COLOUR)  # opaque edge
+    np.testing.assert_array_equal(picture[50, 70], image[50, 70])  # outside: untouched
+    np.testing.assert_array_equal(draw_boxes(image, [DrawnBox((5, 5, 15, 15))])[30, 45], image[30, 45])
+    with pytest.raises(ValueError, match="does not match the image"):
+        draw_boxes(image, [], mask=mask[:10])

@@ -3,8 +3,11 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 from sensor_msgs.msg import CompressedImage, Image
 
+from csref_model.mask_head import mask_to_original
+from csref_model.preprocessing import letterbox_geometry
 from csref_ros.image_conversion import (
     ImageConversionError,
     compressed_image_to_rgb,
@@ -12,6 +15,7 @@ from csref_ros.image_conversion import (
     fill_image,
     image_to_array,
     image_to_rgb,
+    mask_to_mono8,
 )
 
 HEIGHT, WIDTH = 37, 53  # odd sizes so that row padding and strides matter
@@ -192,3 +196,30 @@ def test_unsupported_or_garbage_compressed_data():
         compressed_image_to_rgb(CompressedImage(format="h264", data=b"\x00\x00\x00\x01"))
     with pytest.raises(ImageConversionError, match="no readable PNG/JPEG header"):
         compressed_image_to_rgb(CompressedImage(format="jpeg", data=b"not an image at all"))
+
+
+@pytest.mark.parametrize("height, width", [(480, 640), (720, 405)])
+def test_model_mask_to_a_camera_resolution_mono8_image(height, width):
+    # A disc in a camera frame, as the model sees it: letterboxed to 256 and pooled to the mask
+    # head's stride-4 grid as two-class logits. Back through mask_to_original (the Grounder's
+    # step) and mask_to_mono8 into a real mono8 Image, it must cover the disc at camera resolution.
+    truth = np.zeros((height, width), dtype=np.uint8)
+    cv2.circle(truth, (width // 3, height // 2), min(height, width) // 5, 1, -1)
+    geometry = letterbox_geometry(height, width, 256)
+    canvas = np.zeros((256, 256), dtype=np.float32)
+    canvas[geometry.dy:geometry.dy + geometry.nh, geometry.dx:geometry.dx + geometry.nw] = cv2.resize(
+        truth, (geometry.nw, geometry.nh), interpolation=cv2.INTER_NEAREST)
+    coarse = torch.nn.functional.avg_pool2d(torch.from_numpy(canvas)[None, None], 4)[0, 0]  # (64, 64)
+    mask = mask_to_original(torch.stack([0.5 - coarse, coarse - 0.5]), geometry)  # (height, width) bool
+    msg = Image()
+    fill_image(msg, mask_to_mono8(mask, width, height), "mono8")
+    assert (msg.height, msg.width, msg.encoding) == (height, width, "mono8")
+    pixels = image_to_array(msg)[:, :, 0]
+    assert set(np.unique(pixels)) == {0, 255}
+    target = pixels == 255
+    assert (target & (truth == 1)).sum() / (target | (truth == 1)).sum() > 0.9
+    # Grounded on a frame scaled to half size: the mask comes back to the camera's resolution.
+    half = mask_to_mono8(mask[::2, ::2], width, height)
+    assert half.shape == (height, width) and ((half == 255) == target).mean() > 0.98
+    with pytest.raises(ValueError, match=r"\(H, W\) array"):
+        mask_to_mono8(np.zeros((2, 2, 3), dtype=bool), width, height)

@@ -15,6 +15,8 @@ import yaml
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import ModelConfig, load_model_config
 from csref_model.detector import DetectorConfig, build_detector
+from csref_model.mask_head import mask_to_original
+from csref_model.preprocessing import letterbox_geometry
 from csref_model.refclip import RefCLIP, RefCLIPConfig
 from csref_model.srec import build_srec, build_srec_from_checkpoint
 from csref_model.typed_yaml import merge
@@ -23,6 +25,7 @@ from csref_training.referring_masks import (
     class_weighted_ce,
     grabcut_box,
     greedy_assignment,
+    letterbox_labels,
     mask_counts,
     random_assignment,
     read_label_png,
@@ -56,13 +59,14 @@ def test_greedy_matching_keeps_referents_apart_and_together():
     # take another: its next best, mask 2.
     preferences = [torch.tensor([0.3, 0.8, 0.1]), torch.tensor([0.9, 0.2, 0.0]), torch.tensor([0.85, 0.1, 0.4]),
                    torch.tensor([0.1, 0.7])]
-    chosen = greedy_assignment(preferences, referents=[10, 10, 11, 12], images=["a", "a", "a", "b"],
-                               rng=np.random.default_rng(0))
+    chosen = greedy_assignment(preferences, referents=[10, 10, 11, 12], images=["a", "a", "a", "b"])
     assert chosen == [0, 0, 2, 1]
-    # More referents than masks: the one left over gets some mask rather than none.
-    chosen = greedy_assignment([torch.tensor([0.9]), torch.tensor([0.5])], referents=[1, 2], images=["a", "a"],
-                               rng=np.random.default_rng(0))
-    assert chosen[0] == 0 and chosen[1] == 0
+    # More referents than masks: the one left over gets none (S+S+C adds no loss for it) ...
+    chosen = greedy_assignment([torch.tensor([0.9, 0.2]), torch.tensor([0.5, 0.1]), torch.tensor([0.3, 0.8])],
+                               referents=[1, 2, 3], images=["a", "a", "a"])
+    assert chosen == [0, None, 1]
+    # ... but a sample with a single candidate always gets it.
+    assert greedy_assignment([torch.tensor([0.9]), torch.tensor([0.5])], referents=[1, 2], images=["a", "a"]) == [0, 0]
 
 
 def test_random_assignment_respects_the_constraints():
@@ -80,6 +84,25 @@ def test_class_weighted_cross_entropy_value():
     targets = torch.tensor([[[1, 0]]])  # (1, 1, 2)
     expected = (1.1 * -math.log(math.e / (1 + math.e)) + 0.9 * math.log(2)) / 2.0
     assert class_weighted_ce(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    # A sample left out (greedy_ce without a mask for it) adds nothing but still counts.
+    pair = class_weighted_ce(logits.repeat(2, 1, 1, 1), targets.repeat(2, 1, 1), torch.tensor([True, False]))
+    assert pair.item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("height, width", [(300, 460), (480, 320)])
+def test_masks_round_trip_through_the_letterbox_and_stride_4(height, width):
+    # A true mask, letterboxed as training targets are, pooled to the stride-4 grid as two-class
+    # logits and mapped back as evaluation does, must land on itself: any offset, flip or
+    # scale error of the letterbox geometry shows as a low IoU.
+    star = SceneObject("star", "yellow", "big", (0.3 * width, 0.2 * height, 0.7 * width, 0.65 * height))
+    truth = object_label_map(height, width, [star]) == 1
+    geometry = letterbox_geometry(height, width, 256)
+    target = letterbox_labels(truth.astype(np.uint8), geometry).astype(np.float32)  # (256, 256)
+    assert target.sum() > 0 and target[:geometry.dy].sum() == 0  # nothing in the padding
+    coarse = torch.nn.functional.avg_pool2d(torch.from_numpy(target)[None, None], 4)[0, 0]  # (64, 64)
+    logits = torch.stack([0.5 - coarse, coarse - 0.5])  # (2, 64, 64): target where most of a cell is
+    inter, union = mask_counts(mask_to_original(logits, geometry), truth)
+    assert inter / union > 0.9
 
 
 def test_miou_and_oiou_differ():

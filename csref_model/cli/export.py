@@ -13,7 +13,7 @@ from pathlib import Path
 
 from csref_model.cli import USER_ERROR
 from csref_model.config import load_model_config
-from csref_model.runtime.contract import DEFAULT_MAX_AUDIO_SECONDS, GRAPHS, min_speech_samples
+from csref_model.runtime.contract import DEFAULT_MAX_AUDIO_SECONDS, min_speech_samples
 from csref_model.runtime.export import OPSET, export_onnx
 from csref_model.runtime.tensorrt_backend import EngineSettings, build_engines
 from csref_model.srec import build_srec_from_checkpoint
@@ -55,6 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
-    for name in GRAPHS:
-        print(f"{name}: {Path(args.out) / manifest.graphs[name]}")
+    for name, file_name in manifest.graphs.items():
+        print(f"{name}: {Path(args.out) / file_name}")
     return 0

@@ -9,6 +9,10 @@ utterance, then the cheap grounding step):
   cell of the head's grid (row-major) in letterboxed pixels; the Grounder ranks them (the best
   cell is the model's answer, the next ones are the top-k candidates). Image batch and speech
   batch are separate dynamic axes; either may be 1 and broadcasts.
+* With a mask head (`mask_head.enabled`, `graph_specs`): the image encoder also outputs the
+  stride-4 map s4 (last), and a fourth graph `mask_head`: s8, s16, s32, s4 + speech_feat ->
+  mask_logits (B, 2, S/4, S/4) (background, target) on the letterboxed input. The three graphs of
+  a model without one are exactly as above.
 
 An export directory holds one `.onnx` file per graph and `manifest.json` (`Manifest`).
 """
@@ -64,6 +68,25 @@ GRAPHS: dict[str, GraphSpec] = {
 }
 
 
+MASK_GRAPH = "mask_head"
+MASK_MAPS = (*IMAGE_MAPS, "s4")  # the image encoder's outputs when the model has a mask head
+
+
+def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
+    """The graphs of a model: GRAPHS, or with a mask head the image encoder with s4 and MASK_GRAPH."""
+    if not config.mask_head.enabled:
+        return GRAPHS
+    return {
+        **GRAPHS,
+        "image_encoder": GraphSpec(inputs=("image",), outputs=MASK_MAPS,
+                                   dynamic_axes={name: {0: "image_batch"} for name in ("image", *MASK_MAPS)}),
+        MASK_GRAPH: GraphSpec(
+            inputs=(*MASK_MAPS, "speech_feat"), outputs=("mask_logits",),
+            dynamic_axes={**{name: {0: "image_batch"} for name in MASK_MAPS},
+                          "speech_feat": {0: "speech_batch"}, "mask_logits": {0: "batch"}}),
+    }
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (missing package, device or engine); the message says why."""
 
@@ -75,6 +98,7 @@ class Backend(Protocol):
 
     name: str
     device: torch.device
+    has_mask: bool  # the model has a mask head: encode_image adds s4, mask_features works
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) float32 in [0, 1] -> [s8, s16, s32] maps."""
@@ -87,7 +111,12 @@ class Backend(Protocol):
         """Both encoders for one `ground()` call (concurrently where that is faster)."""
 
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
-        """[s8, s16, s32] + (B, D) -> (B, G*G, 5) x1, y1, x2, y2, score of every cell in letterboxed pixels."""
+        """[s8, s16, s32] (s4 after them is ignored) + (B, D) -> (B, G*G, 5) x1, y1, x2, y2, score
+        of every cell in letterboxed pixels."""
+
+    def mask_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        """[s8, s16, s32, s4] + (B, D) -> (B, 2, S/4, S/4) float32 mask logits; only for a model
+        with a mask head (`has_mask`)."""
 
 
 def min_speech_samples(config: ModelConfig) -> int:
@@ -114,13 +143,24 @@ def check_image(image: torch.Tensor, size: int | None = None) -> None:
 
 
 def check_ground_inputs(maps: list[torch.Tensor], speech_feat: torch.Tensor) -> None:
-    """The grounding step's input rules: three image maps, and batches that match or broadcast."""
-    if len(maps) != len(IMAGE_MAPS):
-        raise ValueError(f"ground_features needs the {len(IMAGE_MAPS)} image maps of encode_image "
-                         f"(strides 8, 16, 32), got {len(maps)}")
+    """The grounding step's input rules: the image maps of encode_image (strides 8, 16, 32, and 4
+    for a mask head), and batches that match or broadcast."""
+    if len(maps) not in (len(IMAGE_MAPS), len(MASK_MAPS)):
+        raise ValueError(f"ground_features needs the image maps of encode_image (strides 8, 16, 32, "
+                         f"and 4 with a mask head), got {len(maps)}")
     image_batch, speech_batch = maps[0].shape[0], speech_feat.shape[0]
     if image_batch != speech_batch and 1 not in (image_batch, speech_batch):
         raise ValueError(f"image batch {image_batch} and speech batch {speech_batch} differ (one of them may be 1)")
+
+
+def check_mask_inputs(has_mask: bool, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> None:
+    """The mask step's input rules: a model with a mask head and the four maps of its encode_image."""
+    if not has_mask:
+        raise RuntimeError("this model has no mask head, so it gives no mask (train one: python -m csref_training.ssc correct)")
+    if len(maps) != len(MASK_MAPS):
+        raise ValueError(f"mask_features needs the {len(MASK_MAPS)} image maps of encode_image (strides 8, 16, 32, 4), "
+                         f"got {len(maps)}")
+    check_ground_inputs(maps, speech_feat)
 
 
 @dataclass
@@ -141,6 +181,10 @@ class Manifest:
         with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
             json.dump(asdict(self), f, indent=2)
         os.replace(path.with_suffix(".tmp"), path)
+
+    def graph_specs(self) -> dict[str, GraphSpec]:
+        """The graphs of the exported model (`graph_specs` of its config)."""
+        return graph_specs(ModelConfig.from_dict(self.config, "export manifest"))
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest | None:

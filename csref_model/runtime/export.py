@@ -1,4 +1,5 @@
-"""Export SREC to the three ONNX graphs of the contract (csref_model/runtime/contract.py).
+"""Export SREC to the ONNX graphs of the contract (csref_model/runtime/contract.py): three, or
+four with a mask head (`graph_specs`).
 
 `export_onnx` writes the graphs and `manifest.json`, which records the model hash (weights +
 config), the graph files and their hashes and the export settings; `ensure_onnx` reuses a
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from csref_model.config import ModelConfig
-from csref_model.runtime.contract import DEFAULT_MAX_AUDIO_SECONDS, GRAPHS, Manifest, speech_samples
+from csref_model.runtime.contract import DEFAULT_MAX_AUDIO_SECONDS, MASK_GRAPH, Manifest, graph_specs, speech_samples
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,10 @@ class ImageEncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s8, s16, s32 = self.model.encode_image(image)
-        return s8, s16, s32
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.model.mask_head is not None:
+            return tuple(self.model.encode_image_pyramid(image))  # s8, s16, s32, s4
+        return tuple(self.model.encode_image(image))  # s8, s16, s32
 
 
 class GroundingHeadGraph(nn.Module):
@@ -55,6 +57,16 @@ class GroundingHeadGraph(nn.Module):
     def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor,
                 speech_feat: torch.Tensor) -> torch.Tensor:
         return self.model.ground_cells([s8, s16, s32], speech_feat)  # (B, G*G, 5)
+
+
+class MaskHeadGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor, s4: torch.Tensor,
+                speech_feat: torch.Tensor) -> torch.Tensor:
+        return self.model.mask_features([s8, s16, s32, s4], speech_feat)  # (B, 2, S/4, S/4)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -91,19 +103,21 @@ def example_inputs(config: ModelConfig) -> dict[str, tuple[torch.Tensor, ...]]:
 @torch.no_grad()
 def export_onnx(model: nn.Module, config: ModelConfig, out_dir: str | Path,
                 max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS, opset: int = OPSET) -> Manifest:
-    """Writes the three `.onnx` graphs and `manifest.json` into `out_dir` (fp32, CPU tracing)."""
+    """Writes the `.onnx` graphs (`graph_specs`) and `manifest.json` into `out_dir` (fp32, CPU tracing)."""
     if opset < OPSET:
         raise ValueError(f"opset {opset} is too old: the graphs need opset {OPSET} or later (LayerNormalization)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().cpu()
     inputs = example_inputs(config)
-    inputs["grounding_head"] = (*model.encode_image(inputs["image_encoder"][0]),
-                                model.encode_speech(*inputs["speech_encoder"])[:1])
+    image_maps = ImageEncoderGraph(model)(inputs["image_encoder"][0])
+    speech_feat = model.encode_speech(*inputs["speech_encoder"])[:1]
+    inputs["grounding_head"] = (*image_maps[:3], speech_feat)
+    inputs[MASK_GRAPH] = (*image_maps, speech_feat)
     wrappers = {"speech_encoder": SpeechEncoderGraph(model), "image_encoder": ImageEncoderGraph(model),
-                "grounding_head": GroundingHeadGraph(model)}
+                "grounding_head": GroundingHeadGraph(model), MASK_GRAPH: MaskHeadGraph(model)}
     graphs, hashes = {}, {}
-    for name, spec in GRAPHS.items():
+    for name, spec in graph_specs(config).items():
         path = out_dir / f"{name}.onnx"
         started = time.perf_counter()
         # The wrappers must be in eval mode too: the exporter restores the wrapper's own mode on
@@ -143,7 +157,7 @@ def ensure_onnx(model: nn.Module, config: ModelConfig, onnx_dir: str | Path | No
     digest = model_hash(model, config)
     directory = Path(onnx_dir) if onnx_dir is not None else default_cache_dir() / "onnx" / digest
     manifest = Manifest.read(directory)
-    if manifest is not None and manifest.model_hash == digest and _graphs_intact(directory, manifest):
+    if manifest is not None and manifest.model_hash == digest and _graphs_intact(directory, manifest, config):
         logger.info("using the ONNX graphs in %s (model %s)", directory, digest)
         return directory, manifest
     if manifest is not None:
@@ -154,8 +168,8 @@ def ensure_onnx(model: nn.Module, config: ModelConfig, onnx_dir: str | Path | No
     return directory, export_onnx(model, config, directory, max_audio_seconds)
 
 
-def _graphs_intact(directory: Path, manifest: Manifest) -> bool:
-    for name in GRAPHS:
+def _graphs_intact(directory: Path, manifest: Manifest, config: ModelConfig) -> bool:
+    for name in graph_specs(config):
         path = directory / manifest.graphs.get(name, "")
         if not path.is_file() or file_sha256(path) != manifest.graph_hashes.get(name):
             return False

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from csref_model.runtime.contract import (GRAPHS, BackendUnavailable, Manifest, check_ground_inputs,
+from csref_model.runtime.contract import (MASK_GRAPH, BackendUnavailable, Manifest, check_ground_inputs,
+                                          check_mask_inputs,
                                           check_image)
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,10 @@ class OnnxRuntimeBackend:
                                     "(python -m csref_model export ... --format onnx --out DIR)")
         self.threads = threads or torch.get_num_threads()
         graph_threads = {"speech_encoder": self.threads, "image_encoder": max(1, self.threads // 2),
-                         "grounding_head": self.threads}
+                         "grounding_head": self.threads, MASK_GRAPH: self.threads}
+        self.specs = manifest.graph_specs()
         self.sessions = {}
-        for name in GRAPHS:
+        for name in self.specs:
             options = onnxruntime.SessionOptions()
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.intra_op_num_threads = graph_threads[name]
@@ -82,8 +84,8 @@ class OnnxRuntimeBackend:
                     ", ".join(self.providers), self.threads, onnx_dir)
 
     def _run(self, graph: str, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        """`inputs` in the order of the graph's input names (contract.GRAPHS)."""
-        arrays = {name: x.detach().cpu().numpy() for name, x in zip(GRAPHS[graph].inputs, inputs, strict=True)}
+        """`inputs` in the order of the graph's input names (its GraphSpec)."""
+        arrays = {name: x.detach().cpu().numpy() for name, x in zip(self.specs[graph].inputs, inputs, strict=True)}
         return [torch.from_numpy(x) for x in self.sessions[graph].run(None, arrays)]
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -99,6 +101,14 @@ class OnnxRuntimeBackend:
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._run("speech_encoder", (input_values.float(), attention_mask.to(torch.int32)))[0]
 
+    @property
+    def has_mask(self) -> bool:
+        return MASK_GRAPH in self.sessions
+
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
         check_ground_inputs(maps, speech_feat)
-        return self._run("grounding_head", (*maps, speech_feat))[0]
+        return self._run("grounding_head", (*maps[:3], speech_feat))[0]
+
+    def mask_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        check_mask_inputs(self.has_mask, maps, speech_feat)
+        return self._run(MASK_GRAPH, (*maps, speech_feat))[0]

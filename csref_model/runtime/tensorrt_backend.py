@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from csref_model.audio import WAV2VEC2_BASE_MIN_SAMPLES
-from csref_model.runtime.contract import (DEFAULT_MAX_AUDIO_SECONDS, GRAPHS, BackendUnavailable, Manifest,
-                                          check_ground_inputs, check_image, speech_samples)
+from csref_model.runtime.contract import (DEFAULT_MAX_AUDIO_SECONDS, MASK_GRAPH, BackendUnavailable, GraphSpec,
+                                          Manifest, check_ground_inputs, check_image, check_mask_inputs, speech_samples)
 
 logger = logging.getLogger(__name__)
 
@@ -195,22 +195,23 @@ def load_or_build_engine(onnx_dir: Path, manifest: Manifest, graph: str, setting
 
 def build_engines(onnx_dir: Path, manifest: Manifest, settings: EngineSettings,
                   device: str | torch.device = "cuda", cache_dir: Path | None = None) -> dict[str, Path]:
-    """Builds (or finds up to date) the engines of all three graphs; returns their paths."""
+    """Builds (or finds up to date) the engines of all the manifest's graphs; returns their paths."""
     if not torch.cuda.is_available():
         raise BackendUnavailable("building TensorRT engines needs a CUDA GPU (the engine is specific to it)")
     device = torch.device(device)
     engines = Path(cache_dir) if cache_dir is not None else Path(onnx_dir) / "engines"
-    for graph in GRAPHS:
+    for graph in manifest.graph_specs():
         load_or_build_engine(Path(onnx_dir), manifest, graph, settings, device, cache_dir)
-    return {graph: engines / f"{graph}.engine" for graph in GRAPHS}
+    return {graph: engines / f"{graph}.engine" for graph in manifest.graph_specs()}
 
 
 class TensorRTGraph:
     """One graph's engine with its execution context; runs on torch CUDA tensors on the current stream."""
 
-    def __init__(self, graph: str, engine, device: torch.device):
+    def __init__(self, graph: str, spec: GraphSpec, engine, device: torch.device):
         trt = import_tensorrt()
         self.graph = graph
+        self.spec = spec
         self.engine = engine
         self.device = device
         self.context = engine.create_execution_context()
@@ -224,8 +225,8 @@ class TensorRTGraph:
         self.bounds = {n: engine.get_tensor_profile_shape(n, 0) for n in self.inputs}
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        """`inputs` in the order of the graph's input names (contract.GRAPHS)."""
-        feeds = dict(zip(GRAPHS[self.graph].inputs, inputs, strict=True))
+        """`inputs` in the order of the graph's input names (its GraphSpec)."""
+        feeds = dict(zip(self.spec.inputs, inputs, strict=True))
         keep_alive = []
         for name in self.inputs:
             x = feeds[name].to(self.device, self.dtypes[name], non_blocking=True).contiguous()
@@ -248,7 +249,8 @@ class TensorRTGraph:
 
 
 class TensorRTBackend:
-    """The three engines behind the Grounder's calls; inputs may be CPU tensors, outputs are CUDA tensors."""
+    """The engines behind the Grounder's calls (three, four with a mask head); inputs may be CPU
+    tensors, outputs are CUDA tensors."""
 
     name = "tensorrt"
 
@@ -261,9 +263,9 @@ class TensorRTBackend:
         self.image_size = manifest.config["image_size"]
         self.rebuilt = []
         self.graphs = {}
-        for graph in GRAPHS:
+        for graph, spec in manifest.graph_specs().items():
             engine, rebuilt = load_or_build_engine(Path(onnx_dir), manifest, graph, settings, self.device, cache_dir)
-            self.graphs[graph] = TensorRTGraph(graph, engine, self.device)
+            self.graphs[graph] = TensorRTGraph(graph, spec, engine, self.device)
             if rebuilt:
                 self.rebuilt.append(graph)
         logger.info("tensorrt backend on %s (%s), engines built now: %s", torch.cuda.get_device_name(self.device),
@@ -281,6 +283,14 @@ class TensorRTBackend:
         # Both engines are queued on one CUDA stream; the GPU is the bottleneck, not the host.
         return self.encode_image(image), self.encode_speech(input_values, attention_mask)
 
+    @property
+    def has_mask(self) -> bool:
+        return MASK_GRAPH in self.graphs
+
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
         check_ground_inputs(maps, speech_feat)
-        return self.graphs["grounding_head"]((*maps, speech_feat))[0]
+        return self.graphs["grounding_head"]((*maps[:3], speech_feat))[0]
+
+    def mask_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        check_mask_inputs(self.has_mask, maps, speech_feat)
+        return self.graphs[MASK_GRAPH]((*maps, speech_feat))[0].float()

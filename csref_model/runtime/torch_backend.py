@@ -13,7 +13,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from csref_model.fusion import GaranAttention, SimpleFusion
 from csref_model.layers import ConvBnAct
-from csref_model.runtime.contract import PRECISIONS, BackendUnavailable, check_ground_inputs, check_image
+from csref_model.runtime.contract import (PRECISIONS, BackendUnavailable, check_ground_inputs, check_image,
+                                          check_mask_inputs)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ConvolutionalParts(nn.Module):
         self.multi_scale_manner = model.multi_scale_manner
         self.attention_manner = model.attention_manner
         self.head = model.head
+        self.mask_head = model.mask_head
 
 
 class TorchBackend:
@@ -114,17 +116,32 @@ class TorchBackend:
         return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision],
                               enabled=self.precision != "fp32")
 
+    @property
+    def has_mask(self) -> bool:
+        return self.parts.mask_head is not None
+
     def _image_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
         with self._autocast():
-            return self.parts.visual_encoder(image.contiguous(memory_format=self.memory_format))
+            stride4, *maps = self.parts.visual_encoder.pyramid(image.contiguous(memory_format=self.memory_format))
+            return [*maps, stride4] if self.has_mask else maps  # s8, s16, s32 (, s4)
+
+    def _trunk(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor,
+               speech_feat: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        parts = self.parts
+        fused = [fusion(visual, speech_feat) for fusion, visual in zip(parts.fusion_manner, (s8, s16, s32))]
+        return fused, parts.attention_manner(speech_feat, parts.multi_scale_manner(fused))  # top (B, C, G, G)
 
     def _ground(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor,
                 speech_feat: torch.Tensor) -> torch.Tensor:
-        parts = self.parts
         with self._autocast():
-            fused = [fusion(visual, speech_feat) for fusion, visual in zip(parts.fusion_manner, (s8, s16, s32))]
-            top = parts.attention_manner(speech_feat, parts.multi_scale_manner(fused))  # (B, C, G, G)
-            return parts.head.scored_cells(top).float()  # (B, G*G, 5)
+            _, top = self._trunk(s8, s16, s32, speech_feat)
+            return self.parts.head.scored_cells(top).float()  # (B, G*G, 5)
+
+    def _mask(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor, s4: torch.Tensor,
+              speech_feat: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            fused, top = self._trunk(s8, s16, s32, speech_feat)
+            return self.parts.mask_head(s4, fused, top, speech_feat).float()  # (B, 2, S/4, S/4)
 
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -150,8 +167,15 @@ class TorchBackend:
     def ground_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
         check_ground_inputs(maps, speech_feat)
         if self.use_cuda_graphs:
-            return self._captured("ground", self._ground, (*maps, speech_feat))
-        return self._ground(*maps, speech_feat)
+            return self._captured("ground", self._ground, (*maps[:3], speech_feat))
+        return self._ground(*maps[:3], speech_feat)
+
+    @torch.inference_mode()
+    def mask_features(self, maps: list[torch.Tensor], speech_feat: torch.Tensor) -> torch.Tensor:
+        check_mask_inputs(self.has_mask, maps, speech_feat)
+        if self.use_cuda_graphs:
+            return self._captured("mask", self._mask, (*maps, speech_feat))
+        return self._mask(*maps, speech_feat)
 
     def _captured(self, name: str, function: Callable, inputs: tuple[torch.Tensor, ...]):
         key = (name, *(tuple(x.shape) for x in inputs), *(x.dtype for x in inputs))

@@ -28,7 +28,8 @@ On-disk layout (``--dataset-name`` defaults to ``spoken_shapes``)::
     <out>/anns/<dataset>.json            {"train": [...], "val": [...], "test": [...]}
     <out>/images/<iid:012d>.jpg          e.g. images/000000000042.jpg
     <out>/audios/<dataset>/<speaker>/<sent_id>.wav   16 kHz mono 16-bit PCM
-    <out>/masks/<iid:012d>.png           with --masks, val and test only: pixel = object index + 1
+    <out>/masks/<iid:012d>.png           with --masks, val and test (train too with --train-masks):
+                                         pixel = object index + 1
     <out>/<dataset>_generator.json       the generator settings, for provenance
     <out>/audios/<dataset>_captions/<speaker>/<iid>.wav   with --captions: the scene caption
 
@@ -39,7 +40,8 @@ Each annotation entry is ``{"iid", "bbox": [x, y, w, h] (floats, original pixels
 one target and one sentence per entry (``sent_id == iid``). With ``--referents-per-scene N``
 a scene has up to N entries (same ``iid``, different targets, ``sent_id = iid * N + r``); with
 ``--masks`` its val/test entries name the scene's object masks in ``"mask_file"`` (for
-evaluating referring masks, never for training). Every sentence is rendered with ONE
+evaluating referring masks, never for weakly supervised training; ``--train-masks`` adds the
+train entries' for a fully supervised upper bound). Every sentence is rendered with ONE
 voice; its speaker directory is the voice string made file-system safe (``en-us+m3``,
 ``flite_slt``, ``festival_slt_hts``), also recorded in the ref. Loaders
 look a sentence up as ``<speaker>/<sent_id>.wav`` in whichever selected speaker directory has it

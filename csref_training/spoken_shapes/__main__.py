@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masks", action="store_true",
                         help="write every object's mask for val and test (masks/<iid>.png, pixel = object "
                              "index + 1; for evaluating referring masks)")
+    parser.add_argument("--train-masks", action="store_true",
+                        help="with --masks, also write the train scenes' masks (only for a fully supervised "
+                             "upper bound; python -m csref_training.ssc select --method truth)")
     parser.add_argument("--referents-per-scene", type=int, default=1,
                         help="up to this many referents per scene, each an entry with the same iid (default 1)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("sample counts must be >= 0")
     if not 0.0 <= args.noise_prob <= 1.0 or not 0.0 <= args.carrier_prob <= 1.0:
         parser.error("--noise-prob and --carrier-prob must lie in [0, 1]")
+    if args.train_masks and not args.masks:
+        parser.error("--train-masks needs --masks")
     if args.referents_per_scene < 1:
         parser.error("--referents-per-scene must be >= 1")
     if args.scene_scale is not None and not 0.0 < args.scene_scale[0] <= args.scene_scale[1] <= MAX_EXTENT / 2:
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         scene_scale=args.scene_scale,
         captions=args.captions,
         masks=args.masks,
+        train_masks=args.train_masks,
         referents_per_scene=args.referents_per_scene,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         "tts_engines": {engine: engine_version(engine) for engine in engines},
         "captions": cfg.captions,
         "masks": cfg.masks,
+        "train_masks": cfg.train_masks,
         "referents_per_scene": cfg.referents_per_scene,
         "wall_time_s": round(elapsed, 1),
     }

@@ -36,7 +36,7 @@ from csref_training.spoken_shapes.speech import (
 SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 92
 MASK_DIR = "masks"
-MASK_SPLITS = ("val", "test")
+MASK_SPLITS = ("val", "test")  # train too with SynthConfig.train_masks
 CAPTION_STREAM = 1  # the fourth seed word of the caption's generator
 
 
@@ -64,6 +64,9 @@ class SynthConfig:
     # Every object's mask for the val and test scenes (evaluation of referring masks only; no
     # training stage reads them): <out>/masks/<iid:012d>.png, pixel = object index + 1.
     masks: bool = False
+    # Also the train scenes' masks: only for the fully supervised upper bound of the S+S+C table
+    # (python -m csref_training.ssc select --method truth); weakly supervised training never reads them.
+    train_masks: bool = False
     # Up to this many referents per scene, each its own entry (same iid, sent_id = iid * this + r);
     # objects without a unique description are never referents.
     referents_per_scene: int = 1
@@ -94,7 +97,7 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> list[
         "objects": [{"bbox": _xywh(obj.box), "shape": obj.shape, "colour": obj.colour, "size": obj.size}
                     for obj in objects],
     }
-    if cfg.masks and split in MASK_SPLITS:
+    if cfg.masks and (split in MASK_SPLITS or cfg.train_masks):
         mask_file = f"{MASK_DIR}/{iid:012d}.png"
         cv2.imwrite(str(cfg.out / mask_file), object_label_map(height, width, objects))
         scene["mask_file"] = mask_file
@@ -178,6 +181,8 @@ def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1,
     check_voices(list(cfg.voices))
     if cfg.referents_per_scene < 1:
         raise ValueError(f"referents_per_scene must be >= 1, got {cfg.referents_per_scene}")
+    if cfg.train_masks and not cfg.masks:
+        raise ValueError("train_masks needs masks (the train masks come on top of the val/test ones)")
     for sub in ("anns", "images", *((MASK_DIR,) if cfg.masks else ())):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     jobs, next_iid = [], 0
