@@ -82,6 +82,7 @@ from csref_ros.messages import (
     debug_image,
     detection_array,
     detections_3d,
+    mask_image,
     s_to_time,
     target_point,
     time_to_s,
@@ -163,6 +164,7 @@ class GroundingNode(LifecycleNode):
         self.detection_publisher = None
         self.detections_publisher = None
         self.debug_image_publisher = None
+        self.mask_publisher = None
         self.utterance_publisher = None
         self.voice_activity_publisher = None
         self.image_subscription = None
@@ -233,11 +235,15 @@ class GroundingNode(LifecycleNode):
         self.detection_publisher = self.create_publisher(Detection2D, "csref/target_box", 10)
         self.detections_publisher = self.create_publisher(Detection2DArray, "csref/detections", 10)
         self.debug_image_publisher = self.create_publisher(Image, "csref/debug_image", 2)
+        self.mask_publisher = self.create_publisher(Image, "csref/target_mask", 10)
         self.utterance_publisher = self.create_publisher(AudioStamped, "csref/utterance", 10)
         self.voice_activity_publisher = self.create_publisher(Bool, "csref/voice_activity", 10)
         if values["use_depth"]:
             self.target_3d_publisher = self.create_publisher(Detection3DArray, "csref/target_3d", 10)
             self.target_point_publisher = self.create_publisher(PointStamped, "csref/target_point", 10)
+        if values["publish_mask"] and not self.grounder.has_mask:
+            self.report_problem("publish_mask is set but this model has no mask head: nothing will be published on "
+                                "csref/target_mask (train one: docs/TRAINING.md, Segment-Select-Correct)")
         self.pipeline.start(self.grounder)
         self.get_logger().info(f"configured: {self.model_description}")
         return TransitionCallbackReturn.SUCCESS
@@ -372,13 +378,13 @@ class GroundingNode(LifecycleNode):
     def release_model(self) -> None:
         self.pipeline.stop()
         publishers = (
-            self.detection_publisher, self.detections_publisher, self.debug_image_publisher, self.utterance_publisher,
-            self.voice_activity_publisher, self.target_3d_publisher, self.target_point_publisher,
+            self.detection_publisher, self.detections_publisher, self.debug_image_publisher, self.mask_publisher,
+            self.utterance_publisher, self.voice_activity_publisher, self.target_3d_publisher, self.target_point_publisher,
         )
         for publisher in publishers:
             if publisher is not None:
                 self.destroy_publisher(publisher)
-        self.detection_publisher = self.detections_publisher = self.debug_image_publisher = None
+        self.detection_publisher = self.detections_publisher = self.debug_image_publisher = self.mask_publisher = None
         self.utterance_publisher = self.voice_activity_publisher = None
         self.target_3d_publisher = self.target_point_publisher = None
         self.tf_buffer = self.tf_listener = None
@@ -587,8 +593,11 @@ class GroundingNode(LifecycleNode):
         else:
             status, message = "no_match", f"utterance {number}: no box passed score_threshold"
         self.requests.finish(outcome.job, GoalOutcome(status, message, outcome.job, tuple(array.detections), frame.header))
+        if outcome.mask is not None and self.values["publish_mask"] and self.mask_publisher is not None:
+            height, width = frame.rgb.shape[:2]
+            self.mask_publisher.publish(mask_image(frame.header, outcome.mask, width, height))
         if outcome.detections and self.values["publish_debug_image"] and self.debug_image_publisher is not None:
-            self.debug_image_publisher.publish(debug_image(frame, outcome.detections, number))
+            self.debug_image_publisher.publish(debug_image(frame, outcome.detections, number, outcome.mask))
 
     def publish_voice_activity(self, active: bool) -> None:
         """The pipeline's voice_activity callback (audio thread)."""

@@ -20,7 +20,7 @@ from csref_model.audio import SAMPLE_RATE
 from csref_model.visualize import DrawnBox, draw_boxes
 from csref_ros.audio_messages import FLOAT32_FORMAT
 from csref_ros.depth import RigidTransform
-from csref_ros.image_conversion import fill_image
+from csref_ros.image_conversion import fill_image, mask_to_mono8
 from csref_ros.pipeline import CameraFrame, Detection, UtteranceJob
 
 
@@ -90,10 +90,21 @@ def utterance_audio(job: UtteranceJob) -> AudioStamped:
     return message
 
 
-def debug_image(frame: CameraFrame, detections: tuple[Detection, ...], utterance_number: int) -> Image:
-    """The frame with the boxes drawn, the best one labelled with the utterance number."""
+def mask_image(header: Header, mask: np.ndarray, width: int, height: int) -> Image:
+    """The target's mask as mono8, 255 on the target, at the camera's resolution. vision_msgs has
+    no mask type; the Detection2D's header lets message_filters' ExactTime pair the two."""
+    message = Image(header=header)
+    fill_image(message, mask_to_mono8(mask, width, height), "mono8")
+    return message
+
+
+def debug_image(frame: CameraFrame, detections: tuple[Detection, ...], utterance_number: int,
+                mask: np.ndarray | None = None) -> Image:
+    """The frame with the target's mask (when given) and the boxes drawn, the best one labelled
+    with the utterance number."""
     labels = [f"#{utterance_number} {d.score:.2f}" if rank == 0 else f"{d.score:.2f}" for rank, d in enumerate(detections)]
-    picture = draw_boxes(frame.rgb, [DrawnBox(d.box, label=label) for d, label in zip(detections, labels)])  # (H, W, 3)
+    boxes = [DrawnBox(d.box, label=label) for d, label in zip(detections, labels)]
+    picture = draw_boxes(frame.rgb, boxes, mask=mask)  # (H, W, 3)
     message = Image(header=frame.header)
     fill_image(message, picture, "rgb8")
     return message

@@ -96,7 +96,8 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("precomputed_frame_tolerance_s", 0.3, "Use image features computed during speech if their frame is this close to the chosen one", range=(0.0, 10.0, 0.0), runtime=True),
     )),
     ("Output and operation", (
-        Parameter("publish_debug_image", False, "Publish the image with the box drawn on csref/debug_image", runtime=True),
+        Parameter("publish_debug_image", False, "Publish the image with the box (and mask) drawn on csref/debug_image", runtime=True),
+        Parameter("publish_mask", False, "With a model that has a mask head: the target's mask as mono8 (0/255) at camera resolution on csref/target_mask, with the Detection2D's header", runtime=True),
         Parameter("max_pending_utterances", 2, "Utterances waiting for inference; when full the oldest is dropped (counted)", range=(1, 64, 1)),
         Parameter("diagnostics_period_s", 1.0, "Period of /diagnostics messages", range=(0.1, 60.0, 0.0)),
         Parameter("autostart", True, "Configure and activate on start-up (otherwise wait for lifecycle transitions)"),

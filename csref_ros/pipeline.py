@@ -168,6 +168,8 @@ class Outcome:
     frame: CameraFrame
     detections: tuple[Detection, ...]  # best first, at most top_k, each scoring >= score_threshold
     depth: DepthFrame | None  # the depth frame matched to `frame` (use_depth, and a box to locate)
+    # (H, W) bool, the best detection's pixels in `frame`, when the model has a mask head
+    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -472,15 +474,17 @@ class Pipeline:
         height, width = frame.rgb.shape[:2]
         passing = [row for row in result.candidates if row[4] >= settings.score_threshold]  # (5,) each, best first
         depth = self.depth_for(job, stamped.stamp_s, settings) if passing and self.depth_frames is not None else None
+        mask = result.mask if passing else None  # the best cell's, so it goes with detections[0]
         detections = []
-        for row in passing:
+        for rank, row in enumerate(passing):
             x1, y1, x2, y2 = (float(v) for v in np.clip(row[:4], 0, [width, height, width, height]))
             target = None
             if depth is not None:
-                target = locate_box(depth.image, (x1, y1, x2, y2), (width, height), settings.depth_limits)
+                target = locate_box(depth.image, (x1, y1, x2, y2), (width, height), settings.depth_limits,
+                                    mask=mask if rank == 0 else None)
                 self.counters.add("targets_located" if target is not None else "targets_without_depth")
             detections.append(Detection((x1, y1, x2, y2), float(row[4]), target))
-        self.callbacks.publish(Outcome(job, frame, tuple(detections), depth))
+        self.callbacks.publish(Outcome(job, frame, tuple(detections), depth, mask))
         if not detections:
             self.counters.add("utterances_below_threshold")
             self.callbacks.log(

@@ -11,9 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from std_msgs.msg import Header
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE
+from csref_model.config import load_model_config
+from csref_model.srec import build_srec
+from csref_ros.messages import mask_image
 from csref_ros.parameters import PARAMETERS
 from csref_ros.pipeline import CameraFrame, Outcome, Pipeline, PipelineCallbacks, PipelineSettings, SpeechState, UtteranceJob
 from speech_support import espeak_16k, speech_with_pauses
@@ -289,3 +294,36 @@ def test_given_utterance_is_grounded_outside_the_vad(running, command):
     assert outputs.published[0][0] is job and job.number == 1
     assert job.end_s - job.start_s == pytest.approx(len(command) / SAMPLE_RATE)
     assert outputs.speech_events == []  # no VAD involved
+
+
+def test_a_model_with_a_mask_head_gives_the_target_mask_at_frame_resolution(command):
+    config = load_model_config("tiny")
+    config.mask_head.enabled = True
+    torch.manual_seed(0)
+    grounder = Grounder(build_srec(config, load_pretrained=False), config)
+    outputs = Outputs()
+    pipeline = Pipeline(settings(), outputs.callbacks())
+    pipeline.start(grounder)
+    pipeline.activate(frame_history_s=3.0, frame_history_rate_hz=10.0)
+    try:
+        with Camera(pipeline, period_s=0.05):
+            time.sleep(0.2)
+            pipeline.enqueue(pipeline.given_utterance(command, time.time()))
+            assert outputs.wait_for(lambda: outputs.outcomes), outputs.problems
+    finally:
+        pipeline.deactivate()
+        pipeline.stop()
+    outcome = outputs.outcomes[0]
+    assert outcome.mask is not None and outcome.mask.shape == (HEIGHT, WIDTH) and outcome.mask.dtype == bool
+    mono8 = mask_image(Header(frame_id="camera"), outcome.mask, WIDTH * 2, HEIGHT * 2)  # a camera at twice the size
+    pixels = np.frombuffer(bytes(mono8.data), np.uint8).reshape(HEIGHT * 2, WIDTH * 2)
+    assert set(np.unique(pixels)) <= {0, 255} and (pixels == 255).sum() == 4 * outcome.mask.sum()
+
+
+def test_a_box_only_model_gives_no_mask(running, command):
+    pipeline, outputs = running
+    with Camera(pipeline, period_s=0.05):
+        time.sleep(0.2)
+        pipeline.enqueue(pipeline.given_utterance(command, time.time()))
+        assert outputs.wait_for(lambda: outputs.outcomes), outputs.problems
+    assert outputs.outcomes[0].mask is None
