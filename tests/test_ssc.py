@@ -172,6 +172,20 @@ def test_generator_writes_masks_and_several_referents(setup):
                 assert abs(ys.min() - y) <= 1 and abs(ys.max() + 1 - (y + h)) <= 1
 
 
+def test_truth_select_scores_one_and_needs_masks(setup, tmp_path):
+    # The true masks written as "selected" masks evaluate to 1 on every metric: the evaluation
+    # and the mask files agree pixel for pixel. Train entries without masks are refused clearly.
+    config = "config/train/ssc_spoken_shapes.yaml"
+    stage = [f"task.stage_dir={tmp_path / 'stages'}"]
+    ssc.main(["select", "--config", config, "--split", "val", "--method", "truth", *overrides(setup, *stage)])
+    metrics = ssc.main(["evaluate", "--config", config, "--split", "val", "--select", "truth", *overrides(setup, *stage)])
+    assert metrics["miou"] == metrics["oiou"] == metrics["prec@0.9"] == metrics["box_acc_50"] == 1.0
+    with pytest.raises(ValueError, match="--train-masks"):
+        ssc.main(["select", "--config", config, "--split", "train", "--method", "truth", *overrides(setup, *stage)])
+    with pytest.raises(ValueError, match="train_masks needs masks"):
+        generate_dataset(SynthConfig(out=tmp_path / "data", train_masks=True), {"train": 1})
+
+
 def test_stages_end_to_end(setup, tmp_path):
     config = "config/train/ssc_spoken_shapes.yaml"
     stages = setup["root"] / "stages"
