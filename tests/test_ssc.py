@@ -202,7 +202,9 @@ def test_stages_end_to_end(setup, tmp_path):
 
     train = ["init_checkpoint=null", f"model_overrides={json.dumps(TEST_MODEL)}", "batch_size=2", "max_steps=2",
              "epochs=1", "ema.enabled=false", "data.val_split=val"]
-    ssc.main(["correct", "--config", config, *overrides(setup, f"output_dir={tmp_path / 'random'}", *train)])
+    # A fresh trunk: the backbone from the detector (same CSPDarknet size), the rest random.
+    ssc.main(["correct", "--config", config, *overrides(setup, f"output_dir={tmp_path / 'random'}", *train,
+                                                        f"task.visual_encoder_checkpoint={setup['detector']}")])
     ssc.main(["correct", "--config", config, *overrides(setup, f"output_dir={tmp_path / 'greedy'}", "task.loss=greedy_ce",
                                                         *train[1:], f"init_checkpoint={tmp_path / 'random' / 'last'}")])
     model, model_config = build_srec_from_checkpoint(tmp_path / "greedy" / "last")
