@@ -7,6 +7,7 @@
     python -m csref_training.ssc correct  --config Y task.loss=greedy_ce init_checkpoint=runs/ssc_random/best \
         output_dir=runs/ssc_greedy
     python -m csref_training.ssc evaluate --config Y --split test (--checkpoint runs/ssc_greedy/best | --select METHOD)
+    python -m csref_training.ssc correct  --config Y task.select_method=truth output_dir=runs/ssc_truth  # upper bound
 
 Every stage writes inspectable files under `task.stage_dir`:
     segment/<split>/instances_<sent_id>.png  per referent (S+S+C's per-referent instance-mask file):
@@ -24,7 +25,8 @@ Spoken Shapes' flat-coloured objects from their backgrounds (a test checks IoU >
 Select (zero-shot, from the speech only): `refclip` scores each instance by RefCLIP's dot product
 of the frozen CSA speech vector with the candidate cell whose box best matches the instance's;
 baselines `first` (the most object-like), `random`, and `best` (oracle: the true mask, else the
-true box; never for training a reported model).
+true box; never for training a reported model); `truth` writes the true masks themselves (train
+masks from the generator's --train-masks), the fully supervised upper bound's targets.
 Correct: SREC with its mask head (csref_model.mask_head) on the shared training loop, towards
 the selected masks (`random_ce`), then towards all instances with constrained greedy matching
 (`greedy_ce`), both with the class-weighted cross-entropy (csref_training.referring_masks).

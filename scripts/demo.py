@@ -395,6 +395,9 @@ def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, ti
         print(f"target   {box_text(scene.target_box)}  IoU {match_iou:.2f}: {'MATCH' if match_iou > MATCH_IOU else 'MISS'}")
     latency = f"{outcome.latency_ms} ms" if outcome.latency_ms else "not reported"
     print(f"latency  {latency} from the end of speech to the box (the node's /diagnostics)")
+    if want_mask:
+        print("mask     none arrived on /csref/target_mask" if outcome.mask is None
+              else f"mask     {int(outcome.mask.sum())} px from /csref/target_mask")
     print(f"picture  {annotated}")
     return 0
 

@@ -172,6 +172,20 @@ def test_generator_writes_masks_and_several_referents(setup):
                 assert abs(ys.min() - y) <= 1 and abs(ys.max() + 1 - (y + h)) <= 1
 
 
+def test_truth_select_scores_one_and_needs_masks(setup, tmp_path):
+    # The true masks written as "selected" masks evaluate to 1 on every metric: the evaluation
+    # and the mask files agree pixel for pixel. Train entries without masks are refused clearly.
+    config = "config/train/ssc_spoken_shapes.yaml"
+    stage = [f"task.stage_dir={tmp_path / 'stages'}"]
+    ssc.main(["select", "--config", config, "--split", "val", "--method", "truth", *overrides(setup, *stage)])
+    metrics = ssc.main(["evaluate", "--config", config, "--split", "val", "--select", "truth", *overrides(setup, *stage)])
+    assert metrics["miou"] == metrics["oiou"] == metrics["prec@0.9"] == metrics["box_acc_50"] == 1.0
+    with pytest.raises(ValueError, match="--train-masks"):
+        ssc.main(["select", "--config", config, "--split", "train", "--method", "truth", *overrides(setup, *stage)])
+    with pytest.raises(ValueError, match="train_masks needs masks"):
+        generate_dataset(SynthConfig(out=tmp_path / "data", train_masks=True), {"train": 1})
+
+
 def test_stages_end_to_end(setup, tmp_path):
     config = "config/train/ssc_spoken_shapes.yaml"
     stages = setup["root"] / "stages"
@@ -188,7 +202,9 @@ def test_stages_end_to_end(setup, tmp_path):
 
     train = ["init_checkpoint=null", f"model_overrides={json.dumps(TEST_MODEL)}", "batch_size=2", "max_steps=2",
              "epochs=1", "ema.enabled=false", "data.val_split=val"]
-    ssc.main(["correct", "--config", config, *overrides(setup, f"output_dir={tmp_path / 'random'}", *train)])
+    # A fresh trunk: the backbone from the detector (same CSPDarknet size), the rest random.
+    ssc.main(["correct", "--config", config, *overrides(setup, f"output_dir={tmp_path / 'random'}", *train,
+                                                        f"task.visual_encoder_checkpoint={setup['detector']}")])
     ssc.main(["correct", "--config", config, *overrides(setup, f"output_dir={tmp_path / 'greedy'}", "task.loss=greedy_ce",
                                                         *train[1:], f"init_checkpoint={tmp_path / 'random' / 'last'}")])
     model, model_config = build_srec_from_checkpoint(tmp_path / "greedy" / "last")
