@@ -193,7 +193,7 @@ class Im2Sp(nn.Module):
         region_tokens = self.region_proj(sampled.flatten(2).transpose(1, 2)) + self.region_pos  # (B, R*R, D)
         return self.prefix_norm(torch.cat([global_tokens, box_token.expand(batch, -1, -1), region_tokens], dim=1))
 
-    def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def logits(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """prefix (B, P, D), tokens (B, T) -> next-token logits (B, T, V)."""
         num_tokens = tokens.shape[1]
         if num_tokens > self.cfg.max_tokens:
@@ -205,14 +205,10 @@ class Im2Sp(nn.Module):
         hidden = self.final_norm(hidden[:, prefix.shape[1]:])  # (B, T, D)
         return hidden @ self.token_embedding.weight.t()  # (B, T, V), head tied to the embeddings
 
-    def loss(self, prefix: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: tokens (B, T) BOS ... EOS PAD... -> (mean cross-entropy, token accuracy)."""
-        logits = self(prefix, tokens[:, :-1])  # (B, T-1, V)
-        targets = tokens[:, 1:]
-        loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD)
-        valid = targets != PAD
-        accuracy = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
-        return loss, accuracy
+    def forward(self, region_map: torch.Tensor, global_map: torch.Tensor, boxes: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+        """Image maps + boxes (see `prefix`) and tokens (B, T) -> next-token logits (B, T, V)."""
+        return self.logits(self.prefix(region_map, global_map, boxes), tokens)
 
     @torch.no_grad()
     def greedy(self, prefix: torch.Tensor, max_units: int | None = None) -> list[list[int]]:
@@ -221,7 +217,7 @@ class Im2Sp(nn.Module):
         tokens = torch.full((prefix.shape[0], 1), BOS, dtype=torch.long, device=prefix.device)
         done = torch.zeros(prefix.shape[0], dtype=torch.bool, device=prefix.device)
         for _ in range(max_steps):
-            next_token = self(prefix, tokens)[:, -1].argmax(-1)  # (B,)
+            next_token = self.logits(prefix, tokens)[:, -1].argmax(-1)  # (B,)
             next_token = torch.where(done, torch.full_like(next_token, PAD), next_token)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             done |= next_token == EOS
@@ -241,7 +237,7 @@ class Im2Sp(nn.Module):
         scores = torch.zeros(1, device=prefix.device)  # (K,)
         finished: list[tuple[float, list[int]]] = []
         for _ in range(max_steps):
-            log_probs = self(prefix.expand(beams.shape[0], -1, -1), beams)[:, -1].log_softmax(-1)  # (K, V)
+            log_probs = self.logits(prefix.expand(beams.shape[0], -1, -1), beams)[:, -1].log_softmax(-1)  # (K, V)
             log_probs[:, PAD] = log_probs[:, BOS] = -math.inf
             candidates = (scores[:, None] + log_probs).flatten()  # (K*V,)
             top_scores, top_index = candidates.topk(min(2 * beam_size, candidates.numel()))
@@ -268,6 +264,16 @@ class Im2Sp(nn.Module):
         if not finished:
             finished.append((float(scores[0]) / beams.shape[1] ** length_penalty, beams[0, 1:].tolist()))
         return tokens_to_units(max(finished, key=lambda f: f[0])[1])
+
+
+def teacher_forcing_loss(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, T-1, V) of tokens[:, :-1] against tokens[:, 1:] (B, T) BOS ... EOS PAD... ->
+    (mean cross-entropy over the non-PAD targets, their token accuracy)."""
+    targets = tokens[:, 1:]
+    loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD)
+    valid = targets != PAD
+    accuracy = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
+    return loss, accuracy
 
 
 def build_im2sp_from_checkpoint(path: str | Path) -> tuple[Im2Sp, Im2SpConfig]:

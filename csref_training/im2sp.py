@@ -68,6 +68,7 @@ from csref_model.im2sp import (
     deduplicate,
     edit_distance,
     log_mel,
+    teacher_forcing_loss,
     units_to_tokens,
 )
 from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
@@ -121,6 +122,9 @@ class Im2SpTaskConfig:
     units: UnitsConfig = field(default_factory=UnitsConfig)
     # SREC checkpoint whose CSPDarknet becomes the decoder's frozen image encoder.
     image_checkpoint: str | None = None
+    # Directory where the frozen image encoder's maps of each split are kept between runs
+    # (<split>_<scenes>.pt; delete it after changing image_checkpoint); null = recompute each run.
+    feature_cache: str | None = None
     # Scenes read per split (null = all): keeps CPU runs small.
     max_scenes: dict[str, int] = field(default_factory=dict)
     val_scenes: int = 200  # scenes greedily decoded at each validation
@@ -143,11 +147,13 @@ def task_settings(cfg: TrainConfig) -> Im2SpTaskConfig:
 @dataclass(frozen=True)
 class Sample:
     """One (image, box, utterance) triple: the box (x1, y1, x2, y2, original px) is the target's,
-    or the whole image for captions; `key` names the utterance in units.json."""
+    or the whole image for captions; `key` names the utterance in units.json; `recording` is its
+    audio file for captions (Spoken Shapes expressions are spoken in the answer voice instead)."""
 
     image_path: Path
     box_xyxy: tuple[float, float, float, float] | None
     key: str
+    recording: Path | None = None
 
 
 def read_samples(data: DataConfig, split: str, limit: int | None = None) -> list[Sample]:
@@ -167,7 +173,9 @@ def read_samples(data: DataConfig, split: str, limit: int | None = None) -> list
             raise FileNotFoundError(f"caption listing not found: {json_path} (data.root/<split>.json)")
         listing = json.loads(json_path.read_text())
         image_base = Path(data.image_dir or Path(data.root) / listing["image_base_path"])
-        return [Sample(image_base / datum["image"], None, datum["wav"]) for datum in listing["data"][:limit]]
+        audio_base = Path(data.audio_root or Path(data.root) / listing["audio_base_path"])
+        return [Sample(image_base / datum["image"], None, datum["wav"], audio_base / datum["wav"])
+                for datum in listing["data"][:limit]]
     raise ValueError(f"data.format {data.format!r} is not one Im2Sp reads: use refcoco (Spoken Shapes) or places "
                      "(image + spoken caption listings such as SpokenCOCO / Flickr8k audio)")
 
@@ -179,16 +187,6 @@ def answer_voice_speech(text: str, units: UnitsConfig) -> np.ndarray:
     speech = speech[loud[0]:loud[-1] + 1] * (0.9 / np.abs(speech).max())
     pad = np.zeros(int(ANSWER_PAD_S * SAMPLE_RATE), dtype=np.float32)
     return np.concatenate([pad, speech, pad]).astype(np.float32)
-
-
-def utterance_audio(data: DataConfig, units: UnitsConfig, key: str, audio_dir: Path, index: int) -> Path:
-    """The audio file of utterance `key`: rendered in the answer voice (Spoken Shapes) or the recording."""
-    if data.format == "places":
-        listing = json.loads((Path(data.root) / "train.json").read_text())
-        return Path(data.audio_root or Path(data.root) / listing["audio_base_path"]) / key
-    path = audio_dir / f"{index:05d}.wav"
-    sf.write(path, answer_voice_speech(key, units), SAMPLE_RATE, subtype="PCM_16")
-    return path
 
 
 class FrameFeatures:
@@ -226,11 +224,19 @@ def build_units(cfg: TrainConfig) -> dict[str, Any]:
     out_dir = Path(units_cfg.dir)
     audio_dir = out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    split_keys = {}
+    split_keys, recordings = {}, {}
     for split in (cfg.data.train_split, cfg.data.val_split, "test"):
-        split_keys[split] = sorted({s.key for s in read_samples(cfg.data, split, settings.max_scenes.get(split))})
+        samples = read_samples(cfg.data, split, settings.max_scenes.get(split))
+        split_keys[split] = sorted({s.key for s in samples})
+        recordings.update({s.key: s.recording for s in samples})
     keys = sorted(set().union(*split_keys.values()))
-    audio = {key: utterance_audio(cfg.data, units_cfg, key, audio_dir, index) for index, key in enumerate(keys)}
+    audio = {}
+    for index, key in enumerate(keys):
+        if recordings[key] is None:
+            audio[key] = audio_dir / f"{index:05d}.wav"
+            sf.write(audio[key], answer_voice_speech(key, units_cfg), SAMPLE_RATE, subtype="PCM_16")
+        else:
+            audio[key] = recordings[key]
     logger.info("%d utterances (%s)", len(keys), ", ".join(f"{s} {len(k)}" for s, k in split_keys.items()))
 
     if units_cfg.source == "davenet":
@@ -287,12 +293,17 @@ class RegionUnits(Dataset):
     """Items {"region_map", "global_map", "box" (4,) letterboxed px, "tokens", "index"}. The frozen
     image encoder's maps are computed once here (fp16 in memory): training never runs it."""
 
-    def __init__(self, samples: list[Sample], units: dict[str, Any], image_encoder: Im2Sp, batch_size: int = 32):
+    def __init__(self, samples: list[Sample], units: dict[str, Any], image_encoder: Im2Sp,
+                 cache: Path | None = None, batch_size: int = 32):
         missing = [s.key for s in samples if s.key not in units["utterances"]]
         if missing:
             raise ValueError(f"{len(missing)} utterances have no units (e.g. {missing[0]!r}); rerun the units command")
         self.samples = samples
         self.tokens = [torch.tensor(units_to_tokens(units["utterances"][s.key]["units"])) for s in samples]
+        if cache is not None and cache.is_file():
+            cached = torch.load(cache, weights_only=True)
+            self.region_maps, self.global_maps, self.boxes = cached["region"], cached["global"], cached["boxes"]
+            return
         size = image_encoder.cfg.image_size
         region, global_, boxes = [], [], []
         for start in range(0, len(samples), batch_size):
@@ -307,6 +318,9 @@ class RegionUnits(Dataset):
             region.append(region_map.half())
             global_.append(global_map.half())
         self.region_maps, self.global_maps, self.boxes = torch.cat(region), torch.cat(global_), torch.stack(boxes)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"region": self.region_maps, "global": self.global_maps, "boxes": self.boxes}, cache)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -342,7 +356,7 @@ def evaluate_decoder(model: Im2Sp, dataset: RegionUnits, batch_size: int, greedy
     for start in range(0, len(dataset), batch_size):
         batch = collate_region_units([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         prefix = model.prefix(batch["region_map"], batch["global_map"], batch["box"])
-        loss, accuracy = model.loss(prefix, batch["tokens"])
+        loss, accuracy = teacher_forcing_loss(model.logits(prefix, batch["tokens"][:, :-1]), batch["tokens"])
         n = (batch["tokens"][:, 1:] != PAD).sum().item()
         losses.append(loss.item() * n)
         accuracies.append(accuracy.item() * n)
@@ -406,7 +420,9 @@ class Im2SpTask:
     def build_dataset(self, split: str, train: bool) -> Dataset:
         started = time.perf_counter()
         samples = read_samples(self.cfg.data, split, self.settings.max_scenes.get(split))
-        dataset = RegionUnits(samples, self.units, self.image_encoder)
+        cache = self.settings.feature_cache
+        dataset = RegionUnits(samples, self.units, self.image_encoder,
+                              Path(cache) / f"{split}_{len(samples)}.pt" if cache else None)
         logger.info("%s: %d samples, image features in %.0f s", split, len(dataset), time.perf_counter() - started)
         return dataset
 
@@ -415,9 +431,10 @@ class Im2SpTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device
-        core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        prefix = core.prefix(batch["region_map"].to(device), batch["global_map"].to(device), batch["box"].to(device))
-        return core.loss(prefix, batch["tokens"].to(device))[0]
+        tokens = batch["tokens"].to(device)
+        logits = model(batch["region_map"].to(device), batch["global_map"].to(device), batch["box"].to(device),
+                       tokens[:, :-1])
+        return teacher_forcing_loss(logits, tokens)[0]
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         return evaluate_decoder(model, dataset, self.cfg.eval_batch_size, self.settings.val_scenes)

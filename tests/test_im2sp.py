@@ -28,6 +28,7 @@ from csref_model.im2sp import (
     git_attention_mask,
     griffin_lim,
     log_mel,
+    teacher_forcing_loss,
     tokens_to_units,
     units_to_tokens,
 )
@@ -83,16 +84,20 @@ def test_head_is_tied_prefix_sees_no_text_and_beam_one_is_greedy():
     prefix = model.prefix(region_map, global_map, torch.tensor([[4.0, 8.0, 30.0, 40.0], [0.0, 0.0, 64.0, 64.0]]))
     assert prefix.shape == (2, 4 + 1 + 9, 16)
     tokens = torch.tensor([[BOS, 3, 4, 5], [BOS, 6, 7, 8]])
-    logits = model(prefix, tokens)
+    logits = model.logits(prefix, tokens)
+    assert torch.equal(model(region_map, global_map, torch.tensor([[4.0, 8.0, 30.0, 40.0], [0.0, 0.0, 64.0, 64.0]]),
+                             tokens), logits)
     # Causal: a token's logits do not change when later tokens do.
     changed = tokens.clone()
     changed[:, 3] = 3
-    assert torch.allclose(model(prefix, changed)[:, :3], logits[:, :3], atol=1e-5)
-    # Tied: doubling the embedding table changes the head identically.
+    assert torch.allclose(model.logits(prefix, changed)[:, :3], logits[:, :3], atol=1e-5)
+    # Tied: the head is the embedding table, so moving one token's embedding moves its logit only.
     with torch.no_grad():
-        model.token_embedding.weight[5] += 1.0
-    assert not torch.allclose(model(prefix, tokens)[..., 5], logits[..., 5])
-    loss, accuracy = model.loss(prefix, tokens)
+        model.token_embedding.weight[5] += torch.randn(16)  # not a constant: LayerNorm outputs sum to 0
+    moved = model.logits(prefix, tokens[:, :1])
+    assert not torch.allclose(moved[..., 5], logits[:, :1, 5])
+    assert torch.allclose(moved[..., 6], logits[:, :1, 6], atol=1e-5)
+    loss, accuracy = teacher_forcing_loss(logits[:, :-1], tokens)
     assert loss.item() > 0 and 0.0 <= accuracy.item() <= 1.0
     greedy = model.greedy(prefix, max_units=12)
     for row in range(2):
