@@ -167,15 +167,17 @@ def common(chain: dict[str, Path]) -> list[str]:
 
 def test_units_vocoder_decoder_answer_and_judges(chain, tmp_path, capsys):
     units = im2sp.main(["units", "--config", CONFIG, *common(chain)])
-    assert units["num_units"] == 8 and units["frame_s"] == pytest.approx(0.04)
+    assert units["num_units"] == 8 and units["frame_s"] == pytest.approx(0.02)  # the test CSA's 320-sample stride
     for key, utterance in units["utterances"].items():
         assert parse_expression(key).text == key and Path(utterance["audio"]).is_file()
         assert all(a != b for a, b in zip(utterance["units"], utterance["units"][1:]))  # deduplicated
         assert len(utterance["durations"]) == len(utterance["units"]) and min(utterance["durations"]) >= 1
     assert (chain["root"] / "units" / "kmeans_centroids.npy").is_file()
 
+    with pytest.raises(ValueError, match="set model_overrides.frames_per_unit"):  # 20 ms = 2 mel hops, not 4
+        im2sp.main(["vocoder", "--config", VOCODER_CONFIG, *common(chain), f"output_dir={tmp_path / 'no'}"])
     vocoder = im2sp.main(["vocoder", "--config", VOCODER_CONFIG, *common(chain), f"output_dir={tmp_path / 'vocoder'}",
-                          "model_overrides.hidden_size=16"])
+                          "model_overrides.hidden_size=16", "model_overrides.frames_per_unit=2"])
     assert vocoder["global_step"] == len(units["splits"]["train"]) // 4
     decoder = im2sp.main(["--config", CONFIG, *common(chain), *SMALL_DECODER, f"output_dir={tmp_path / 'decoder'}",
                           "epochs=2"])
