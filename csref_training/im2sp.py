@@ -109,7 +109,7 @@ class UnitsConfig:
 class JudgesConfig:
     """The evaluation's judges (checkpoints) and how many scenes they hear."""
 
-    csa_checkpoint: str | None = None  # Judge 1 (and the answer's text)
+    csa_checkpoint: str | None = None  # Judge 1
     srec_checkpoint: str | None = None  # Judge 2
     pocketsphinx: bool = True  # Judge 3
     scenes: int | None = None  # null = every scene of the split

@@ -43,7 +43,7 @@ import soundfile as sf
 
 from csref_model.audio import SAMPLE_RATE, load_audio
 from csref_model.boxes import box_iou
-from csref_model.im2sp import Answerer
+from csref_model.im2sp import ANSWER_LEXICON, Answerer
 from csref_model.visualize import TARGET_COLOUR, DrawnBox, draw_boxes, save_picture
 from csref_training.spoken_shapes.generate import SynthConfig
 from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, parse_expression
@@ -306,6 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--answer", type=Path, help="an Im2Sp answer directory (python -m csref_training.im2sp "
                         "bundle): say which object was chosen, as answer.wav next to annotated.png")
     args = parser.parse_args(argv)
+    if args.answer is not None and not (args.answer / ANSWER_LEXICON).is_file():
+        parser.error(f"{args.answer} is not an Im2Sp answer directory (no {ANSWER_LEXICON}); make one with "
+                     "python -m csref_training.im2sp bundle")
     if args.audio is not None and args.image is None:
         parser.error("AUDIO (--audio) goes with IMAGE (--image): a recording about your own picture")
     if args.image is not None:
@@ -375,7 +378,11 @@ def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, ti
 
 def speak_answer(answer_dir: Path, scene: DemoScene, outcome: Outcome, out_dir: Path) -> None:
     """The robot's spoken answer about the box it published (csref_model.im2sp.Answerer)."""
-    answer = Answerer.from_directory(answer_dir).answer(scene.image, outcome.box)
+    try:
+        answer = Answerer.from_directory(answer_dir).answer(scene.image, outcome.box)
+    except RuntimeError as error:  # the decoder said nothing for this box
+        print(f"answer   none: {error}")
+        return
     sf.write(out_dir / "answer.wav", answer.waveform, answer.sample_rate, subtype="PCM_16")
     print(f'answer   "{answer.text}" ({len(answer.waveform) / answer.sample_rate:.1f} s, {out_dir / "answer.wav"})')
 

@@ -39,6 +39,7 @@ from csref_training.speech_judges import GrammarRecogniser, all_expressions, exp
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.spoken_shapes.grammar import parse_expression
 from csref_training.spoken_shapes.speech import synthesize
+from test_demo import load_demo_script
 from test_training import TEST_MODEL
 
 CONFIG = "config/train/im2sp_spoken_shapes.yaml"
@@ -199,6 +200,13 @@ def test_units_vocoder_decoder_answer_and_judges(chain, tmp_path, capsys):
         assert answer.sample_rate == 16000 and answer.waveform.ndim == 1 and answer.text in lexicon
     with pytest.raises(ValueError, match="x2 > x1"):
         answerer.answer(image, (50.0, 30.0, 40.0, 90.0))
+    # The demo's answer: answer.wav beside its picture, and the text printed.
+    demo = load_demo_script()
+    capsys.readouterr()
+    scene = demo.DemoScene(image, tmp_path / "command.wav", "the red circle", "en-us", 1.0, None)
+    demo.speak_answer(tmp_path / "answer", scene, demo.Outcome(box=(40.0, 30.0, 120.0, 90.0)), tmp_path)
+    printed = capsys.readouterr().out
+    assert printed.startswith("answer   none: ") or ((tmp_path / "answer.wav").is_file() and printed.startswith('answer   "'))
 
     capsys.readouterr()
     report = im2sp.main(["evaluate", "--config", CONFIG, "--answer", str(tmp_path / "answer"), "--split", "test",
@@ -223,3 +231,6 @@ def test_bad_settings_are_named(chain, tmp_path, capsys):
     assert "not an answer directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="model must be 'im2sp'"):
         im2sp.main(["--config", CONFIG, *common(chain), "model=tiny", f"output_dir={tmp_path / 'x'}"])
+    with pytest.raises(SystemExit):
+        load_demo_script().parse_args(["--answer", str(tmp_path / "none")])
+    assert "is not an Im2Sp answer directory" in capsys.readouterr().err
