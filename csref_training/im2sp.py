@@ -572,6 +572,9 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     judges = settings.judges
     answerer = Answerer.from_directory(args.answer, beam_size=settings.beam_size)
     units = read_units(settings.units)
+    if args.split not in units["splits"]:
+        raise ValueError(f"{settings.units.dir}/{UNITS_FILE} has no units for split {args.split!r} "
+                         f"(it has {', '.join(units['splits'])})")
     samples = read_samples(cfg.data, args.split, judges.scenes)
     images = [read_rgb(s.image_path) for s in samples]
     ann = json.loads(refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path).ann_path.read_text())
@@ -583,7 +586,7 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     if judges.csa_checkpoint:
         retrievers["grammar"] = ExpressionRetriever.from_checkpoint(judges.csa_checkpoint, all_expressions())
         retrievers["split"] = ExpressionRetriever(retrievers["grammar"].csa, load_tokenizer(
-            read_config(judges.csa_checkpoint).text_encoder), sorted({s.key for s in samples}))
+            read_config(judges.csa_checkpoint).text_encoder), units["splits"][args.split])
     grounder = Grounder.from_checkpoint(judges.srec_checkpoint) if judges.srec_checkpoint else None
     recogniser = GrammarRecogniser() if judges.pocketsphinx else None
     out_dir = Path(args.out)
