@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 # CPU build of torch; users with CUDA or Jetson install their own torch before `pip install .`.
 TORCH_PIN := torch==2.13.0
-EXTRAS := train,ros,export,test
+EXTRAS := train,ros,export,im2sp,test
 APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsndfile1 libportaudio2 cmake g++ python3-dev
 # Every ROS process we start stays on loopback.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST

@@ -56,6 +56,9 @@ setup(
             "onnxruntime>=1.18",
         ],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        # Im2Sp (csref_training.im2sp): k-means units, and Judge 3's recogniser (English acoustic
+        # model trained on real speech, shipped inside the package).
+        "im2sp": ["scikit-learn>=1.3", "pocketsphinx>=5.0"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     zip_safe=True,

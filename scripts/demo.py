@@ -46,6 +46,7 @@ import soundfile as sf
 from csref_model.audio import SAMPLE_RATE, load_audio
 from csref_model.boxes import box_iou
 from csref_model.checkpoint import read_config
+from csref_model.im2sp import ANSWER_LEXICON, Answerer
 from csref_model.visualize import TARGET_COLOUR, DrawnBox, draw_boxes, save_picture
 from csref_training.spoken_shapes.generate import SynthConfig
 from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, parse_expression
@@ -329,7 +330,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--audio", type=Path, help="your own recording (WAV/FLAC) of the command, with --image")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "demo", help="where the PNGs, WAV and logs go")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the box after the node starts")
+    parser.add_argument("--answer", type=Path, help="an Im2Sp answer directory (python -m csref_training.im2sp "
+                        "bundle): say which object was chosen, as answer.wav next to annotated.png")
     args = parser.parse_args(argv)
+    if args.answer is not None and not (args.answer / ANSWER_LEXICON).is_file():
+        parser.error(f"{args.answer} is not an Im2Sp answer directory (no {ANSWER_LEXICON}); make one with "
+                     "python -m csref_training.im2sp bundle")
     if args.audio is not None and args.image is None:
         parser.error("AUDIO (--audio) goes with IMAGE (--image): a recording about your own picture")
     if args.image is not None:
@@ -402,6 +408,17 @@ def report(scene: DemoScene, outcome: Outcome, out_dir: Path, node_log: Path, ti
     return 0
 
 
+def speak_answer(answer_dir: Path, scene: DemoScene, outcome: Outcome, out_dir: Path) -> None:
+    """The robot's spoken answer about the box it published (csref_model.im2sp.Answerer)."""
+    try:
+        answer = Answerer.from_directory(answer_dir).answer(scene.image, outcome.box)
+    except RuntimeError as error:  # the decoder said nothing for this box
+        print(f"answer   none: {error}")
+        return
+    sf.write(out_dir / "answer.wav", answer.waveform, answer.sample_rate, subtype="PCM_16")
+    print(f'answer   "{answer.text}" ({len(answer.waveform) / answer.sample_rate:.1f} s, {out_dir / "answer.wav"})')
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = args.checkpoint.resolve()
@@ -446,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = ground_over_ros(scene, node, args.timeout, want_mask)
         status = report(scene, outcome, out_dir, node_log, args.timeout, want_mask)
+        if args.answer is not None and status == 0:
+            speak_answer(args.answer, scene, outcome, out_dir)
         print(f"took     {time.monotonic() - start:.1f} s")
         return status
     finally:

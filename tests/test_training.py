@@ -30,6 +30,7 @@ from csref_training import evaluate
 from csref_training.checkpointing import TRAINER_STATE
 from csref_training.davenet import davenet_model_config
 from csref_training.detector import detector_model_config
+from csref_training.im2sp import task_settings as im2sp_task_settings
 from csref_training.refclip import task_settings as refclip_task_settings
 from csref_training.ssc import ssc_model_config
 from csref_training.optim import EMA, build_optimizer_and_scheduler, set_train_mode, warmup_cosine_lr
@@ -128,6 +129,10 @@ def test_shipped_training_configs_load(path: Path) -> None:
         assert davenet_model_config(cfg).image.image_size > 0
     elif task == "ssc":
         assert ssc_model_config(cfg).mask_head.enabled
+    elif task == "im2sp":
+        # Its image-encoder config and unit count come from a checkpoint and units made first.
+        settings = im2sp_task_settings(cfg)
+        assert cfg.model in ("im2sp", "unit_vocoder") and settings.units.checkpoint and settings.units.num_units > 0
     else:
         assert task == "refclip"
         # Its detector and speech-encoder configs come from checkpoints that are trained first.
