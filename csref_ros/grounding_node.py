@@ -35,6 +35,7 @@ the best box's centre as PointStamped on csref/target_point, in the depth image'
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -59,12 +60,13 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.task import Future
 from rclpy.time import Time as RclpyTime
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import Bool, Header
+from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import SetBool
 from vision_msgs.msg import Detection2D, Detection2DArray, Detection3DArray
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE, resample
+from csref_model.im2sp import Answerer
 from csref_ros.audio import AUDIO_SOURCE_COUNTERS, MicrophoneSource, WavFileSource
 from csref_ros.audio_messages import AudioMessageError, AudioStream, audio_to_mono, has_samples
 from csref_ros.counters import Counters
@@ -79,6 +81,7 @@ from csref_ros.image_conversion import (
 )
 from csref_ros.image_watchdog import WATCHDOG_COUNTERS, ImageWatchdog, subscription_qos
 from csref_ros.messages import (
+    audio_stamped,
     debug_image,
     detection_array,
     detections_3d,
@@ -116,6 +119,8 @@ NODE_COUNTERS = (
     "depth_rejected",  # use_depth: not usable (encoding, size, camera_info that does not fit)
     "depth_without_camera_info",  # use_depth: depth images dropped because no camera_info had arrived
     "transform_failures",  # target_frame: no transform to it at the stamp (3D output skipped)
+    "answers",  # answer_directory: spoken answers published on csref/answer_audio
+    "answers_failed",  # answer_directory: the answer model said nothing for a box (logged)
 )
 # How long the inference thread waits for a tf2 transform before counting a failure.
 TRANSFORM_TIMEOUT_S = 0.1
@@ -165,6 +170,10 @@ class GroundingNode(LifecycleNode):
         self.detections_publisher = None
         self.debug_image_publisher = None
         self.mask_publisher = None
+        self.answerer: Answerer | None = None  # with answer_directory
+        self.answer_worker: ThreadPoolExecutor | None = None  # answers are made off the inference thread
+        self.answer_audio_publisher = None
+        self.answer_text_publisher = None
         self.utterance_publisher = None
         self.voice_activity_publisher = None
         self.image_subscription = None
@@ -225,10 +234,13 @@ class GroundingNode(LifecycleNode):
                 self.audio_source = self.wav_file_source(values)
             if values["target_frame"]:
                 self.start_tf(values["target_frame"])
+            if values["answer_directory"]:
+                self.answerer = Answerer.from_directory(values["answer_directory"])
         except Exception as error:  # any failure to load must leave the node unconfigured, with the reason
             self.configure_error = f"not configured: {error}"
             self.grounder = None
             self.audio_source = None
+            self.answerer = None
             self.get_logger().error(self.configure_error)
             return TransitionCallbackReturn.FAILURE
         self.configure_error = ""
@@ -238,6 +250,10 @@ class GroundingNode(LifecycleNode):
         self.mask_publisher = self.create_publisher(Image, "csref/target_mask", 10)
         self.utterance_publisher = self.create_publisher(AudioStamped, "csref/utterance", 10)
         self.voice_activity_publisher = self.create_publisher(Bool, "csref/voice_activity", 10)
+        if self.answerer is not None:
+            self.answer_audio_publisher = self.create_publisher(AudioStamped, "csref/answer_audio", 10)
+            self.answer_text_publisher = self.create_publisher(String, "csref/answer_text", 10)
+            self.answer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")
         if values["use_depth"]:
             self.target_3d_publisher = self.create_publisher(Detection3DArray, "csref/target_3d", 10)
             self.target_point_publisher = self.create_publisher(PointStamped, "csref/target_point", 10)
@@ -377,9 +393,13 @@ class GroundingNode(LifecycleNode):
 
     def release_model(self) -> None:
         self.pipeline.stop()
+        if self.answer_worker is not None:
+            self.answer_worker.shutdown(wait=True, cancel_futures=True)  # before its publishers go
+            self.answer_worker = None
         publishers = (
             self.detection_publisher, self.detections_publisher, self.debug_image_publisher, self.mask_publisher,
             self.utterance_publisher, self.voice_activity_publisher, self.target_3d_publisher, self.target_point_publisher,
+            self.answer_audio_publisher, self.answer_text_publisher,
         )
         for publisher in publishers:
             if publisher is not None:
@@ -387,6 +407,8 @@ class GroundingNode(LifecycleNode):
         self.detection_publisher = self.detections_publisher = self.debug_image_publisher = self.mask_publisher = None
         self.utterance_publisher = self.voice_activity_publisher = None
         self.target_3d_publisher = self.target_point_publisher = None
+        self.answer_audio_publisher = self.answer_text_publisher = None
+        self.answerer = None
         self.tf_buffer = self.tf_listener = None
         self.grounder = None
         self.audio_source = None
@@ -593,11 +615,40 @@ class GroundingNode(LifecycleNode):
         else:
             status, message = "no_match", f"utterance {number}: no box passed score_threshold"
         self.requests.finish(outcome.job, GoalOutcome(status, message, outcome.job, tuple(array.detections), frame.header))
+        if outcome.detections and self.answer_worker is not None:
+            self.answer_worker.submit(self.speak_answer, frame, outcome.detections[0].box, number)
         if outcome.mask is not None and self.values["publish_mask"] and self.mask_publisher is not None:
             height, width = frame.rgb.shape[:2]
             self.mask_publisher.publish(mask_image(frame.header, outcome.mask, width, height))
         if outcome.detections and self.values["publish_debug_image"] and self.debug_image_publisher is not None:
             self.debug_image_publisher.publish(debug_image(frame, outcome.detections, number, outcome.mask))
+
+    def speak_answer(self, frame: CameraFrame, box: tuple[float, float, float, float], number: int) -> None:
+        """Answer worker: what the robot understood, as speech on csref/answer_audio (the frame's
+        header, as the Detection2D's) and as text on csref/answer_text."""
+        try:
+            answer = self.answerer.answer(frame.rgb, box)
+        except (RuntimeError, ValueError) as error:
+            self.counters.add("answers_failed")
+            self.report_problem(f"utterance {number}: no spoken answer: {error}", kind="answer failed")
+            return
+        self.answer_audio_publisher.publish(audio_stamped(frame.header, answer.waveform, answer.sample_rate))
+        self.answer_text_publisher.publish(String(data=answer.text))
+        self.counters.add("answers")
+        self.get_logger().info(f"utterance {number}: answered \"{answer.text}\" ({answer.waveform.size / answer.sample_rate:.1f} s)")
+        if self.values["answer_play"]:
+            self.play(answer.waveform, answer.sample_rate)
+
+    def play(self, waveform: np.ndarray, sample_rate: int) -> None:
+        try:
+            import sounddevice  # optional: PortAudio may be missing where answers are only published
+        except OSError as error:
+            self.report_problem(f"answer_play: PortAudio is not available ({error})", kind="answer play")
+            return
+        try:
+            sounddevice.play(waveform, sample_rate)  # returns at once; PortAudio plays it
+        except sounddevice.PortAudioError as error:
+            self.report_problem(f"answer_play: cannot play on the default output ({error})", kind="answer play")
 
     def publish_voice_activity(self, active: bool) -> None:
         """The pipeline's voice_activity callback (audio thread)."""

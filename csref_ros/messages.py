@@ -80,14 +80,18 @@ def target_point(header: Header, point: tuple[float, float, float], transform: R
     return message
 
 
-def utterance_audio(job: UtteranceJob) -> AudioStamped:
-    """The grounded segment as float32 mono 16 kHz, stamped with its first voiced frame."""
-    message = AudioStamped()
-    message.header.stamp = s_to_time(job.start_s)
-    message.audio.audio_data.float32_data = job.samples.astype(np.float32, copy=False)
+def audio_stamped(header: Header, samples: np.ndarray, sample_rate: int) -> AudioStamped:
+    """(N,) mono samples in [-1, 1) as float32 audio_common_msgs/AudioStamped, one chunk."""
+    message = AudioStamped(header=header)
+    message.audio.audio_data.float32_data = samples.astype(np.float32, copy=False)
     message.audio.info.format, message.audio.info.channels = FLOAT32_FORMAT, 1
-    message.audio.info.rate, message.audio.info.chunk = SAMPLE_RATE, int(job.samples.size)
+    message.audio.info.rate, message.audio.info.chunk = int(sample_rate), int(samples.size)
     return message
+
+
+def utterance_audio(job: UtteranceJob) -> AudioStamped:
+    """The grounded segment, 16 kHz, stamped with its first voiced frame."""
+    return audio_stamped(Header(stamp=s_to_time(job.start_s)), job.samples, SAMPLE_RATE)
 
 
 def mask_image(header: Header, mask: np.ndarray, width: int, height: int) -> Image:

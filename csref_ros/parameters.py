@@ -95,6 +95,10 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("max_frame_age_s", 5.0, "A frame farther than this from the chosen time is not used (the utterance waits for a new one)", range=(0.01, 60.0, 0.0), runtime=True),
         Parameter("precomputed_frame_tolerance_s", 0.3, "Use image features computed during speech if their frame is this close to the chosen one", range=(0.0, 10.0, 0.0), runtime=True),
     )),
+    ("Spoken answer (Im2Sp): the robot says which object it chose", (
+        Parameter("answer_directory", "", "Answer model directory (python -m csref_training.im2sp bundle): after each box, the answer as audio on csref/answer_audio and its text on csref/answer_text; empty = off"),
+        Parameter("answer_play", False, "Also play each answer on the default sound output (sounddevice)", runtime=True),
+    )),
     ("Output and operation", (
         Parameter("publish_debug_image", False, "Publish the image with the box (and mask) drawn on csref/debug_image", runtime=True),
         Parameter("publish_mask", False, "With a model that has a mask head: the target's mask as mono8 (0/255) at camera resolution on csref/target_mask, with the Detection2D's header", runtime=True),

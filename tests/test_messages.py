@@ -10,6 +10,7 @@ from csref_ros.audio_messages import audio_to_mono
 from csref_ros.depth import RigidTransform, Target3D
 from csref_ros.image_conversion import image_to_rgb
 from csref_ros.messages import (
+    audio_stamped,
     debug_image,
     detection_array,
     detections_3d,
@@ -74,3 +75,12 @@ def test_debug_image_draws_on_a_copy_with_the_frame_header():
     drawn = image_to_rgb(message)
     assert drawn.shape == rgb.shape and message.header.frame_id == HEADER.frame_id
     assert drawn[20:80, 10:50].any() and not rgb.any()
+
+
+def test_an_answer_waveform_goes_out_with_the_detection_header_at_its_own_rate():
+    samples = np.linspace(-0.5, 0.5, 2205, dtype=np.float64)  # not float32, not 16 kHz
+    message = audio_stamped(HEADER, samples, 22050)
+    assert message.header.stamp == HEADER.stamp and message.header.frame_id == HEADER.frame_id
+    read, rate = audio_to_mono(message.audio)
+    assert rate == 22050 and message.audio.info.chunk == 2205
+    np.testing.assert_allclose(read, samples, atol=1e-7)
