@@ -47,6 +47,15 @@ class FrameBuffer:
         with self.changed:
             return self.frames[-1] if self.frames else None
 
+    def spread(self, spacing_s: float) -> list[StampedFrame]:
+        """Kept frames at least spacing_s apart, newest first (the views a best-view ranking compares)."""
+        with self.changed:
+            chosen: list[StampedFrame] = []
+            for frame in reversed(self.frames):
+                if not chosen or chosen[-1].stamp_s - frame.stamp_s >= spacing_s:
+                    chosen.append(frame)
+            return chosen
+
     def at(self, time_s: float, max_age_s: float) -> StampedFrame | None:
         """The frame on screen at time_s: the newest one stamped at or before it, at most
         max_age_s old; if all frames are newer, the first one within max_age_s after it."""

@@ -33,6 +33,8 @@ the best box's centre as PointStamped on csref/target_point, in the depth image'
 (or target_frame through tf2). std_msgs/Bool on csref/voice_activity when the voice starts/stops.
 """
 
+import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +68,7 @@ from vision_msgs.msg import Detection2D, Detection2DArray, Detection3DArray
 
 from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE, resample
+from csref_model.davenet import SpeechImageRetriever, best_view
 from csref_model.im2sp import Answerer
 from csref_ros.audio import AUDIO_SOURCE_COUNTERS, MicrophoneSource, WavFileSource
 from csref_ros.audio_messages import AudioMessageError, AudioStream, audio_to_mono, has_samples
@@ -171,7 +174,10 @@ class GroundingNode(LifecycleNode):
         self.debug_image_publisher = None
         self.mask_publisher = None
         self.answerer: Answerer | None = None  # with answer_directory
-        self.answer_worker: ThreadPoolExecutor | None = None  # answers are made off the inference thread
+        self.retriever: SpeechImageRetriever | None = None  # with best_view_checkpoint
+        # Answers and best views are made here, off the inference thread, after the box is out.
+        self.after_worker: ThreadPoolExecutor | None = None
+        self.best_view_publisher = None
         self.answer_audio_publisher = None
         self.answer_text_publisher = None
         self.utterance_publisher = None
@@ -236,11 +242,13 @@ class GroundingNode(LifecycleNode):
                 self.start_tf(values["target_frame"])
             if values["answer_directory"]:
                 self.answerer = Answerer.from_directory(values["answer_directory"])
+            if values["best_view_checkpoint"]:
+                self.retriever = SpeechImageRetriever.from_checkpoint(values["best_view_checkpoint"])
         except Exception as error:  # any failure to load must leave the node unconfigured, with the reason
             self.configure_error = f"not configured: {error}"
             self.grounder = None
             self.audio_source = None
-            self.answerer = None
+            self.answerer = self.retriever = None
             self.get_logger().error(self.configure_error)
             return TransitionCallbackReturn.FAILURE
         self.configure_error = ""
@@ -253,7 +261,10 @@ class GroundingNode(LifecycleNode):
         if self.answerer is not None:
             self.answer_audio_publisher = self.create_publisher(AudioStamped, "csref/answer_audio", 10)
             self.answer_text_publisher = self.create_publisher(String, "csref/answer_text", 10)
-            self.answer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")
+        if self.retriever is not None:
+            self.best_view_publisher = self.create_publisher(String, "csref/best_view", 10)
+        if self.answerer is not None or self.retriever is not None:
+            self.after_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="after_box")
         if values["use_depth"]:
             self.target_3d_publisher = self.create_publisher(Detection3DArray, "csref/target_3d", 10)
             self.target_point_publisher = self.create_publisher(PointStamped, "csref/target_point", 10)
@@ -393,13 +404,13 @@ class GroundingNode(LifecycleNode):
 
     def release_model(self) -> None:
         self.pipeline.stop()
-        if self.answer_worker is not None:
-            self.answer_worker.shutdown(wait=True, cancel_futures=True)  # before its publishers go
-            self.answer_worker = None
+        if self.after_worker is not None:
+            self.after_worker.shutdown(wait=True, cancel_futures=True)  # before its publishers go
+            self.after_worker = None
         publishers = (
             self.detection_publisher, self.detections_publisher, self.debug_image_publisher, self.mask_publisher,
             self.utterance_publisher, self.voice_activity_publisher, self.target_3d_publisher, self.target_point_publisher,
-            self.answer_audio_publisher, self.answer_text_publisher,
+            self.answer_audio_publisher, self.answer_text_publisher, self.best_view_publisher,
         )
         for publisher in publishers:
             if publisher is not None:
@@ -407,8 +418,8 @@ class GroundingNode(LifecycleNode):
         self.detection_publisher = self.detections_publisher = self.debug_image_publisher = self.mask_publisher = None
         self.utterance_publisher = self.voice_activity_publisher = None
         self.target_3d_publisher = self.target_point_publisher = None
-        self.answer_audio_publisher = self.answer_text_publisher = None
-        self.answerer = None
+        self.answer_audio_publisher = self.answer_text_publisher = self.best_view_publisher = None
+        self.answerer = self.retriever = None
         self.tf_buffer = self.tf_listener = None
         self.grounder = None
         self.audio_source = None
@@ -615,8 +626,10 @@ class GroundingNode(LifecycleNode):
         else:
             status, message = "no_match", f"utterance {number}: no box passed score_threshold"
         self.requests.finish(outcome.job, GoalOutcome(status, message, outcome.job, tuple(array.detections), frame.header))
-        if outcome.detections and self.answer_worker is not None:
-            self.answer_worker.submit(self.speak_answer, frame, outcome.detections[0].box, number)
+        if outcome.detections and self.answerer is not None:
+            self.after_worker.submit(self.speak_answer, frame, outcome.detections[0].box, number)
+        if self.retriever is not None:
+            self.after_worker.submit(self.publish_best_view, outcome.job)
         if outcome.mask is not None and self.values["publish_mask"] and self.mask_publisher is not None:
             height, width = frame.rgb.shape[:2]
             self.mask_publisher.publish(mask_image(frame.header, outcome.mask, width, height))
@@ -638,6 +651,23 @@ class GroundingNode(LifecycleNode):
         self.get_logger().info(f"utterance {number}: answered \"{answer.text}\" ({answer.waveform.size / answer.sample_rate:.1f} s)")
         if self.values["answer_play"]:
             self.play(answer.waveform, answer.sample_rate)
+
+    def publish_best_view(self, job: UtteranceJob) -> None:
+        """After-box worker: which kept frame (best_view_spacing_s apart) matches the utterance
+        best, as JSON on csref/best_view: its stamp and frame_id, score, lead over the runner-up
+        (null with one frame: nothing to compare) and the whole ranking."""
+        frames = self.pipeline.frames.spread(self.values["best_view_spacing_s"])
+        if not frames:
+            return
+        views = [(str(index), stamped.frame.rgb) for index, stamped in enumerate(frames)]
+        chosen = best_view(self.retriever, job.samples, SAMPLE_RATE, views)
+        best = frames[chosen.index]
+        self.best_view_publisher.publish(String(data=json.dumps({
+            "utterance": job.number, "topic": self.image_topic(), "stamp": best.stamp_s,
+            "frame_id": best.frame.header.frame_id, "score": chosen.score,
+            "margin": chosen.margin if math.isfinite(chosen.margin) else None,
+            "ranking": [{"stamp": frames[int(label)].stamp_s, "score": score} for label, score in chosen.ranking],
+        })))
 
     def play(self, waveform: np.ndarray, sample_rate: int) -> None:
         try:

@@ -99,6 +99,10 @@ PARAMETER_SECTIONS: tuple[tuple[str, tuple[Parameter, ...]], ...] = (
         Parameter("answer_directory", "", "Answer model directory (python -m csref_training.im2sp bundle): after each box, the answer as audio on csref/answer_audio and its text on csref/answer_text; empty = off"),
         Parameter("answer_play", False, "Also play each answer on the default sound output (sounddevice)", runtime=True),
     )),
+    ("Best view (ResDAVEnet-VQ): which recent frame shows what was said", (
+        Parameter("best_view_checkpoint", "", "Speech-image retrieval checkpoint (python -m csref_training.davenet): after each utterance, the recent frames are ranked by it and the best goes out on csref/best_view; empty = off"),
+        Parameter("best_view_spacing_s", 1.0, "Frames compared: the kept frames at least this far apart, over frame_history_s", range=(0.05, 60.0, 0.0), runtime=True),
+    )),
     ("Output and operation", (
         Parameter("publish_debug_image", False, "Publish the image with the box (and mask) drawn on csref/debug_image", runtime=True),
         Parameter("publish_mask", False, "With a model that has a mask head: the target's mask as mono8 (0/255) at camera resolution on csref/target_mask, with the Detection2D's header", runtime=True),

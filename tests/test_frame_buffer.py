@@ -79,3 +79,12 @@ def test_nearest_frame_for_syncing_depth_with_colour(buffer):
     assert buffer.nearest(10.45, max_difference_s=0.1) is None
     assert buffer.nearest(9.95, max_difference_s=0.1).frame == "frame@10.0"
     assert FrameBuffer().nearest(10.0, max_difference_s=1.0) is None
+
+
+def test_spread_keeps_frames_at_least_the_spacing_apart_newest_first():
+    buffer = FrameBuffer(capacity=30)
+    for index, stamp in enumerate([0.0, 0.3, 0.6, 1.0, 1.1, 2.05, 2.5]):
+        buffer.add(stamp, index)
+    assert [f.stamp_s for f in buffer.spread(1.0)] == [2.5, 1.1, 0.0]
+    assert [f.stamp_s for f in buffer.spread(0.0)] == [2.5, 2.05, 1.1, 1.0, 0.6, 0.3, 0.0]
+    assert FrameBuffer().spread(1.0) == []
