@@ -18,8 +18,9 @@ Models: `csref_model.im2sp` (decoder, vocoder, `Answerer`). Each training YAML's
   decoder learns what to say, not who says it). Captions (`data.format: places`, the paper's
   SpokenCOCO / Flickr8k audio as a Places-style listing): the key is the recording's path, the
   audio the recording itself, the box the whole image.
-- training (default command): teacher forcing; validation = loss, token accuracy and greedy
-  decoding's unit error rate (edit distance / reference length) on `val_scenes` scenes.
+- training (default command): teacher forcing; validation = loss (picks `best`), token accuracy,
+  and greedy decoding's unit error rate (edit distance / reference length) and exact-sequence
+  rate on `val_scenes` scenes.
 - `vocoder` trains the unit-to-mel model on the same utterances (Griffin-Lim makes the waveform).
 - `evaluate` generates answers (beam search) for unseen scenes and scores them with the judges of
   `speech_judges.py`, beside the same judges on the generator's own speech (the ceiling) and on
@@ -402,7 +403,9 @@ def im2sp_model_config(cfg: TrainConfig) -> Im2SpConfig:
 
 class Im2SpTask:
     name = "im2sp"
-    best_metric = "unit_error_rate"
+    # The teacher-forced loss, not greedy's unit error rate: a wrong expression shares most of its
+    # units with the right one ("the ... circle"), so that rate barely moves while the choice improves.
+    best_metric = "loss"
     higher_is_better = False
     model_config = staticmethod(im2sp_model_config)
     collate = staticmethod(collate_region_units)
