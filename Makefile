@@ -24,7 +24,8 @@ CHECKPOINT ?= models/spoken_shapes_tiny
 demo: setup
 	$(VPY) scripts/demo.py --checkpoint "$(CHECKPOINT)" $(if $(TEXT),--text "$(TEXT)") \
 		$(if $(VOICE),--voice "$(VOICE)") $(if $(SEED),--seed "$(SEED)") \
-		$(if $(IMAGE),--image "$(IMAGE)") $(if $(AUDIO),--audio "$(AUDIO)") $(if $(DEMO_OUT),--out "$(DEMO_OUT)")
+		$(if $(IMAGE),--image "$(IMAGE)") $(if $(AUDIO),--audio "$(AUDIO)") $(if $(DEMO_OUT),--out "$(DEMO_OUT)") \
+		$(if $(ANSWER),--answer "$(ANSWER)")
 
 setup: apt $(VENV)/.deps-stamp $(VENV)/.msgs-stamp
 
