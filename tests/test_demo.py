@@ -74,6 +74,10 @@ def test_make_demo_prints_the_spoken_objects_box_and_draws_it(tmp_path):
     assert result["voice"] in demo.HELDOUT_VOICES  # a voice the model did not train on
     assert result["iou"] == pytest.approx(float(box_iou(np.asarray(result["box_xyxy"]), np.asarray(result["target_xyxy"]))))
     assert result["match"] and result["iou"] > 0.5, run.stdout
+    # The demo model has a mask head, so the node published the target's mask (publish_mask).
+    assert re.search(r"^mask +\d+ px from /csref/target_mask$", run.stdout, re.MULTILINE), run.stdout
+    x1, y1, x2, y2 = result["box_xyxy"]
+    assert 0.15 * (x2 - x1) * (y2 - y1) < result["mask_pixels"] <= 1.5 * (x2 - x1) * (y2 - y1), result
 
 
 def test_make_demo_on_your_own_image_and_wav(tmp_path):
