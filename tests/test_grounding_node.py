@@ -6,6 +6,7 @@ The model is a randomly initialised tiny CSRef: its box must lie in the image; w
 demo model the box must match the spoken target (tests/test_demo_model.py).
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
+from csref_model.davenet import build_davenet, load_davenet_config
 from csref_model.srec import build_srec
 from ros_support import json_lines, ros_env, start_node, start_program, stop  # noqa: F401  (ros_env is a fixture)
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
@@ -151,6 +153,38 @@ def test_spoken_command_from_wav_file_gives_a_box(tmp_path, ros_env, tiny_checkp
     assert "image is empty (0x0 pixels)" in node_log
     assert "NaN/infinite audio samples replaced by 0" in node_log and "audio clipped" in node_log
     assert int(diagnostics["audio_problems"]) >= 2
+
+
+def test_best_view_ranks_the_kept_frames_after_each_utterance(tmp_path, ros_env, tiny_checkpoint, command):
+    """best_view_checkpoint: a (random) ResDAVEnet-VQ ranks the kept frames; the best goes out as JSON."""
+    davenet_config = load_davenet_config("davenet_tiny")
+    torch.manual_seed(0)
+    retrieval = save_checkpoint(tmp_path / "davenet", build_davenet(davenet_config), davenet_config)
+    wav, _ = command
+    detections, _, _, node_log = run_scenario(
+        tmp_path,
+        ros_env,
+        {
+            "model_checkpoint": tiny_checkpoint,
+            "audio_source": "file",
+            "audio_file": wav,
+            "image_topic": "/test_camera/image",
+            "best_view_checkpoint": retrieval,
+            "best_view_spacing_s": 0.5,
+        },
+        ["--topic", "/test_camera/image", "--width", str(WIDTH), "--height", str(HEIGHT), "--rate", "10"],
+        ["--count", "1", "--timeout", "120", "--string-topic", "/csref/best_view"],
+    )
+    assert len(detections) == 1, node_log
+    views = [json.loads(line["string"]) for line in json_lines(tmp_path / "listener.log") if "string" in line]
+    assert len(views) == 1, node_log
+    view = views[0]
+    assert view["utterance"] == 1 and view["topic"] == "/test_camera/image" and view["frame_id"] == "camera"
+    stamps = [entry["stamp"] for entry in view["ranking"]]
+    assert len(stamps) >= 2 and view["stamp"] == stamps[0] and view["margin"] >= 0.0
+    assert all(abs(a - b) >= 0.5 - 1e-6 for a, b in zip(sorted(stamps), sorted(stamps)[1:]))  # spaced as asked
+    scores = [entry["score"] for entry in view["ranking"]]
+    assert scores == sorted(scores, reverse=True) and view["score"] == scores[0]
 
 
 def test_microphone_through_alsa_gives_a_box(tmp_path, ros_env, tiny_checkpoint, command):

@@ -13,6 +13,7 @@ from audio_common_msgs.msg import AudioStamped
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import Image
+from std_msgs.msg import String
 from vision_msgs.msg import Detection2D, Detection2DArray, Detection3DArray
 
 
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--utterance-topic", help="also report the AudioStamped utterances on this topic")
     parser.add_argument("--depth", action="store_true",
                         help="also print csref/detections, csref/target_3d and csref/target_point messages")
+    parser.add_argument("--string-topic", action="append", default=[],
+                        help="also print std_msgs/String messages of this topic and wait for one (repeatable)")
     parser.add_argument("--until", metavar="KEY=VALUE", help="also stop once the diagnostics show this value")
     parser.add_argument("--until-at-least", metavar="KEY=N", action="append", default=[],
                         help="also stop once this diagnostics counter is >= N (repeatable: all must hold)")
@@ -85,6 +88,14 @@ def main() -> None:
         node.create_subscription(Detection3DArray, "/csref/target_3d", on_3d, 10)
         node.create_subscription(PointStamped, "/csref/target_point", on_point, 10)
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    strings: dict[str, list[str]] = {topic: [] for topic in args.string_topic}
+    for topic in args.string_topic:
+        def on_string(msg: String, topic: str = topic) -> None:
+            strings[topic].append(msg.data)
+            print(json.dumps({"topic": topic, "string": msg.data}), flush=True)
+
+        node.create_subscription(String, topic, on_string, 10)
+
     def condition_met() -> bool:
         if args.until:
             key, value = args.until.split("=", 1)
@@ -96,7 +107,10 @@ def main() -> None:
         return False
 
     deadline = time.monotonic() + args.timeout
-    while len(received) < args.count and not condition_met() and time.monotonic() < deadline:
+    def waiting() -> bool:
+        return (len(received) < args.count or not all(strings.values())) and not condition_met()
+
+    while waiting() and time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.1)
     settle = time.monotonic() + 1.5  # one more diagnostics message after the last detection
     while time.monotonic() < settle:
