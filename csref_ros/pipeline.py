@@ -480,8 +480,12 @@ class Pipeline:
             x1, y1, x2, y2 = (float(v) for v in np.clip(row[:4], 0, [width, height, width, height]))
             target = None
             if depth is not None:
-                target = locate_box(depth.image, (x1, y1, x2, y2), (width, height), settings.depth_limits,
-                                    mask=mask if rank == 0 else None)
+                box = (x1, y1, x2, y2)
+                target = None
+                if rank == 0 and mask is not None:
+                    target = locate_box(depth.image, box, (width, height), settings.depth_limits, mask=mask)
+                if target is None:  # no mask, or too few valid depths under it: the box's central part
+                    target = locate_box(depth.image, box, (width, height), settings.depth_limits)
                 self.counters.add("targets_located" if target is not None else "targets_without_depth")
             detections.append(Detection((x1, y1, x2, y2), float(row[4]), target))
         self.callbacks.publish(Outcome(job, frame, tuple(detections), depth, mask))
