@@ -71,6 +71,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def wait_until_active(node: subprocess.Popen, diagnostics: dict[str, str], log_path: Path) -> None:
+    """Until the node's /diagnostics (collected into `diagnostics`) say it is active; exit if it dies or takes 5 min."""
+    print(f"waiting for the node to be active (log: {log_path}) ...", flush=True)
+    deadline = time.monotonic() + 300
+    while diagnostics.get("state") != "active":
+        if node.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"the node did not become active; see {log_path}")
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_mutually_exclusive_group(required=True)
@@ -138,12 +148,7 @@ def main() -> None:
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
 
-    print(f"waiting for the node to be active (log: {work / 'node.log'}) ...", flush=True)
-    deadline = time.monotonic() + 300
-    while diagnostics.get("state") != "active":
-        if node.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"the node did not become active; see {work / 'node.log'}")
-        time.sleep(0.5)
+    wait_until_active(node, diagnostics, work / "node.log")
     timer = client.create_timer(1.0 / args.rate, publish_frame)
     started = time.monotonic()
     memory = [(0.0, rss_mb(node.pid))]

@@ -46,6 +46,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 from vision_msgs.msg import Detection2DArray
 
+from benchmark_node import rss_mb, wait_until_active  # scripts/, the node benchmark beside this one
 from csref_model.audio import SAMPLE_RATE, load_audio_16k
 from csref_model.boxes import box_iou
 from csref_ros.image_conversion import fill_image
@@ -151,13 +152,6 @@ def load_scenes(folder: Path) -> tuple[dict, list[Scene]]:
     scenes = [Scene(s["index"], s["shown_s"], s["speech_end_s"], s["text"], s["voice"], tuple(s["box_xyxy"]),
                     tuple(s["point_m"])) for s in meta["scenes"]]
     return meta, scenes
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Player:
@@ -312,12 +306,7 @@ def main() -> None:
     executor.add_node(client)
     threading.Thread(target=executor.spin, daemon=True).start()
 
-    print(f"waiting for the node to be active (log: {work / 'node.log'}) ...", flush=True)
-    deadline = time.monotonic() + 300
-    while diagnostics.get("state") != "active":
-        if node.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"the node did not become active; see {work / 'node.log'}")
-        time.sleep(0.5)
+    wait_until_active(node, diagnostics, work / "node.log")
     player.start_s = time.time() + 0.5
     player.thread.start()
     memory = [(0.0, rss_mb(node.pid))]
