@@ -262,11 +262,12 @@ def load_srec_weights(model: nn.Module, path: str | Path) -> LoadReport:
 
 
 def load_csa_speech_encoder(model: nn.Module, path: str | Path) -> LoadReport:
-    """The `speech_encoder.*` weights of a CSA checkpoint into `model.speech_encoder`.
+    """The `speech_encoder.*` weights of a CSA (or SREC) checkpoint into `model.speech_encoder`.
 
-    `model` is an SREC or CSA model. Every speech-encoder tensor of the CSA file must land; the
-    model's layer-fusion GELUConv (`fusion_modules`, SREC only) is not in CSA files and keeps its
-    initialisation, as in the reference. Text encoder and loss entries of the file are ignored.
+    `model` is an SREC or CSA model. Every speech-encoder tensor of the file must land except the
+    layer-fusion GELUConv (`fusion_modules`, SREC only): an SREC model keeps its initialisation when
+    the file is CSA's, as in the reference, and a CSA model leaves an SREC file's unused. Entries
+    outside `speech_encoder.` (text encoder, loss, an SREC's visual side) are ignored and reported.
     """
     prefix = "speech_encoder."
     state_dict = read_state_dict(path)
@@ -274,9 +275,11 @@ def load_csa_speech_encoder(model: nn.Module, path: str | Path) -> LoadReport:
     if not speech:
         raise ValueError(f"{path} has no '{prefix}*' entries, so it is not a CSA checkpoint "
                          f"(first keys: {format_keys(state_dict, 4)})")
-    report = load_into(model.speech_encoder, speech, f"{path} ({prefix}*)", allow_missing=("fusion_modules.",))
+    report = load_into(model.speech_encoder, speech, f"{path} ({prefix}*)", allow_missing=("fusion_modules.",),
+                       allow_unexpected=("fusion_modules.",))
     return LoadReport(loaded=[prefix + k for k in report.loaded], missing=[prefix + k for k in report.missing],
-                      unexpected=sorted(k for k in state_dict if not k.startswith(prefix)))
+                      unexpected=sorted([prefix + k for k in report.unexpected]
+                                        + [k for k in state_dict if not k.startswith(prefix)]))
 
 
 def load_visual_backbone(backbone: nn.Module, path: str | Path) -> LoadReport:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from csref_model.checkpoint import SerialisableConfig
+from csref_model.checkpoint import LoadReport, SerialisableConfig, format_keys
 from csref_model.checkpoint import save_checkpoint as save_model_dir
 from csref_training.distributed import DistInfo, barrier
 from csref_training.optim import EMA
@@ -184,3 +184,17 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def log_init_report(output_dir: Path, source: str, report: LoadReport) -> None:
+    """Log and save (init_report.json) exactly what an `init_speech_encoder` checkpoint initialised
+    and what it did not."""
+    report_path = output_dir / "init_report.json"
+    write_json(report_path, {"source": source, **dataclasses.asdict(report)})
+    # The tensors that keep their fresh initialisation are listed in full; the others are in the JSON.
+    logger.info("speech encoder initialised from %s: %d tensors loaded (%s); full lists in %s", source,
+                len(report.loaded), format_keys(report.loaded), report_path)
+    logger.info("NOT loaded (keep their fresh initialisation): %d tensors: %s", len(report.missing),
+                ", ".join(report.missing) or "none")
+    logger.info("in the file but not used: %d tensors (%s)", len(report.unexpected),
+                format_keys(report.unexpected) if report.unexpected else "none")

@@ -13,16 +13,19 @@ loss; its `speech_encoder.*` weights initialise SREC (`init_speech_encoder` of a
 The loop itself is `csref_training.trainer`.
 """
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from csref_model.checkpoint import load_csa_speech_encoder
 from csref_model.config import ModelConfig
 from csref_model.csa import build_csa
 from csref_model.text_encoder import load_tokenizer
 from csref_training import trainer
+from csref_training.checkpointing import log_init_report
 from csref_training.datasets import build_csa_dataset, collate_csa
 from csref_training.distributed import DistInfo
 from csref_training.evaluate import evaluate_csa
@@ -49,7 +52,13 @@ class CSATask:
         return build_csa_dataset(self.cfg.data, split=split, train=train, augment=self.cfg.augment)
 
     def initialise(self, model: nn.Module) -> None:
-        """Nothing to load: the encoders start from the pretrained weights the model config names."""
+        """The encoders start from the pretrained weights the model config names; `init_speech_encoder`
+        then replaces the speech encoder with that of one of our CSA or SREC checkpoints (to go on
+        aligning a trained encoder on other voices, engines or augmentation)."""
+        if self.cfg.init_speech_encoder:
+            report = load_csa_speech_encoder(model, self.cfg.init_speech_encoder)
+            if self.dist_info.is_main:
+                log_init_report(Path(self.cfg.output_dir), self.cfg.init_speech_encoder, report)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device

@@ -12,7 +12,6 @@ validation Acc@0.5. Checkpoints hold the EMA weights (the inference format); `tr
 next to them holds what exact resumption needs. The loop itself is `csref_training.trainer`.
 """
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from csref_model.checkpoint import LoadReport, format_keys, load_csa_speech_encoder, load_srec_weights
+from csref_model.checkpoint import load_csa_speech_encoder, load_srec_weights
 from csref_model.config import ModelConfig
 from csref_model.srec import build_srec
 from csref_training import trainer
-from csref_training.checkpointing import write_json
+from csref_training.checkpointing import log_init_report
 from csref_training.datasets import build_srec_dataset, collate_srec
 from csref_training.distributed import DistInfo
 from csref_training.evaluate import evaluate_srec
@@ -85,19 +84,6 @@ class SRECTask:
         """Acc@0.5, Acc@0.75 and mean IoU."""
         return evaluate_srec(model, dataset, self.cfg.eval_batch_size, self.dist_info.device, self.dist_info.rank,
                              self.dist_info.world_size, num_workers=self.cfg.data.num_workers)
-
-
-def log_init_report(output_dir: Path, source: str, report: LoadReport) -> None:
-    """Log and save exactly what the CSA checkpoint initialised and what it did not."""
-    report_path = output_dir / "init_report.json"
-    write_json(report_path, {"source": source, **dataclasses.asdict(report)})
-    # The tensors that keep their fresh initialisation are listed in full; the others are in the JSON.
-    logger.info("speech encoder initialised from %s: %d tensors loaded (%s); full lists in %s", source,
-                len(report.loaded), format_keys(report.loaded), report_path)
-    logger.info("NOT loaded (keep their fresh initialisation): %d tensors: %s", len(report.missing),
-                ", ".join(report.missing) or "none")
-    logger.info("in the file but not used: %d tensors (%s)", len(report.unexpected),
-                format_keys(report.unexpected) if report.unexpected else "none")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | int | None]:

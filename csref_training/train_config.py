@@ -104,9 +104,10 @@ class TrainConfig:
     # SREC only: SREC checkpoint (official .pth or our directory) whose weights initialise the
     # whole model, strictly, to fine-tune it (own scenes and voices). Ignored when resuming.
     init_checkpoint: str | None = None
-    # SREC only: CSA checkpoint (official .pth or our directory) whose speech_encoder.* weights
-    # initialise the SREC speech encoder (docs/REFERENCE_FACTS.md §9.1), after `init_checkpoint`, so
-    # they replace its speech encoder. Ignored when resuming.
+    # CSA and SREC: checkpoint (official .pth or our directory, CSA or SREC) whose speech_encoder.*
+    # weights initialise the speech encoder (SREC from CSA: docs/REFERENCE_FACTS.md §9.1; CSA from
+    # either, to go on aligning a trained encoder), after `init_checkpoint`, so they replace its
+    # speech encoder. Ignored when resuming.
     init_speech_encoder: str | None = None
     # Iterations between mid-epoch checkpoints (0 = only at the end of each epoch).
     save_every: int = 0
@@ -146,6 +147,9 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
         raise ValueError(f"{source}: amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp!r}")
     if cfg.multi_scale.enabled and any(s % 32 for s in cfg.multi_scale.sizes):
         raise ValueError(f"{source}: multi_scale.sizes must be multiples of 32, got {cfg.multi_scale.sizes}")
+    if not cfg.optim.lr > 0:
+        raise ValueError(f"{source}: optim.lr must be > 0 (the schedule is a multiple of it), got {cfg.optim.lr}; "
+                         "freeze modules with `freeze:` instead")
     return cfg
 
 

@@ -406,3 +406,17 @@ def test_layout_for_an_impossible_expression_says_why():
     with pytest.raises(ValueError, match="could not draw a scene in which \"the big circle on the left at the top\""):
         scene.layout_for_expression(Expression("circle", size="big", horizontal="left", vertical="top"), rng,
                                     background, max_attempts=200)
+
+
+def test_balance_engines_draws_engines_evenly() -> None:
+    """Ten espeak-ng voices and one festival voice: a voice draw gives festival ~1/11 of the time,
+    an engine-balanced draw ~1/2, and only ever voices of the list."""
+    voices = tuple(speech.TRAIN_VOICES[:10]) + ("festival:kal",)
+    draws = 4000
+    for balance, expected in ((False, 1 / 11), (True, 0.5)):
+        cfg = SynthConfig(out=Path("unused"), voices=voices, balance_engines=balance)
+        rng = np.random.default_rng(0)
+        picked = [generate.pick_voice(cfg, rng) for _ in range(draws)]
+        assert set(picked) <= set(voices)
+        assert picked.count("festival:kal") / draws == pytest.approx(expected, abs=0.03)
+    assert len(set(picked)) == len(voices)

@@ -114,6 +114,8 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_train_config(path, ["epochs=many"])
     with pytest.raises(ValueError, match=r"data\.max_duration must be a number or null, got 'long'"):
         load_train_config(path, ["data.max_duration=long"])
+    with pytest.raises(ValueError, match=r"optim\.lr must be > 0 .* got 0\.0; freeze modules"):
+        load_train_config(path, ["optim.lr=0.0"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "train").glob("*.yaml")), ids=lambda p: p.name)
@@ -442,6 +444,28 @@ def test_srec_fine_tune_from_srec_checkpoint_then_csa_speech_encoder(shapes_root
     assert visual
     for key, value in visual.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+
+
+def test_csa_continues_the_speech_encoder_of_an_srec_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
+    """CSA's init_speech_encoder takes an SREC directory (the demo model's encoder, to go on aligning
+    it on other engines): every speech tensor lands, the SREC's other tensors are reported unused."""
+    srec_config = load_train_config(write_config(tmp_path / "srec.yaml", shapes_root, tmp_path / "s"))
+    model_config = build_model_config(srec_config)
+    seed_all(3)
+    srec = build_srec(model_config)
+    save_checkpoint(tmp_path / "srec_dir", srec, model_config)
+
+    output_dir = tmp_path / "csa"
+    config = write_config(tmp_path / "csa.yaml", shapes_root, output_dir, epochs=1, max_steps=1,
+                          init_speech_encoder=str(tmp_path / "srec_dir"), freeze=["speech_encoder"])
+    run_module("csref_training.csa", config)
+    report = json.loads((output_dir / "init_report.json").read_text())
+    csa_speech_keys = {k for k in build_csa(model_config).state_dict() if k.startswith("speech_encoder.")}
+    assert set(report["loaded"]) == csa_speech_keys and not report["missing"]
+    assert any(k.startswith("visual_encoder.") for k in report["unexpected"])
+    weights, _ = _final_weights(output_dir)
+    for key in csa_speech_keys:  # frozen: still the SREC's encoder after a step
+        torch.testing.assert_close(weights[key], srec.state_dict()[key], rtol=0, atol=0)
 
 
 def test_srec_fine_tune_from_mismatching_checkpoint_fails_before_training(shapes_root: Path, tmp_path: Path) -> None:

@@ -19,19 +19,10 @@ from csref_training.spoken_shapes.scene import (
     SMALL_EXTENT,
     SMALL_EXTENT_FACTOR,
 )
+from csref_training.cli_args import number_range
 from csref_training.spoken_shapes.speech import VOICE_SETS, engine_version, parse_voice
 
 PROG = "python -m csref_training.spoken_shapes"
-
-
-def _pair(text: str, kind: type) -> tuple:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}")
-    lo, hi = (kind(p) for p in parts)
-    if lo > hi:
-        raise argparse.ArgumentTypeError(f"range {text!r} has its lower end above its upper end")
-    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,12 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     voices.add_argument("--voice-set", default="train",
                         help=f"comma-separated documented voice lists, e.g. train,flite-train: {', '.join(VOICE_SETS)} "
                              "(default: train, the espeak-ng training voices)")
-    parser.add_argument("--rate-range", type=lambda s: _pair(s, int), default=(130, 210),
+    parser.add_argument("--balance-engines", action="store_true",
+                        help="draw each utterance's engine uniformly among the voices' engines, then one of its "
+                             "voices (default: a voice uniformly, so espeak-ng's hundreds of voices outweigh the rest)")
+    parser.add_argument("--rate-range", type=number_range(int), default=(130, 210),
                         help="speaking rate range in words per minute (default 130,210)")
-    parser.add_argument("--pitch-range", type=lambda s: _pair(s, int), default=(20, 80),
+    parser.add_argument("--pitch-range", type=number_range(int), default=(20, 80),
                         help="espeak-ng pitch range 0-99 (default 20,80)")
     noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--snr-db-range", type=lambda s: _pair(s, float), default=(10.0, 40.0),
+    noise.add_argument("--snr-db-range", type=number_range(float), default=(10.0, 40.0),
                        help="SNR range of the additive noise in dB (default 10,40)")
     noise.add_argument("--no-noise", action="store_true", help="no additive noise at all")
     parser.add_argument("--noise-prob", type=float, default=0.5,
@@ -64,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='fraction of utterances with a carrier phrase such as "pick up" (default 0.5)')
     parser.add_argument("--backgrounds", default=",".join(BACKGROUNDS),
                         help="comma-separated subset of plain,gradient,photo")
-    parser.add_argument("--scene-scale", type=lambda s: _pair(s, float), default=None,
+    parser.add_argument("--scene-scale", type=number_range(float), default=None,
                         help="per-scene object scale range, e.g. 0.05,0.13: small objects get "
                              f"{SMALL_EXTENT_FACTOR[0]}-{SMALL_EXTENT_FACTOR[1]}x and big ones "
                              f"{BIG_EXTENT_FACTOR[0]}-{BIG_EXTENT_FACTOR[1]}x a scale drawn per scene, as a "
@@ -128,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         masks=args.masks,
         train_masks=args.train_masks,
         referents_per_scene=args.referents_per_scene,
+        balance_engines=args.balance_engines,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
     start = time.perf_counter()
@@ -143,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "counts": counts,
         "seed": cfg.seed,
         "voices": list(cfg.voices),
+        "balance_engines": cfg.balance_engines,
         "rate_range": list(cfg.rate_range),
         "pitch_range": list(cfg.pitch_range),
         "snr_db_range": list(cfg.snr_db_range),

@@ -28,6 +28,7 @@ from csref_training.spoken_shapes.scene import sample_layout
 from csref_training.spoken_shapes.speech import (
     TRAIN_VOICES,
     check_voices,
+    parse_voice,
     render_speech,
     render_word_sequence,
     speaker_dir_name,
@@ -70,6 +71,9 @@ class SynthConfig:
     # Up to this many referents per scene, each its own entry (same iid, sent_id = iid * this + r);
     # objects without a unique description are never referents.
     referents_per_scene: int = 1
+    # Draw an engine uniformly among those in `voices`, then one of its voices; False draws a voice
+    # uniformly, so an engine weighs as much as its number of voices (espeak-ng has hundreds).
+    balance_engines: bool = False
 
 
 def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> list[dict]:
@@ -117,11 +121,21 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> list[
     return entries
 
 
+def pick_voice(cfg: SynthConfig, rng: np.random.Generator) -> str:
+    """One voice of `cfg.voices`, uniformly, or uniformly within an engine drawn uniformly."""
+    if not cfg.balance_engines:
+        return cfg.voices[rng.integers(len(cfg.voices))]
+    engines = sorted({parse_voice(voice).engine for voice in cfg.voices})
+    engine = engines[rng.integers(len(engines))]
+    candidates = [voice for voice in cfg.voices if parse_voice(voice).engine == engine]
+    return candidates[rng.integers(len(candidates))]
+
+
 def _utterance(cfg: SynthConfig, rng: np.random.Generator, text: str, sent_id: int) -> dict:
     """Speaks `text` (after a carrier phrase, sometimes), writes its WAV and returns its ref."""
     if rng.random() < cfg.carrier_prob:
         text = f"{CARRIER_PHRASES[rng.integers(len(CARRIER_PHRASES))]} {text}"
-    voice = cfg.voices[rng.integers(len(cfg.voices))]
+    voice = pick_voice(cfg, rng)
     rate = int(rng.integers(cfg.rate_range[0], cfg.rate_range[1] + 1))
     pitch = int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1))
     snr_db = float(round(rng.uniform(*cfg.snr_db_range), 2)) if rng.random() < cfg.noise_prob else None
@@ -139,7 +153,7 @@ def generate_caption(cfg: SynthConfig, split: str, index: int, iid: int, objects
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, CAPTION_STREAM])
     text = scene_caption(objects)
     words = caption_words(text)
-    voice = cfg.voices[rng.integers(len(cfg.voices))]
+    voice = pick_voice(cfg, rng)
     rate = int(rng.integers(cfg.rate_range[0], cfg.rate_range[1] + 1))
     pitch = int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1))
     snr_db = float(round(rng.uniform(*cfg.snr_db_range), 2)) if rng.random() < cfg.noise_prob else None
