@@ -284,7 +284,11 @@ class SpeakerIndex:
 
     def __init__(self, audio_root: Path, speakers: Sequence[str] | None) -> None:
         if not audio_root.is_dir():
-            raise FileNotFoundError(f"audio directory not found: {audio_root} (expected <audio_root>/<speaker>/<sent_id>.wav)")
+            others = sorted(d.name for d in os.scandir(audio_root.parent) if d.is_dir()) if audio_root.parent.is_dir() else []
+            hint = (f"; {audio_root.parent} holds {', '.join(others)}: is data.dataset (evaluate --dataset) one of "
+                    "those?" if others else "")
+            raise FileNotFoundError(f"audio directory not found: {audio_root} (expected <audio_root>/<speaker>/<sent_id>.wav)"
+                                    f"{hint}")
         present = sorted(d.name for d in os.scandir(audio_root) if d.is_dir())
         if speakers is None:
             if not present:

@@ -279,7 +279,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "compare its Acc@0.5 with fp32 before deploying reduced precision")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for the trainers")
     args = parser.parse_args(argv)
+    try:
+        return evaluate_checkpoint(args)
+    except (FileNotFoundError, ValueError) as err:  # a missing or malformed config, checkpoint or dataset
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """main() after parsing: the metrics of args.checkpoint on each split, written to args.json."""
     cfg = load_train_config(args.config, args.overrides)
     # Set after the YAML so that they win over it; plain strings, not parsed as YAML.
     if args.data_root:

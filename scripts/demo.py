@@ -324,7 +324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help=f"model: our checkpoint directory or an official CSRef .pth (default {DEFAULT_CHECKPOINT.relative_to(REPO_ROOT)})")
     parser.add_argument("--text", help='the command, e.g. "pick up the red circle" (default: the generator chooses)')
-    parser.add_argument("--voice", help="espeak-ng voice, e.g. en-gb+f3 (default: a held-out voice)")
+    parser.add_argument("--voice", help="a voice of any installed engine: espeak-ng en-gb+f3, flite:slt, festival:kal "
+                                        "(default: a held-out espeak-ng voice)")
     parser.add_argument("--seed", type=int, help=f"scene seed (default {DEFAULT_SEED})")
     parser.add_argument("--image", type=Path, help="your own picture (JPEG/PNG) instead of a generated scene")
     parser.add_argument("--audio", type=Path, help="your own recording (WAV/FLAC) of the command, with --image")

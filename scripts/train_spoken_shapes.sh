@@ -67,8 +67,8 @@ $PY -m csref_training.srec --config config/train/srec_spoken_shapes_augmented.ya
 #    the cross-engine matrix (docs/TRAINING.md "Cross-engine matrix") on test sets of voices and
 #    engines it never heard, clean and with babble.
 MODEL=runs/srec_spoken_shapes_engines/best
-$PY -m csref_training.evaluate --checkpoint $MODEL --data-root data/spoken_shapes --splits val,test \
+$PY -m csref_training.evaluate --checkpoint $MODEL --data-root data/spoken_shapes --dataset spoken_shapes --splits val,test \
   --json runs/srec_spoken_shapes_engines/eval_test.json
-$PY -m csref_training.evaluate --checkpoint $MODEL --data-root data/spoken_shapes_heldout --splits test \
+$PY -m csref_training.evaluate --checkpoint $MODEL --data-root data/spoken_shapes_heldout --dataset spoken_shapes --splits test \
   --json runs/srec_spoken_shapes_engines/eval_heldout.json
 scripts/cross_engine_tests.sh "$MODEL"

@@ -363,7 +363,7 @@ def test_evaluate_under_bf16_autocast(shapes_root: Path, tmp_path: Path) -> None
     assert abs(bf16["mean_iou"] - fp32["mean_iou"]) < 0.2
 
 
-def test_evaluate_checkpoint_directory_without_training_config(shapes_root: Path, tmp_path: Path) -> None:
+def test_evaluate_checkpoint_directory_without_training_config(shapes_root: Path, tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path / "c.yaml", shapes_root, tmp_path / "o")
     model_cfg = build_model_config(load_train_config(config))
     seed_all(5)
@@ -378,6 +378,12 @@ def test_evaluate_checkpoint_directory_without_training_config(shapes_root: Path
     result = json.loads(without_config.read_text())
     assert result["config"] is None and result["splits"]["val"]["count"] == SPLIT_SIZES["val"]
     assert result["splits"] == json.loads(with_config.read_text())["splits"]
+    # Without --dataset the data root is read as RefCOCO-speech: a clear error naming what is there.
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(checkpoint), "--data-root", str(shapes_root), "--splits", "val"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: audio directory not found" in err and "holds spoken_shapes" in err
 
 
 def test_evaluate_csa_checkpoint_reports_retrieval(shapes_root: Path, tmp_path: Path) -> None:

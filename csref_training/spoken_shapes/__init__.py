@@ -21,7 +21,10 @@ Usage::
     python -m csref_training.spoken_shapes --out data/spoken_shapes --train 12000 --val 400 --test 600
     python -m csref_training.spoken_shapes --out data/spoken_shapes_heldout --seed 1 \\
         --train 0 --val 0 --test 600 --voice-set heldout --noise-prob 1 --snr-db-range 10,30
-    python -m csref_training.spoken_shapes --out data/shapes_mixed --voice-set train,flite-train,festival-train
+    python -m csref_training.spoken_shapes --out data/shapes_mixed --voice-set train,festival-train --balance-engines
+
+A voice is drawn uniformly from the list, so espeak-ng's 328 training voices would drown festival's
+two; `--balance-engines` draws the engine uniformly first, then one of its voices.
 
 On-disk layout (``--dataset-name`` defaults to ``spoken_shapes``)::
 
