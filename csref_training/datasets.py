@@ -24,6 +24,8 @@ Formats
 Speakers. ``speakers`` picks the speaker directories to read (default: every one present). A
 sentence is read from whichever selected speaker directory has ``<sent_id>.wav``: in the
 official data every speaker has every sentence, in Spoken Shapes each sentence has one voice.
+A sentence that only unselected speakers have is left out (an entry left with none is dropped),
+so ``speakers`` also picks one voice's share of a Spoken Shapes split.
 Training draws one sentence and one speaker per entry each time an item is read (the
 reference's behaviour; the global numpy RNG, which the trainer seeds per item); evaluation
 enumerates every (entry, sentence, speaker) once, in file order.
@@ -303,11 +305,18 @@ class SpeakerIndex:
         self.audio_root = audio_root
         self.speakers = list(speakers)
         self._files = {s: set(os.listdir(audio_root / s)) for s in self.speakers}
+        self._unselected_files = set().union(*(os.listdir(audio_root / s) for s in present if s not in self._files))
 
     def find(self, sent_id: int) -> list[tuple[str, Path]]:
         """(speaker, path) for every selected speaker that has the sentence."""
         name = f"{sent_id}.wav"
         return [(s, self.audio_root / s / name) for s in self.speakers if name in self._files[s]]
+
+    def only_unselected_have(self, sent_id: int) -> bool:
+        """True when no selected speaker has the sentence but an unselected one does: a sentence
+        the speaker choice leaves out, not a missing file (Spoken Shapes has one voice per sentence)."""
+        name = f"{sent_id}.wav"
+        return name in self._unselected_files and not any(name in files for files in self._files.values())
 
 
 @dataclass(frozen=True)
@@ -359,10 +368,13 @@ def load_refcoco_entries(
         for index, raw in enumerate(annotations[split_name]):
             where = f"{ann_path} {split_name}[{index}] (iid {raw.get('iid') if isinstance(raw, dict) else '?'})"
             try:
-                entries.append(_check_entry(raw, where, speakers, box_key, image_dir, image_pattern, need_text,
-                                            image_sizes, need_box))
+                entry = _check_entry(raw, where, speakers, box_key, image_dir, image_pattern, need_text,
+                                     image_sizes, need_box)
             except BrokenEntryError as err:
                 broken.add(err)
+                continue
+            if entry is not None:
+                entries.append(entry)
     broken.report()
     return entries, broken.messages
 
@@ -377,7 +389,8 @@ def _check_entry(
     need_text: bool,
     image_sizes: dict[Path, tuple[int, int]],
     need_box: bool = True,
-) -> RefEntry:
+) -> RefEntry | None:
+    """The checked entry; None when the speaker choice leaves out every one of its sentences."""
     if not isinstance(raw, dict) or "iid" not in raw or "sent_ids" not in raw:
         raise BrokenEntryError(f"{where}: entry needs 'iid' and 'sent_ids', got {str(raw)[:200]}")
     try:
@@ -411,6 +424,8 @@ def _check_entry(
         if need_text and not text:
             raise BrokenEntryError(f"{where}: sentence {sent_id} has no text in 'refs'")
         found = speakers.find(sent_id)
+        if not found and speakers.only_unselected_have(sent_id):
+            continue
         if not found:
             raise BrokenEntryError(
                 f"{where}: audio file not found: {speakers.audio_root}/<speaker>/{sent_id}.wav "
@@ -419,6 +434,8 @@ def _check_entry(
         for _, path in found:
             _check_audio_file(path, where)
         sentences.append(tuple(Utterance(sent_id, text, speaker, path) for speaker, path in found))
+    if not sentences:
+        return None
     return RefEntry(where, iid, box, image_path, tuple(sentences))
 
 

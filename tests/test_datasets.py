@@ -151,6 +151,29 @@ def test_official_layout_speakers_and_sentences(official):
         SpeechGroundingDataset(layout, "testB", SIZE)
 
 
+def test_speakers_pick_one_voices_share_of_a_spoken_shapes_split(shapes, tmp_path):
+    """One voice per sentence: choosing speakers leaves the others' sentences out, not broken; a
+    file that no speaker has is still broken."""
+    anns = _annotations(shapes)["test"]
+    by_speaker = {}
+    for entry in anns:
+        by_speaker.setdefault(entry["refs"][0]["speaker"], []).append(entry["iid"])
+    speaker, iids = sorted(by_speaker.items(), key=lambda kv: -len(kv[1]))[0]
+    assert len(by_speaker) > 1, "the fixture needs test sentences in more than one voice"
+    data = DataConfig(dataset="spoken_shapes", root=str(shapes), speakers=[speaker])
+    dataset = build_srec_dataset(data, "test", SIZE, train=False)
+    assert dataset.num_broken == 0
+    assert sorted(dataset[i]["iid"] for i in range(len(dataset))) == sorted(iids)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes, copy)
+    other = next(e for e in anns if e["refs"][0]["speaker"] != speaker)
+    _wav_path(copy, other["refs"][0]).unlink()
+    everyone = DataConfig(dataset="spoken_shapes", root=str(copy))
+    with pytest.raises(BrokenEntryError, match=f"{other['refs'][0]['sent_id']}.wav"):
+        build_srec_dataset(everyone, "test", SIZE, train=False)
+
+
 @pytest.mark.parametrize("pattern", ["COCO_train2014_%012d.jpg", "{iid}.png", "img_{iid:06d}.jpg"])
 def test_image_pattern_names_a_users_own_image_files(shapes, tmp_path, pattern):
     """A set whose images are named otherwise: same items as the generator's naming."""
