@@ -100,6 +100,33 @@ def _with_identity_layerdrop(layer_class: type) -> type:
     return type(f"{layer_class.__name__}IdentityLayerDrop", (IdentityLayerDrop, layer_class), {})
 
 
+class Float32PositionalConvOnCPU:
+    """Mixin for wav2vec2's positional conv embedding: under CPU autocast it runs in float32.
+
+    torch 2.13's CPU (oneDNN) bfloat16 grouped convolution is wrong for 16 groups of 12 channels
+    with kernel 32, the Spoken Shapes encoder's positional conv: relative error 1.2 against
+    float32 (kernel 30 or 128, or 8 groups: 0.003). It made bf16 autocast pick a random object
+    (demo model: test Acc@0.5 0.34 instead of 0.95). One small conv in float32 costs nothing.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(hidden_states.float())
+        return super().forward(hidden_states)
+
+
+@functools.cache
+def _with_float32_positional_conv(conv_class: type) -> type:
+    return type(f"{conv_class.__name__}Float32OnCPU", (Float32PositionalConvOnCPU, conv_class), {})
+
+
+def use_float32_positional_conv_on_cpu(model: Wav2Vec2Model) -> None:
+    """See Float32PositionalConvOnCPU."""
+    embedding = model.encoder.pos_conv_embed
+    embedding.__class__ = _with_float32_positional_conv(type(embedding))
+
+
 def use_identity_layerdrop(model: Wav2Vec2Model) -> None:
     """Move LayerDrop from the HF encoder loop into the layers (see IdentityLayerDrop)."""
     for layer in model.encoder.layers:
@@ -143,6 +170,7 @@ class SpeechEncoder(nn.Module):
         super().__init__()
         self.model = build_wav2vec2(cfg, load_pretrained)
         use_identity_layerdrop(self.model)
+        use_float32_positional_conv_on_cpu(self.model)
         self.layer_fusion = layer_fusion
         # All hidden states: the transformer input plus the output of every layer (13 for base).
         self.num_states = cfg.architecture.num_hidden_layers + 1 if layer_fusion else 1

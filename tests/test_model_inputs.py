@@ -1,11 +1,15 @@
 """The tiny SREC end to end, and clear errors for inputs the model cannot take."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from csref_model.config import load_model_config
 from csref_model.fusion import GaranAttention
-from csref_model.srec import build_srec
+from csref_model.srec import build_srec, build_srec_from_checkpoint
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "spoken_shapes_tiny"
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +87,17 @@ def test_garan_refuses_non_square_maps():
     garan = GaranAttention(speech_dim=8, channels=8).eval()
     with pytest.raises(ValueError, match="square"):
         garan(torch.randn(1, 8), torch.randn(1, 8, 4, 6))
+
+
+def test_speech_encoder_under_cpu_bf16_autocast_matches_fp32():
+    """The demo model's speech encoder (positional conv: 16 groups, kernel 32, the shape torch's
+    CPU bf16 convolution gets wrong) under bf16 autocast stays close to its float32 output."""
+    model, _ = build_srec_from_checkpoint(DEMO_MODEL)
+    model.eval()
+    torch.manual_seed(0)
+    waveform = torch.randn(2, 24000)
+    with torch.no_grad():
+        fp32 = model.encode_speech(waveform, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.encode_speech(waveform, None).float()
+    assert ((bf16 - fp32).norm() / fp32.norm()).item() < 0.05
