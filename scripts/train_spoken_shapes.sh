@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Spoken Shapes demo model, end to end on CPU: data, CSA, SREC, evaluation.
 # Every stage resumes or skips what is already done, so re-running continues an interrupted run.
-# About 7 hours on an idle 2-core CPU (data 11 min, CSA 4 epochs 35 min, SREC 20 epochs of 8 min,
+# About 7 h 40 min on an idle 2-core CPU (data 11 min, CSA 4 epochs 35 min, SREC 20 epochs of 8 min,
 # CSA epochs 5-10 46 min, SREC fine-tune 8 epochs of 7.5 min, then 3 min of data and 4 epochs of
-# 6 min; then the second engine: data 5 min, CSA and SREC 3 epochs each, STAGE_7_8_MINUTES).
+# 6 min; then the second engine: data 7 min, CSA 6 epochs 21 min, SREC 6 epochs 19 min; then
+# about 15 min of evaluation).
 # Engines and voices heard in training: espeak-ng's `train` list and festival's `festival-train`
 # (kal, ked). Never heard: flite (every voice), festival:slt_hts, espeak-ng's `heldout` list.
 #   scripts/train_spoken_shapes.sh            # from the repository root, .venv built (make setup)
@@ -54,13 +55,13 @@ $PY -m csref_training.srec --config config/train/srec_spoken_shapes.yaml \
     --voice-set train,festival-train --balance-engines --workers 2
 $PY -m csref_training.csa --config config/train/csa_spoken_shapes_augmented.yaml \
   init_speech_encoder=runs/srec_spoken_shapes_sizes/best data.root=data/spoken_shapes_engines \
-  output_dir=runs/csa_spoken_shapes_engines epochs=3 optim.lr=2.0e-4 optim.min_lr=1.0e-5 "$@"
+  output_dir=runs/csa_spoken_shapes_engines epochs=6 optim.lr=2.0e-4 optim.min_lr=1.0e-5 "$@"
 
 # 8. SREC fine-tuned from stage 6 with stage 7's speech encoder swapped in, on the same scenes with
 #    the same augmentation: the demo model.
 $PY -m csref_training.srec --config config/train/srec_spoken_shapes_augmented.yaml \
   init_checkpoint=runs/srec_spoken_shapes_sizes/best init_speech_encoder=runs/csa_spoken_shapes_engines/best \
-  data.root=data/spoken_shapes_engines output_dir=runs/srec_spoken_shapes_engines epochs=3 \
+  data.root=data/spoken_shapes_engines output_dir=runs/srec_spoken_shapes_engines epochs=6 \
   optim.lr=1.0e-4 optim.min_lr=1.0e-5 "$@"
 
 # 9. Evaluation of its best checkpoint: the generator's own test split and held-out voices, then
