@@ -96,8 +96,9 @@ class IdentityLayerDrop:
 
 
 @functools.cache
-def _with_identity_layerdrop(layer_class: type) -> type:
-    return type(f"{layer_class.__name__}IdentityLayerDrop", (IdentityLayerDrop, layer_class), {})
+def _with_mixin(mixin: type, module_class: type) -> type:
+    """`module_class` with `mixin`'s forward in front of its own (one class per pair)."""
+    return type(f"{module_class.__name__}{mixin.__name__}", (mixin, module_class), {})
 
 
 class Float32PositionalConvOnCPU:
@@ -116,21 +117,16 @@ class Float32PositionalConvOnCPU:
         return super().forward(hidden_states)
 
 
-@functools.cache
-def _with_float32_positional_conv(conv_class: type) -> type:
-    return type(f"{conv_class.__name__}Float32OnCPU", (Float32PositionalConvOnCPU, conv_class), {})
-
-
 def use_float32_positional_conv_on_cpu(model: Wav2Vec2Model) -> None:
     """See Float32PositionalConvOnCPU."""
     embedding = model.encoder.pos_conv_embed
-    embedding.__class__ = _with_float32_positional_conv(type(embedding))
+    embedding.__class__ = _with_mixin(Float32PositionalConvOnCPU, type(embedding))
 
 
 def use_identity_layerdrop(model: Wav2Vec2Model) -> None:
     """Move LayerDrop from the HF encoder loop into the layers (see IdentityLayerDrop)."""
     for layer in model.encoder.layers:
-        layer.__class__ = _with_identity_layerdrop(type(layer))
+        layer.__class__ = _with_mixin(IdentityLayerDrop, type(layer))
         layer.layerdrop = model.config.layerdrop
     model.config.layerdrop = 0.0
 

@@ -312,11 +312,11 @@ class SpeakerIndex:
         name = f"{sent_id}.wav"
         return [(s, self.audio_root / s / name) for s in self.speakers if name in self._files[s]]
 
-    def only_unselected_have(self, sent_id: int) -> bool:
-        """True when no selected speaker has the sentence but an unselected one does: a sentence
-        the speaker choice leaves out, not a missing file (Spoken Shapes has one voice per sentence)."""
-        name = f"{sent_id}.wav"
-        return name in self._unselected_files and not any(name in files for files in self._files.values())
+    def unselected_have(self, sent_id: int) -> bool:
+        """True when a speaker left out of the selection has the sentence: with no selected one
+        having it, the speaker choice leaves it out; it is not a missing file (Spoken Shapes has
+        one voice per sentence)."""
+        return f"{sent_id}.wav" in self._unselected_files
 
 
 @dataclass(frozen=True)
@@ -424,9 +424,9 @@ def _check_entry(
         if need_text and not text:
             raise BrokenEntryError(f"{where}: sentence {sent_id} has no text in 'refs'")
         found = speakers.find(sent_id)
-        if not found and speakers.only_unselected_have(sent_id):
-            continue
         if not found:
+            if speakers.unselected_have(sent_id):
+                continue
             raise BrokenEntryError(
                 f"{where}: audio file not found: {speakers.audio_root}/<speaker>/{sent_id}.wav "
                 f"for none of the speakers {speakers.speakers[:10]}{' ...' if len(speakers.speakers) > 10 else ''}"
