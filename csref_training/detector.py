@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from csref_model.checkpoint import load_into, read_state_dict
 from csref_model.detector import DetectorConfig, build_detector, load_detector_config
 from csref_model.typed_yaml import from_dict, merge
 from csref_training import trainer
@@ -65,7 +66,12 @@ class DetectorTask:
         return build_detector_dataset(self.cfg.data, split, self.model_cfg.image_size)
 
     def initialise(self, model: nn.Module) -> None:
-        """Nothing beyond the backbone weights `build_detector` already loaded."""
+        """The whole detector from `init_checkpoint` when set (to fine-tune a trained one, for example at
+        a larger `image_size`: every weight is independent of the input size); otherwise nothing beyond
+        the backbone weights `build_detector` already loaded."""
+        if self.cfg.init_checkpoint:
+            load_into(model, read_state_dict(self.cfg.init_checkpoint), self.cfg.init_checkpoint)
+            logger.info("detector initialised from %s", self.cfg.init_checkpoint)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device

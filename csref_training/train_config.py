@@ -101,8 +101,9 @@ class TrainConfig:
     # The reference keeps frozen modules in train mode, so frozen BatchNorms keep updating
     # their running statistics. false puts modules whose parameters are all frozen in eval mode.
     frozen_modules_train_mode: bool = True
-    # SREC only: SREC checkpoint (official .pth or our directory) whose weights initialise the
-    # whole model, strictly, to fine-tune it (own scenes and voices). Ignored when resuming.
+    # SREC, S+S+C and the detector: a checkpoint of the same kind (SREC: official .pth or our directory)
+    # whose weights initialise the whole model, strictly, to fine-tune it (own scenes and voices, a
+    # larger input). Ignored when resuming.
     init_checkpoint: str | None = None
     # CSA and SREC: checkpoint (official .pth or our directory, CSA or SREC) whose speech_encoder.*
     # weights initialise the speech encoder (SREC from CSA: docs/REFERENCE_FACTS.md §9.1; CSA from

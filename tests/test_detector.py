@@ -56,6 +56,12 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
     assert cells.shape == (1, (config.image_size // 32) ** 2, 5)
     top, indices = top_cells(cells, 17)
     assert torch.equal(top[0, :, 4], cells[0, indices[0], 4]) and bool((top[0, :-1, 4] >= top[0, 1:, 4]).all())
+    # Fine-tuned at a larger input from that checkpoint: with a learning rate too small to move it, the
+    # candidates it finds at the first validation come from the loaded weights (untrained: recall 0.0).
+    larger = train(scenes, tmp_path / "larger", "epochs=1", "optim.lr=1e-12", "ema.enabled=false",
+                   f"init_checkpoint={tmp_path / 'run' / 'best'}", "model_overrides.image_size=320")
+    assert larger["best_recall_50"] >= 0.2
+    assert build_detector_from_checkpoint(tmp_path / "larger" / "best")[1].image_size == 320
 
 
 def test_task_settings_and_model_kind_are_checked(scenes, tmp_path):
