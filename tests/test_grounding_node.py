@@ -17,6 +17,8 @@ import torch
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.davenet import build_davenet, load_davenet_config
+from csref_model.im2sp import (ANSWER_DECODER, ANSWER_LEXICON, ANSWER_VOCODER, EOS, Im2Sp, Im2SpConfig, UnitVocoder,
+                               UnitVocoderConfig)
 from csref_model.srec import build_srec
 from ros_support import json_lines, ros_env, start_node, start_program, stop  # noqa: F401  (ros_env is a fixture)
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
@@ -185,6 +187,50 @@ def test_best_view_ranks_the_kept_frames_after_each_utterance(tmp_path, ros_env,
     assert all(abs(a - b) >= 0.5 - 1e-6 for a, b in zip(sorted(stamps), sorted(stamps)[1:]))  # spaced as asked
     scores = [entry["score"] for entry in view["ranking"]]
     assert scores == sorted(scores, reverse=True) and view["score"] == scores[0]
+
+
+def random_answer_directory(path: Path) -> Path:
+    """An answer directory (decoder/, vocoder/, lexicon.json) of random weights whose decoder never says
+    EOS (its tied embedding row is zero, the unit rows large), so it always speaks max_tokens - 1 units."""
+    torch.manual_seed(0)
+    decoder_config = Im2SpConfig(image_size=128, num_units=32, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64,
+                                 max_tokens=24)
+    decoder = Im2Sp(decoder_config)
+    with torch.no_grad():
+        decoder.token_embedding.weight.mul_(50.0)[EOS] = 0.0
+    save_checkpoint(path / ANSWER_DECODER, decoder, decoder_config)
+    vocoder_config = UnitVocoderConfig(num_units=32, hidden_size=16)
+    save_checkpoint(path / ANSWER_VOCODER, UnitVocoder(vocoder_config), vocoder_config)
+    (path / ANSWER_LEXICON).write_text(json.dumps({"the red circle": [3, 1, 4], "the big blue square": [5, 9, 2, 6]}))
+    return path
+
+
+def test_spoken_answer_follows_each_box(tmp_path, ros_env, tiny_checkpoint, command):
+    """answer_directory: after the box, the answer's audio on csref/answer_audio and its text (a lexicon
+    expression) on csref/answer_text."""
+    wav, _ = command
+    detections, diagnostics, report, node_log = run_scenario(
+        tmp_path,
+        ros_env,
+        {
+            "model_checkpoint": tiny_checkpoint,
+            "audio_source": "file",
+            "audio_file": wav,
+            "image_topic": "/test_camera/image",
+            "answer_directory": random_answer_directory(tmp_path / "answer"),
+        },
+        ["--topic", "/test_camera/image", "--width", str(WIDTH), "--height", str(HEIGHT), "--rate", "10"],
+        ["--count", "1", "--timeout", "120", "--string-topic", "/csref/answer_text",
+         "--utterance-topic", "/csref/answer_audio"],
+    )
+    assert len(detections) == 1, node_log
+    texts = [line["string"] for line in json_lines(tmp_path / "listener.log") if "string" in line]
+    assert texts and set(texts) <= {"the red circle", "the big blue square"}, node_log
+    answers = report["utterances"]
+    # 23 units, each at least one 40 ms unit frame (4 mel frames of 10 ms): at least 0.92 s at 16 kHz.
+    assert answers and answers[0]["rate"] == SAMPLE_RATE and answers[0]["samples"] >= 0.92 * SAMPLE_RATE - 160
+    assert answers[0]["stamp_s"] == pytest.approx(detections[0]["stamp_s"])  # the Detection2D's header
+    assert int(diagnostics["answers"]) >= 1 and int(diagnostics["answers_failed"]) == 0, node_log
 
 
 def test_microphone_through_alsa_gives_a_box(tmp_path, ros_env, tiny_checkpoint, command):
