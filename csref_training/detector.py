@@ -1,6 +1,7 @@
 """Train the class-agnostic candidate detector that weakly supervised grounding chooses from.
 
     python -m csref_training.detector --config config/train/detector_spoken_shapes.yaml [key=value ...]
+    python -m csref_training.detector evaluate --config Y --checkpoint runs/detector/best [--image-size 416]
 
 It plays the part of RefCLIP's frozen COCO YOLOv3: it is trained on every object's box of scenes
 generated from a seed disjoint from the grounding data, and never sees an expression, a target
@@ -11,7 +12,10 @@ recall: the fraction of objects covered (IoU > 0.5) by the top `task.candidates`
 that RefCLIP keeps.
 """
 
+import argparse
+import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +24,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from csref_model.checkpoint import load_into, read_state_dict
-from csref_model.detector import DetectorConfig, build_detector, load_detector_config
+from csref_model.detector import DetectorConfig, build_detector, build_detector_from_checkpoint, load_detector_config
 from csref_model.typed_yaml import from_dict, merge
 from csref_training import trainer
 from csref_training.datasets import build_detector_dataset, collate_detector
 from csref_training.distributed import DistInfo
 from csref_training.evaluate import evaluate_detector
-from csref_training.train_config import TrainConfig
+from csref_training.train_config import TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,33 @@ class DetectorTask:
                                  num_workers=self.cfg.data.num_workers)
 
 
+def evaluate_main(argv: list[str]) -> dict[str, float]:
+    """Candidate recall of a checkpoint on a split, at its own input size or another one (every
+    weight is independent of the input size)."""
+    parser = argparse.ArgumentParser(prog="python -m csref_training.detector evaluate")
+    parser.add_argument("--config", required=True, help="the detector training YAML (its data and task sections)")
+    parser.add_argument("--checkpoint", required=True, help="a detector checkpoint directory")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default: the checkpoint's)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
+    args = parser.parse_args(argv)
+    cfg = load_train_config(args.config, args.overrides)
+    settings = from_dict(DetectorTaskConfig, cfg.task, "training config", section="task")
+    model, model_cfg = build_detector_from_checkpoint(args.checkpoint)
+    image_size = args.image_size or model_cfg.image_size
+    if image_size % 32:
+        raise SystemExit(f"--image-size must be a multiple of 32 (the stride-32 grid), got {image_size}")
+    dataset = build_detector_dataset(cfg.data, args.split, image_size)
+    metrics = {"image_size": image_size, **evaluate_detector(model, dataset, settings.candidates, cfg.eval_batch_size,
+                                                              torch.device("cpu"), num_workers=cfg.data.num_workers)}
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict[str, float | int | None]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "evaluate":
+        return evaluate_main(argv[1:])
     return trainer.main(DetectorTask, __doc__.split("\n")[0], argv)
 
 

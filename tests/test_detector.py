@@ -62,6 +62,14 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
                    f"init_checkpoint={tmp_path / 'run' / 'best'}", "model_overrides.image_size=320")
     assert larger["best_recall_50"] >= 0.2
     assert build_detector_from_checkpoint(tmp_path / "larger" / "best")[1].image_size == 320
+    # The evaluate command gives the same recall at the checkpoint's size, and measures it at any other.
+    evaluate = ["evaluate", "--config", "config/train/detector_spoken_shapes.yaml", "--checkpoint",
+                str(tmp_path / "larger" / "best"), "--split", "train", f"data.root={scenes}", "data.num_workers=0"]
+    evaluated = detector_trainer.main(evaluate)
+    assert evaluated["image_size"] == 320 and evaluated["recall_50"] == pytest.approx(larger["best_recall_50"])
+    assert detector_trainer.main([*evaluate, "--image-size", "256"])["image_size"] == 256
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        detector_trainer.main([*evaluate, "--image-size", "300"])
 
 
 def test_task_settings_and_model_kind_are_checked(scenes, tmp_path):
