@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from csref_model.boxes import box_iou
+from csref_model.boxes import box_iou, cxcywh_to_xyxy
 from csref_model.checkpoint import load_csa_speech_encoder, load_into, read_checkpoint_dir, read_config, read_state_dict
 from csref_model.config import resolve_config_path
 from csref_model.refclip import RefCLIPConfig, RefCLIP, build_refclip_from_checkpoint
@@ -62,6 +63,11 @@ class RefCLIPTaskConfig:
     # What picks `best`: "acc_50" on the validation boxes (the paper), or "val_loss", the RefCLIP
     # loss on the validation pairs, for box-free data (data.boxes=false) where there is no Acc@0.5.
     select_best_by: str = "acc_50"
+    # "anchor_contrastive": RefCLIP's weakly supervised loss (no box is read). "supervised_upper_bound":
+    # a diagnostic that is not weak supervision: cross-entropy over the image's candidates towards the
+    # one of highest IoU with the referent's box. It measures what the frozen detector's maps, the
+    # fusion and the speech vector can ground when told the answer (docs/TRAINING.md).
+    loss: str = "anchor_contrastive"
 
 
 def task_settings(cfg: TrainConfig) -> RefCLIPTaskConfig:
@@ -69,6 +75,12 @@ def task_settings(cfg: TrainConfig) -> RefCLIPTaskConfig:
     if settings.select_best_by not in ("acc_50", "val_loss"):
         raise ValueError(f"training config: task.select_best_by must be 'acc_50' or 'val_loss', "
                          f"got {settings.select_best_by!r}")
+    if settings.loss not in ("anchor_contrastive", "supervised_upper_bound"):
+        raise ValueError(f"training config: task.loss must be 'anchor_contrastive' or 'supervised_upper_bound', "
+                         f"got {settings.loss!r}")
+    if settings.loss == "supervised_upper_bound" and not cfg.data.boxes:
+        raise ValueError("training config: task.loss=supervised_upper_bound reads the referent boxes; "
+                         "data.boxes=false has none")
     for name in ("detector_checkpoint", "speech_checkpoint"):
         if not getattr(settings, name):
             raise ValueError(f"training config: task.{name} is required for RefCLIP (a "
@@ -119,10 +131,14 @@ class RefCLIPTask:
                     self.settings.speech_checkpoint)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
-        # Image and speech only: weak supervision never reads batch["label"] or batch["gt_xyxy"].
         device = self.dist_info.device
-        return model(batch["image"].to(device, non_blocking=True), batch["input_values"].to(device, non_blocking=True),
-                     batch["attention_mask"].to(device, non_blocking=True), return_loss=True)
+        image = batch["image"].to(device, non_blocking=True)
+        input_values = batch["input_values"].to(device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+        if self.settings.loss == "supervised_upper_bound":
+            return supervised_candidate_loss(model, image, input_values, attention_mask, batch["label"].to(device))
+        # Image and speech only: weak supervision never reads batch["label"] or batch["gt_xyxy"].
+        return model(image, input_values, attention_mask, return_loss=True)
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """The RefCLIP loss on the validation pairs, and Acc@0.5 where the split has boxes."""
@@ -132,6 +148,17 @@ class RefCLIPTask:
                                          self.dist_info.rank, self.dist_info.world_size,
                                          num_workers=self.cfg.data.num_workers))
         return metrics
+
+
+def supervised_candidate_loss(model: nn.Module, image: torch.Tensor, input_values: torch.Tensor,
+                              attention_mask: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The diagnostic upper bound: cross-entropy over each image's candidates (its own only) towards
+    the candidate of highest IoU with the referent. label: (B, 4) cx, cy, w, h over the input side."""
+    boxes, visual = model.candidates(image)  # (B, K, 5) input px, (B, K, D)
+    scores = torch.einsum("bkd,bd->bk", visual, model.encode_speech(input_values, attention_mask))  # (B, K)
+    target_xyxy = cxcywh_to_xyxy(label) * image.shape[-1]  # (B, 4) input px
+    target = box_iou(boxes[..., :4], target_xyxy[:, None, :]).argmax(dim=1)  # (B,)
+    return F.cross_entropy(scores, target)
 
 
 @torch.no_grad()

@@ -89,6 +89,27 @@ def test_training_never_reads_a_box(setup, tmp_path):
     assert torch.equal(raw["detector.head.obj_preds.0.weight"], weights_a["detector.head.obj_preds.0.weight"])
 
 
+def test_supervised_upper_bound_reads_the_boxes_and_is_refused_without_them(setup, tmp_path):
+    """task.loss=supervised_upper_bound (a diagnostic, not weak supervision) learns from the referent
+    boxes: scrambling them changes the weights, unlike RefCLIP's own loss."""
+    annotations = json.loads((setup["data"] / "anns" / "spoken_shapes.json").read_text())
+    for entry in annotations["train"]:
+        entry["bbox"] = [1.0, 1.0, 5.0, 5.0]
+    scrambled = tmp_path / "scrambled.json"
+    scrambled.write_text(json.dumps(annotations))
+    bound = ("task.loss=supervised_upper_bound", "epochs=1", "ema.enabled=false")
+    train(setup, tmp_path / "a", *bound)
+    train(setup, tmp_path / "b", *bound, f"data.ann_path={scrambled}", f"data.image_dir={setup['data'] / 'images'}",
+          f"data.audio_root={setup['data'] / 'audios' / 'spoken_shapes'}")
+    weights_a = load_file(tmp_path / "a" / "last" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert not torch.equal(weights_a["linear_ts.weight"], weights_b["linear_ts.weight"])
+    with pytest.raises(ValueError, match="data.boxes=false has none"):
+        train(setup, tmp_path / "c", *bound, "data.boxes=false", "task.select_best_by=val_loss")
+    with pytest.raises(ValueError, match="task.loss must be"):
+        train(setup, tmp_path / "d", "task.loss=boxes")
+
+
 def test_evaluate_reports_chance_and_kinds_then_pseudo_labels_train_srec(setup, tmp_path, capsys):
     train(setup, tmp_path / "run", "max_steps=2")
     checkpoint = tmp_path / "run" / "last"
