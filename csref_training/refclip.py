@@ -113,6 +113,8 @@ class RefCLIPTask:
         if self.settings.select_best_by == "acc_50" and not cfg.data.boxes:
             raise ValueError("training config: data.boxes=false gives no Acc@0.5 to select `best` by; "
                              "set task.select_best_by=val_loss")
+        if self.settings.loss == "supervised_upper_bound" and dist_info.world_size > 1:
+            raise ValueError("task.loss=supervised_upper_bound is a single-process diagnostic; run it without torchrun")
         self.best_metric = self.settings.select_best_by
         self.higher_is_better = self.settings.select_best_by == "acc_50"
 
