@@ -42,7 +42,7 @@ fi
 REFCLIP=(--config config/train/refclip_spoken_shapes.yaml data.root="$SHAPES" output_dir="$RUNS/refclip"
          task.detector_checkpoint="$RUNS/detector/best" task.speech_checkpoint="$CSA")
 $PY -m csref_training.refclip "${REFCLIP[@]}" "$@"
-$PY -m csref_training.refclip evaluate "${REFCLIP[@]}" --checkpoint "$RUNS/refclip/best" --split test \
+$PY -m csref_training.refclip evaluate --checkpoint "$RUNS/refclip/best" --split test "${REFCLIP[@]}" \
   data.root="$TEST" > "$RUNS/refclip/eval_test.json"
 
 # 4. Pseudo-labels for train and val, then SREC on them and SREC on the true boxes, same recipe:
@@ -59,6 +59,7 @@ $PY -m csref_training.srec "${SREC[@]}" output_dir="$RUNS/srec_full" data.root="
 
 # 5. Both SREC models on the untouched test split.
 for run in srec_pseudo srec_full; do
-  $PY -m csref_training.evaluate --checkpoint "$RUNS/$run/best" --data-root "$TEST" --splits test \
+  $PY -m csref_training.evaluate --config config/train/srec_spoken_shapes.yaml --checkpoint "$RUNS/$run/best" \
+    --data-root "$TEST" --splits test \
     --json "$RUNS/$run/eval_test.json"
 done
