@@ -120,15 +120,23 @@ class RefCLIP(nn.Module):
             speech = self.speech_encoder(input_values, attention_mask)  # (B, Ds)
         return self.linear_ts(speech)
 
+    def score_candidates(self, image: torch.Tensor, input_values: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image b with utterance b -> candidate boxes (B, K, 5) (input px) and their scores (B, K),
+        the dot product of each candidate of image b with utterance b."""
+        boxes, visual = self.candidates(image)  # (B, K, 5), (B, K, D)
+        speech = self.encode_speech(input_values, attention_mask)  # (B, D)
+        return boxes, torch.einsum("bkd,bd->bk", visual, speech)
+
     def forward(self, image: torch.Tensor, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_loss: bool = False) -> torch.Tensor:
         """Image b with utterance b -> the chosen boxes (B, 5) x1, y1, x2, y2, score (input px; the
         score is the dot product), or with return_loss the scalar RefCLIP loss of the batch."""
-        boxes, visual = self.candidates(image)  # (B, K, 5), (B, K, D)
-        speech = self.encode_speech(input_values, attention_mask)  # (B, D)
         if return_loss:
+            _, visual = self.candidates(image)  # (B, K, D)
+            speech = self.encode_speech(input_values, attention_mask)  # (B, D)
             return anchor_contrastive_loss(torch.einsum("akd,bd->bak", visual, speech))  # (B_expr, B_img, K)
-        scores = torch.einsum("bkd,bd->bk", visual, speech)  # (B, K)
+        boxes, scores = self.score_candidates(image, input_values, attention_mask)  # (B, K, 5), (B, K)
         best_score, best = scores.max(dim=1)  # (B,)
         chosen = boxes[torch.arange(boxes.shape[0], device=boxes.device), best]  # (B, 5)
         return torch.cat([chosen[:, :4], best_score[:, None]], dim=1)

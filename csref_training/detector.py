@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from csref_model.checkpoint import load_into, read_state_dict
+from csref_model.config import check_image_size
 from csref_model.detector import DetectorConfig, build_detector, build_detector_from_checkpoint, load_detector_config
 from csref_model.typed_yaml import from_dict, merge
 from csref_training import trainer
@@ -103,8 +104,10 @@ def evaluate_main(argv: list[str]) -> dict[str, float]:
     settings = from_dict(DetectorTaskConfig, cfg.task, "training config", section="task")
     model, model_cfg = build_detector_from_checkpoint(args.checkpoint)
     image_size = args.image_size or model_cfg.image_size
-    if image_size % 32:
-        raise SystemExit(f"--image-size must be a multiple of 32 (the stride-32 grid), got {image_size}")
+    try:
+        check_image_size(image_size, "--image-size", "python -m csref_training.detector evaluate")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     dataset = build_detector_dataset(cfg.data, args.split, image_size)
     metrics = {"image_size": image_size, **evaluate_detector(model, dataset, settings.candidates, cfg.eval_batch_size,
                                                               torch.device("cpu"), num_workers=cfg.data.num_workers)}

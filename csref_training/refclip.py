@@ -156,8 +156,7 @@ def supervised_candidate_loss(model: nn.Module, image: torch.Tensor, input_value
                               attention_mask: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """The diagnostic upper bound: cross-entropy over each image's candidates (its own only) towards
     the candidate of highest IoU with the referent. label: (B, 4) cx, cy, w, h over the input side."""
-    boxes, visual = model.candidates(image)  # (B, K, 5) input px, (B, K, D)
-    scores = torch.einsum("bkd,bd->bk", visual, model.encode_speech(input_values, attention_mask))  # (B, K)
+    boxes, scores = model.score_candidates(image, input_values, attention_mask)  # (B, K, 5) input px, (B, K)
     target_xyxy = cxcywh_to_xyxy(label) * image.shape[-1]  # (B, 4) input px
     target = box_iou(boxes[..., :4], target_xyxy[:, None, :]).argmax(dim=1)  # (B,)
     return F.cross_entropy(scores, target)

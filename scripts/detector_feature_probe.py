@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from csref_model.checkpoint import read_checkpoint_dir
 from csref_model.detector import DETECTOR_KIND, build_detector_from_checkpoint
 from csref_model.refclip import build_refclip_from_checkpoint
-from csref_training.datasets import build_detector_dataset, collate_detector
+from csref_training.datasets import build_detector_dataset, collate_detector, refcoco_layout
 from csref_training.train_config import load_train_config
 
 ATTRIBUTES = ("colour", "shape", "size")
@@ -52,7 +52,9 @@ def centre_features(checkpoint: Path, data_root: Path, split: str,
     cfg = load_train_config("config/train/detector_spoken_shapes.yaml", [f"data.root={data_root}"])
     encode, image_size = load_maps(checkpoint)
     dataset = build_detector_dataset(cfg.data, split, image_size)
-    entries = json.loads((Path(data_root) / "anns" / "spoken_shapes.json").read_text())[split]
+    layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
+                            cfg.data.audio_root, cfg.data.image_pattern)
+    entries = json.loads(layout.ann_path.read_text())[split]
     features: dict[int | str, list[np.ndarray]] = {}
     attributes: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
     seen = 0
