@@ -9,6 +9,14 @@ colour, size and position are never labels, and it never sees an expression.
     detector = build_detector(DetectorConfig(image_size=320))
     cells = detector(images)  # (B, G*G, 5) x1, y1, x2, y2, objectness of every cell, input px
     loss = detector(images, gt_boxes)  # gt_boxes[b]: (M_b, 4) cx, cy, w, h, input px
+
+With `appearance_loss_weight` > 0 the backbone's stride-32 map also learns, from the image alone,
+to reproduce its 8 px patches' mean colour (a 1x1 convolution and a pixel shuffle; mean squared
+error). RefCLIP's COCO detector sits on ImageNet features that keep appearance at every stride;
+a one-class detector trained on synthetic scenes drops colour by stride 32, since colour never
+helps to find an object, and the frozen candidates RefCLIP chooses from lose it. The label-free
+objective stands in for that pretraining: it names no colour, size or place, and needs no
+annotation beyond the image (docs/TRAINING.md, "Candidate detector").
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from csref_model.backbone import CSPDarknet
@@ -37,6 +46,8 @@ from csref_model.runtime.contract import check_image
 from csref_model.typed_yaml import from_dict, read_yaml
 
 DETECTOR_KIND = "class_agnostic_detector"
+# The appearance head predicts PATCHES_PER_CELL x PATCHES_PER_CELL mean colours per stride-32 cell (8 px patches).
+PATCHES_PER_CELL = 4
 
 
 @dataclass
@@ -48,6 +59,8 @@ class DetectorConfig:
     # Width of the projected maps and of MultiScaleFusion.
     neck_channels: int = 256
     head: HeadConfig = field(default_factory=HeadConfig)
+    # Weight of the label-free appearance loss (stride-32 map -> 8 px patch colours); 0: no such head.
+    appearance_loss_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,6 +73,8 @@ class DetectorConfig:
         check_image_size(config.image_size, "image_size", source)
         if config.neck_channels % 2:
             raise ValueError(f"{source}: neck_channels must be even, got {config.neck_channels}")
+        if config.appearance_loss_weight < 0:
+            raise ValueError(f"{source}: appearance_loss_weight must be >= 0, got {config.appearance_loss_weight}")
         return config
 
 
@@ -78,6 +93,9 @@ class ObjectDetector(nn.Module):
                                         for channels in self.visual_encoder.out_channels])
         self.neck = MultiScaleFusion(cfg.neck_channels)
         self.head = SRECHead(cfg.neck_channels, cfg.head.hidden_size)
+        self.appearance_loss_weight = cfg.appearance_loss_weight
+        self.appearance_head = (nn.Conv2d(self.visual_encoder.out_channels[-1], 3 * PATCHES_PER_CELL ** 2, 1)
+                                if cfg.appearance_loss_weight > 0 else None)
 
     def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) RGB in [0, 1] -> [(B, C3, S/8, S/8), (B, C4, S/16, S/16), (B, C5, S/32, S/32)]."""
@@ -92,10 +110,20 @@ class ObjectDetector(nn.Module):
     def forward(self, image: torch.Tensor, gt_boxes: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, G*G, 5) x1, y1, x2, y2, objectness of every stride-32 cell (row-major);
         with gt_boxes[b] (M_b, 4) (cx, cy, w, h) in input pixels, the training loss (scalar)."""
-        reg, obj = self.raw_outputs(self.encode_image(image))
+        image_maps = self.encode_image(image)
+        reg, obj = self.raw_outputs(image_maps)
         if gt_boxes is None:
             return decode_cell_corners(reg, obj)
-        return box_objectness_loss(reg, obj, gt_boxes)
+        loss = box_objectness_loss(reg, obj, gt_boxes)
+        if self.appearance_head is None:
+            return loss
+        return loss + self.appearance_loss_weight * self.appearance_loss(image, image_maps[-1])
+
+    def appearance_loss(self, image: torch.Tensor, top_map: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the 8 px patch colours (B, 3, S/8, S/8) predicted from the backbone's
+        stride-32 map (B, C5, S/32, S/32)."""
+        predicted = F.pixel_shuffle(self.appearance_head(top_map), PATCHES_PER_CELL)  # (B, 3, S/8, S/8)
+        return F.mse_loss(predicted, F.avg_pool2d(image, 32 // PATCHES_PER_CELL))
 
 
 def top_cells(cells: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,9 +73,11 @@ class DetectorTask:
     def initialise(self, model: nn.Module) -> None:
         """The whole detector from `init_checkpoint` when set (to fine-tune a trained one, for example at
         a larger `image_size`: every weight is independent of the input size); otherwise nothing beyond
-        the backbone weights `build_detector` already loaded."""
+        the backbone weights `build_detector` already loaded. A checkpoint without the appearance head
+        may start a run that adds it."""
         if self.cfg.init_checkpoint:
-            load_into(model, read_state_dict(self.cfg.init_checkpoint), self.cfg.init_checkpoint)
+            load_into(model, read_state_dict(self.cfg.init_checkpoint), self.cfg.init_checkpoint,
+                      allow_missing=("appearance_head.",))
             logger.info("detector initialised from %s", self.cfg.init_checkpoint)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:

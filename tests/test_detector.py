@@ -1,6 +1,7 @@
 """The class-agnostic candidate detector: multi-box training through the shared loop, checkpoints that
 describe themselves, candidate recall, and clear errors for configs that are not a detector's."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,13 @@ import pytest
 import torch
 
 from csref_model.config import load_model_config
-from csref_model.detector import DetectorConfig, build_detector_from_checkpoint, load_detector_config, top_cells
+from csref_model.detector import (
+    DetectorConfig,
+    ObjectDetector,
+    build_detector_from_checkpoint,
+    load_detector_config,
+    top_cells,
+)
 from csref_training import detector as detector_trainer
 from csref_training.datasets import SceneObjectsDataset, refcoco_layout
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
@@ -58,10 +65,13 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
     assert torch.equal(top[0, :, 4], cells[0, indices[0], 4]) and bool((top[0, :-1, 4] >= top[0, 1:, 4]).all())
     # Fine-tuned at a larger input from that checkpoint: with a learning rate too small to move it, the
     # candidates it finds at the first validation come from the loaded weights (untrained: recall 0.0).
+    # It may also add the appearance head, which the checkpoint does not have.
     larger = train(scenes, tmp_path / "larger", "epochs=1", "optim.lr=1e-12", "ema.enabled=false",
-                   f"init_checkpoint={tmp_path / 'run' / 'best'}", "model_overrides.image_size=320")
+                   f"init_checkpoint={tmp_path / 'run' / 'best'}", "model_overrides.image_size=320",
+                   "model_overrides.appearance_loss_weight=10")
     assert larger["best_recall_50"] >= 0.2
-    assert build_detector_from_checkpoint(tmp_path / "larger" / "best")[1].image_size == 320
+    larger_model, larger_config = build_detector_from_checkpoint(tmp_path / "larger" / "best")
+    assert larger_config.image_size == 320 and larger_model.appearance_head is not None
     # The evaluate command gives the same recall at the checkpoint's size, and measures it at any other.
     evaluate = ["evaluate", "--config", "config/train/detector_spoken_shapes.yaml", "--checkpoint",
                 str(tmp_path / "larger" / "best"), "--split", "train", f"data.root={scenes}", "data.num_workers=0"]
@@ -70,6 +80,28 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
     assert detector_trainer.main([*evaluate, "--image-size", "256"])["image_size"] == 256
     with pytest.raises(SystemExit, match="multiple of 32"):
         detector_trainer.main([*evaluate, "--image-size", "300"])
+
+
+def test_appearance_loss_teaches_the_stride_32_map_where_the_colours_are(scenes):
+    torch.manual_seed(0)
+    config = dataclasses.replace(load_detector_config("detector_tiny"), appearance_loss_weight=1.0)
+    model = ObjectDetector(config)
+    dataset = SceneObjectsDataset(refcoco_layout("spoken_shapes", scenes), "train", image_size=config.image_size)
+    image = torch.stack([dataset[index]["image"] for index in range(4)])  # (4, 3, S, S)
+    patches = torch.nn.functional.avg_pool2d(image, 8)  # (4, 3, S/8, S/8)
+    # The best prediction that knows no place: each image's own mean patch colour.
+    placeless_error = torch.nn.functional.mse_loss(patches.mean(dim=(2, 3), keepdim=True).expand_as(patches), patches)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(120):
+        optimizer.zero_grad()
+        loss = model.appearance_loss(image, model.encode_image(image)[-1])
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():  # still in training mode: 120 steps leave the BatchNorm running statistics unsettled
+        error = model.appearance_loss(image, model.encode_image(image)[-1])
+    assert error < 0.5 * placeless_error
+    with pytest.raises(ValueError, match="appearance_loss_weight must be >= 0"):
+        DetectorConfig.from_dict({"appearance_loss_weight": -1.0})
 
 
 def test_task_settings_and_model_kind_are_checked(scenes, tmp_path):
