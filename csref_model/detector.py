@@ -10,13 +10,13 @@ colour, size and position are never labels, and it never sees an expression.
     cells = detector(images)  # (B, G*G, 5) x1, y1, x2, y2, objectness of every cell, input px
     loss = detector(images, gt_boxes)  # gt_boxes[b]: (M_b, 4) cx, cy, w, h, input px
 
-With `appearance_loss_weight` > 0 the backbone's stride-32 map also learns, from the image alone,
-to reproduce its 8 px patches' mean colour (a 1x1 convolution and a pixel shuffle; mean squared
-error). RefCLIP's COCO detector sits on ImageNet features that keep appearance at every stride;
-a one-class detector trained on synthetic scenes drops colour by stride 32, since colour never
-helps to find an object, and the frozen candidates RefCLIP chooses from lose it. The label-free
-objective stands in for that pretraining: it names no colour, size or place, and needs no
-annotation beyond the image (docs/TRAINING.md, "Candidate detector").
+With `appearance_loss_weight` > 0 the backbone's stride-32 map also learns to reproduce the mean
+colour of the 8 px patches inside the objects' boxes (a 1x1 convolution and a pixel shuffle; mean
+squared error). RefCLIP's COCO detector sits on ImageNet features that keep appearance at every
+stride; a one-class detector trained on synthetic scenes drops colour by stride 32, since colour
+never helps to find an object, and the frozen candidates RefCLIP chooses from lose it. This
+objective stands in for that pretraining: it reads only the image and the boxes the detector
+already has, and names no colour, size or place (docs/TRAINING.md, "Candidate detector").
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class DetectorConfig:
     # Width of the projected maps and of MultiScaleFusion.
     neck_channels: int = 256
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Weight of the label-free appearance loss (stride-32 map -> 8 px patch colours); 0: no such head.
+    # Weight of the appearance loss (stride-32 map -> colours of the 8 px patches in objects); 0: no such head.
     appearance_loss_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,13 +117,28 @@ class ObjectDetector(nn.Module):
         loss = box_objectness_loss(reg, obj, gt_boxes)
         if self.appearance_head is None:
             return loss
-        return loss + self.appearance_loss_weight * self.appearance_loss(image, image_maps[-1])
+        return loss + self.appearance_loss_weight * self.appearance_loss(image, image_maps[-1], gt_boxes)
 
-    def appearance_loss(self, image: torch.Tensor, top_map: torch.Tensor) -> torch.Tensor:
+    def appearance_loss(self, image: torch.Tensor, top_map: torch.Tensor, gt_boxes: list[torch.Tensor]) -> torch.Tensor:
         """Mean squared error of the 8 px patch colours (B, 3, S/8, S/8) predicted from the backbone's
-        stride-32 map (B, C5, S/32, S/32)."""
-        predicted = F.pixel_shuffle(self.appearance_head(top_map), PATCHES_PER_CELL)  # (B, 3, S/8, S/8)
-        return F.mse_loss(predicted, F.avg_pool2d(image, 32 // PATCHES_PER_CELL))
+        stride-32 map (B, C5, S/32, S/32), over the patches whose centre lies in an object's box
+        (gt_boxes[b]: (M_b, 4) cx, cy, w, h input px). The background, most of a scene, would
+        otherwise outweigh the objects."""
+        predicted = F.pixel_shuffle(self.appearance_head(top_map), PATCHES_PER_CELL)  # (B, 3, P, P)
+        patch_px = 32 // PATCHES_PER_CELL
+        target = F.avg_pool2d(image, patch_px)  # (B, 3, P, P)
+        centres = (torch.arange(target.shape[-1], device=image.device, dtype=image.dtype) + 0.5) * patch_px  # (P,)
+        in_object = torch.stack([patches_in_boxes(centres, boxes.to(image.dtype)) for boxes in gt_boxes])  # (B, P, P)
+        squared_error = (predicted - target).pow(2).sum(dim=1)  # (B, P, P)
+        return (squared_error * in_object).sum() / (3 * in_object.sum()).clamp(min=1)
+
+
+def patches_in_boxes(centres: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Patch centres (P,) along each axis and boxes (M, 4) cx, cy, w, h -> (P, P) mask of the patches
+    (row y, column x) whose centre lies in at least one box."""
+    x_in = (centres[None] - boxes[:, 0:1]).abs() <= boxes[:, 2:3] / 2  # (M, P)
+    y_in = (centres[None] - boxes[:, 1:2]).abs() <= boxes[:, 3:4] / 2  # (M, P)
+    return (y_in[:, :, None] & x_in[:, None, :]).any(dim=0).to(centres.dtype)  # (P, P)
 
 
 def top_cells(cells: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

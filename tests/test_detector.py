@@ -14,6 +14,7 @@ from csref_model.detector import (
     ObjectDetector,
     build_detector_from_checkpoint,
     load_detector_config,
+    patches_in_boxes,
     top_cells,
 )
 from csref_training import detector as detector_trainer
@@ -82,24 +83,29 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
         detector_trainer.main([*evaluate, "--image-size", "300"])
 
 
-def test_appearance_loss_teaches_the_stride_32_map_where_the_colours_are(scenes):
+def test_appearance_loss_teaches_the_stride_32_map_the_colours_of_the_objects(scenes):
     torch.manual_seed(0)
     config = dataclasses.replace(load_detector_config("detector_tiny"), appearance_loss_weight=1.0)
     model = ObjectDetector(config)
     dataset = SceneObjectsDataset(refcoco_layout("spoken_shapes", scenes), "train", image_size=config.image_size)
     image = torch.stack([dataset[index]["image"] for index in range(4)])  # (4, 3, S, S)
+    boxes = [dataset[index]["boxes"] for index in range(4)]
     patches = torch.nn.functional.avg_pool2d(image, 8)  # (4, 3, S/8, S/8)
-    # The best prediction that knows no place: each image's own mean patch colour.
-    placeless_error = torch.nn.functional.mse_loss(patches.mean(dim=(2, 3), keepdim=True).expand_as(patches), patches)
+    centres = torch.arange(patches.shape[-1]) * 8.0 + 4.0
+    in_object = torch.stack([patches_in_boxes(centres, b) for b in boxes]).bool()  # (4, S/8, S/8)
+    assert 0.05 < in_object.float().mean() < 0.6
+    # The best prediction that knows neither the object nor its place: one colour for every object patch.
+    object_colours = patches.permute(0, 2, 3, 1)[in_object]  # (N, 3)
+    constant_error = (object_colours - object_colours.mean(dim=0)).pow(2).mean()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(120):
         optimizer.zero_grad()
-        loss = model.appearance_loss(image, model.encode_image(image)[-1])
+        loss = model.appearance_loss(image, model.encode_image(image)[-1], boxes)
         loss.backward()
         optimizer.step()
     with torch.no_grad():  # still in training mode: 120 steps leave the BatchNorm running statistics unsettled
-        error = model.appearance_loss(image, model.encode_image(image)[-1])
-    assert error < 0.5 * placeless_error
+        error = model.appearance_loss(image, model.encode_image(image)[-1], boxes)
+    assert error < 0.5 * constant_error
     with pytest.raises(ValueError, match="appearance_loss_weight must be >= 0"):
         DetectorConfig.from_dict({"appearance_loss_weight": -1.0})
 
