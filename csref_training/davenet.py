@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> Any:
         parser.add_argument("audio", help="audio file (WAV/FLAC/OGG, any sample rate)")
         parser.add_argument("--layer", type=int, default=None, help="VQ slot to print (default: every active one)")
         parser.add_argument("--dedup", action="store_true", help="merge runs of the same unit into one")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])
     try:
         return evaluate_main(args) if argv[0] == "evaluate" else units_main(args)
     except (ValueError, OSError) as error:

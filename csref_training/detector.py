@@ -101,7 +101,7 @@ def evaluate_main(argv: list[str]) -> dict[str, float]:
     parser.add_argument("--split", default="val")
     parser.add_argument("--image-size", type=int, help="input side in pixels (default: the checkpoint's)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_train_config(args.config, args.overrides)
     settings = from_dict(DetectorTaskConfig, cfg.task, "training config", section="task")
     model, model_cfg = build_detector_from_checkpoint(args.checkpoint)

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="run the forward under autocast in this precision, as the CUDA backend does; "
                              "compare its Acc@0.5 with fp32 before deploying reduced precision")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, as for the trainers")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         return evaluate_checkpoint(args)
     except (FileNotFoundError, ValueError) as err:  # a missing or malformed config, checkpoint or dataset

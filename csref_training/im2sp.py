@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> Any:
         parser.add_argument("--vocoder", required=True)
         parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])
     if argv[0] in ("units", "evaluate"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "training or model selection); the others are copied unchanged")
         parser.add_argument("--out", required=True, type=Path, help="directory for anns/<dataset>.json")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])
     cfg = load_train_config(args.config, args.overrides)
     return evaluate_main(args, cfg) if argv[0] == "evaluate" else pseudo_label_main(args, cfg)
 

@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> Any:
         source.add_argument("--checkpoint", type=Path, help="an SREC checkpoint with a mask head (correct's output)")
         source.add_argument("--select", choices=SELECT_METHODS, help="evaluate the select stage's masks instead")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the YAML, e.g. task.stage_dir=D")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])
     cfg = load_train_config(args.config, args.overrides)
     settings = task_settings(cfg)
     if argv[0] == "segment":

@@ -216,5 +216,5 @@ def main(task_class: type[Task], description: str, argv: list[str] | None = None
     parser.add_argument("--config", required=True,
                         help=f"training YAML, e.g. config/train/{task_class.name}_spoken_shapes.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=5 data.root=/data optim.lr=2e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return train(load_train_config(args.config, args.overrides), task_class)

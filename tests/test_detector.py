@@ -74,8 +74,9 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
     larger_model, larger_config = build_detector_from_checkpoint(tmp_path / "larger" / "best")
     assert larger_config.image_size == 320 and larger_model.appearance_head is not None
     # The evaluate command gives the same recall at the checkpoint's size, and measures it at any other.
-    evaluate = ["evaluate", "--config", "config/train/detector_spoken_shapes.yaml", "--checkpoint",
-                str(tmp_path / "larger" / "best"), "--split", "train", f"data.root={scenes}", "data.num_workers=0"]
+    # Overrides may come between the options.
+    evaluate = ["evaluate", "--config", "config/train/detector_spoken_shapes.yaml", f"data.root={scenes}", "--checkpoint",
+                str(tmp_path / "larger" / "best"), "--split", "train", "data.num_workers=0"]
     evaluated = detector_trainer.main(evaluate)
     assert evaluated["image_size"] == 320 and evaluated["recall_50"] == pytest.approx(larger["best_recall_50"])
     assert detector_trainer.main([*evaluate, "--image-size", "256"])["image_size"] == 256
