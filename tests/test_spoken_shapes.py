@@ -309,6 +309,46 @@ def test_expressions_are_unique_and_shortest_on_random_scenes():
         assert min(e.num_place for e in same_length) == expression.num_place
 
 
+def test_overspecified_commands_add_only_what_holds_and_still_single_out_the_target():
+    added = {"colour": 0, "size": 0, "horizontal": 0, "vertical": 0}
+    for i in range(200):
+        rng = np.random.default_rng([43, i])
+        width, height = (int(rng.integers(320, 641)) for _ in range(2))
+        background = render.make_background(rng, width, height, "plain")
+        objects, target, shortest = scene.sample_layout(rng, background)
+        assert grammar.overspecify(shortest, target, objects, width, height, rng, 0.0) == shortest
+        richer = grammar.overspecify(shortest, target, objects, width, height, rng, 1.0)
+        assert grammar.referents(richer, objects, width, height) == [target]
+        t = objects[target]
+        assert richer.shape == t.shape and richer.colour == t.colour and richer.size == t.size
+        for name in added:
+            kept = getattr(shortest, name)
+            assert getattr(richer, name) == kept or kept is None
+            added[name] += kept is None and getattr(richer, name) is not None
+        # An added place holds of the whole image.
+        if shortest.horizontal is None and richer.horizontal == "left":
+            assert t.cx < width / 3
+        if shortest.vertical is None and richer.vertical == "bottom":
+            assert t.cy > 2 * height / 3
+    assert min(added.values()) > 10, added
+
+
+def test_only_train_commands_are_overspecified(tmp_path):
+    cfg = SynthConfig(out=tmp_path / "over", seed=3, noise_prob=0.0, overspecify_prob=1.0)
+    annotations = generate.generate_dataset(cfg, COUNTS, workers=1)
+    for entry in annotations["train"]:
+        expression = grammar.parse_expression(entry["refs"][0]["sent"])
+        target = entry["objects"][entry["target_index"]]
+        assert (expression.colour, expression.size) == (target["colour"], target["size"])
+    # Validation and test commands stay the shortest: those of the same seed without the option.
+    shortest = generate.generate_dataset(SynthConfig(out=tmp_path / "short", seed=3, noise_prob=0.0), COUNTS)
+    for split in ("val", "test"):
+        assert [e["refs"][0]["sent"] for e in shortest[split]] == [e["refs"][0]["sent"] for e in annotations[split]]
+    assert [e["refs"][0]["sent"] for e in shortest["train"]] != [e["refs"][0]["sent"] for e in annotations["train"]]
+    with pytest.raises(ValueError, match="overspecify_prob must be in"):
+        generate.generate_dataset(SynthConfig(out=tmp_path / "bad", overspecify_prob=1.5), COUNTS)
+
+
 @pytest.mark.parametrize("scene_scale", [None, (0.05, 0.13)])
 def test_random_layouts_respect_counts_margins_and_sizes(scene_scale):
     small_extents = []

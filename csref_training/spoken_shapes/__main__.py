@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                              "upper bound; python -m csref_training.ssc select --method truth)")
     parser.add_argument("--referents-per-scene", type=int, default=1,
                         help="up to this many referents per scene, each an entry with the same iid (default 1)")
+    parser.add_argument("--overspecify-prob", type=float, default=0.0,
+                        help="name each attribute a train command leaves out anyway with this probability, as "
+                             "speakers often do; val and test commands stay the shortest (default 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dataset-name", default="spoken_shapes")
     args = parser.parse_args(argv)
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         train_masks=args.train_masks,
         referents_per_scene=args.referents_per_scene,
         balance_engines=args.balance_engines,
+        overspecify_prob=args.overspecify_prob,
     )
     counts = {"train": args.train, "val": args.val, "test": args.test}
     start = time.perf_counter()

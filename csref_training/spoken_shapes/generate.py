@@ -22,7 +22,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from csref_model.audio import SAMPLE_RATE
-from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, caption_words, describe, scene_caption
+from csref_training.spoken_shapes.grammar import CARRIER_PHRASES, caption_words, describe, overspecify, scene_caption
 from csref_training.spoken_shapes.render import BACKGROUNDS, make_background, object_label_map, render_scene
 from csref_training.spoken_shapes.scene import sample_layout
 from csref_training.spoken_shapes.speech import (
@@ -74,6 +74,10 @@ class SynthConfig:
     # Draw an engine uniformly among those in `voices`, then one of its voices; False draws a voice
     # uniformly, so an engine weighs as much as its number of voices (espeak-ng has hundreds).
     balance_engines: bool = False
+    # Each attribute a training command leaves out is named anyway with this probability
+    # (grammar.overspecify); validation and test commands stay the shortest. 0 keeps the datasets
+    # byte-identical to those generated before the option.
+    overspecify_prob: float = 0.0
 
 
 def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> list[dict]:
@@ -95,6 +99,9 @@ def generate_sample(cfg: SynthConfig, split: str, index: int, iid: int) -> list[
             other_expression = describe(int(other), objects, width, height, rng) if other != target else None
             if other_expression is not None:
                 targets.append((int(other), other_expression))
+    if cfg.overspecify_prob > 0 and split == "train":
+        targets = [(index, overspecify(expr, index, objects, width, height, rng, cfg.overspecify_prob))
+                   for index, expr in targets]
     scene = {
         # Every object of the scene, for the class-agnostic detector and failure analysis by kind;
         # grounding never reads them.
@@ -195,6 +202,8 @@ def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1,
     check_voices(list(cfg.voices))
     if cfg.referents_per_scene < 1:
         raise ValueError(f"referents_per_scene must be >= 1, got {cfg.referents_per_scene}")
+    if not 0 <= cfg.overspecify_prob <= 1:
+        raise ValueError(f"overspecify_prob must be in [0, 1], got {cfg.overspecify_prob}")
     if cfg.train_masks and not cfg.masks:
         raise ValueError("train_masks needs masks (the train masks come on top of the val/test ones)")
     for sub in ("anns", "images", *((MASK_DIR,) if cfg.masks else ())):

@@ -15,6 +15,7 @@ centre is at least PLACE_MARGIN of the width farther from the vertical centre li
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -145,6 +146,32 @@ def describe(
     fewest_place = min(e.num_place for e in shortest)
     shortest = [e for e in shortest if e.num_place == fewest_place]
     return shortest[rng.integers(len(shortest))]
+
+
+def overspecify(
+    expr: Expression, target: int, objects: list[SceneObject], width: int, height: int, rng: np.random.Generator,
+    prob: float,
+) -> Expression:
+    """`expr` with each attribute it leaves out added with probability `prob`, as speakers often
+    name more than they need ("the small red circle" for the only red circle).
+
+    Colour and size are the target's own. A place word is added only where it holds of the image as
+    a whole: "on the left" / "on the right" in the outer thirds of the width, "in the middle"
+    within MIDDLE_BAND of the centre line, "at the top" / "at the bottom" in the outer thirds of the
+    height. An addition that would let the command fit another object too (a place word that holds
+    of the image but not among the candidates) is skipped.
+    """
+    t = objects[target]
+    horizontal = ("left" if t.cx < width / 3 else "right" if t.cx > 2 * width / 3
+                  else "middle" if abs(t.cx - width / 2) <= MIDDLE_BAND * width else None)
+    vertical = "top" if t.cy < height / 3 else "bottom" if t.cy > 2 * height / 3 else None
+    for name, value in (("colour", t.colour), ("size", t.size), ("horizontal", horizontal), ("vertical", vertical)):
+        if getattr(expr, name) is not None or value is None or rng.random() >= prob:
+            continue
+        richer = dataclasses.replace(expr, **{name: value})
+        if referents(richer, objects, width, height) == [target]:
+            expr = richer
+    return expr
 
 
 # "the [size] [colour] <shape> [horizontal place] [vertical place]": the word order of Expression.text.
