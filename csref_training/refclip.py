@@ -205,18 +205,19 @@ def chance_level(ann_path: Path, split: str) -> float | None:
     return float(np.mean([1.0 / len(entry["objects"]) for entry in entries]))
 
 
-def co_occurrence_ceilings(ann_path: Path, split: str) -> dict[int, float]:
+def shape_colour_oracle(ann_path: Path, split: str) -> dict[int, float]:
     """Per sentence id of a Spoken Shapes split: the Acc@0.5 expected of a model that grounds every
     shape and colour word exactly and picks at random among the objects sharing those.
 
-    That is what (image, command) pairs can teach. A command names its size or place only when an
-    object of the same shape (and colour, if named) of the other size or place is in the scene:
-    every image "the small circle" is said about also holds a big circle, and every image of "the
-    big circle" a small one, so no pair tells which of the two a size or place word means. A
-    colour, by contrast, is always present in its images while the distractors' colours vary.
+    It is what (image, command) pairs of the shortest commands can teach. Such a command names a
+    size or place only when an object of the same shape (and colour, if named) of the other size or
+    place is in the scene: every image "the small circle" is said about also holds a big circle,
+    and every image of "the big circle" a small one, so no pair tells which of the two the word
+    means. A colour, by contrast, is always in its images while the distractors' colours vary.
+    Training commands that name more than they need (`--overspecify-prob`) break that symmetry.
     Empty without object lists.
     """
-    ceilings: dict[int, float] = {}
+    oracle: dict[int, float] = {}
     for entry in json.loads(ann_path.read_text())[split]:
         if "objects" not in entry:
             return {}
@@ -225,8 +226,8 @@ def co_occurrence_ceilings(ann_path: Path, split: str) -> dict[int, float]:
             colour_named = parse_expression(ref["sent"]).colour is not None
             sharing = [obj for obj in entry["objects"] if obj["shape"] == target["shape"]
                        and (not colour_named or obj["colour"] == target["colour"])]
-            ceilings[ref["sent_id"]] = 1.0 / len(sharing)
-    return ceilings
+            oracle[ref["sent_id"]] = 1.0 / len(sharing)
+    return oracle
 
 
 def predict(checkpoint: Path, cfg: TrainConfig, split: str) -> list[dict[str, Any]]:
@@ -241,7 +242,7 @@ def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     metrics = box_metrics(records, torch.device("cpu"))
     layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
                             cfg.data.audio_root, cfg.data.image_pattern)
-    ceilings = co_occurrence_ceilings(layout.ann_path, args.split)
+    oracle = shape_colour_oracle(layout.ann_path, args.split)
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_kind[expression_kind(record["sentence"])].append(record)
@@ -249,12 +250,12 @@ def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     def summary(kind_records: list[dict[str, Any]]) -> dict[str, Any]:
         row: dict[str, Any] = {"count": len(kind_records),
                                "acc_50": float(np.mean([r["iou"] > 0.5 for r in kind_records]))}
-        if ceilings:
-            row["co_occurrence_ceiling"] = float(np.mean([ceilings[r["sent_id"]] for r in kind_records]))
+        if oracle:
+            row["shape_colour_oracle"] = float(np.mean([oracle[r["sent_id"]] for r in kind_records]))
         return row
 
     result = {**metrics, "chance_acc_50": chance_level(layout.ann_path, args.split),
-              "co_occurrence_ceiling_acc_50": summary(records).get("co_occurrence_ceiling"),
+              "shape_colour_oracle_acc_50": summary(records).get("shape_colour_oracle"),
               "acc_50_by_kind": {kind: summary(kind_records) for kind, kind_records in sorted(by_kind.items())}}
     print(json.dumps(result, indent=2))
     return result

@@ -121,6 +121,14 @@ def test_evaluate_reports_chance_and_kinds_then_pseudo_labels_train_srec(setup, 
     expected_chance = sum(1 / len(e["objects"]) for e in annotations["test"]) / SPLITS["test"]
     assert result["chance_acc_50"] == pytest.approx(expected_chance)
     assert sum(kind["count"] for kind in result["acc_50_by_kind"].values()) == SPLITS["test"]
+    # The shape-and-colour oracle: exact on those words; a size or place word is said only
+    # when another object of that shape (and colour) is there, and it stays a guess between them.
+    assert expected_chance <= result["shape_colour_oracle_acc_50"] <= 1.0
+    for kind, row in result["acc_50_by_kind"].items():
+        if "size" in kind or "place" in kind:
+            assert row["shape_colour_oracle"] <= 0.5, kind
+        else:
+            assert row["shape_colour_oracle"] == 1.0, kind
 
     report = refclip.main(["pseudo-label", "--config", config, "--checkpoint", str(checkpoint),
                            "--out", str(tmp_path / "pseudo"), *base])
