@@ -8,6 +8,8 @@
 #   SHAPES  grounding data with train/val splits [data/weak/shapes, generated here, seed 0]
 #   TEST    data root whose test split every model is evaluated on [$SHAPES]
 #   CSA     a trained CSA checkpoint to use instead of training one here (CSA never reads a box)
+#   OVERSPECIFY  --overspecify-prob of the generated grounding data [0.5]: training commands that name
+#           more than they need, without which pairs cannot teach size words (docs/TRAINING.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,7 +22,8 @@ TEST=${TEST:-$SHAPES}
 
 # 1. Grounding data (seed 0) and detector scenes from a disjoint seed (only their object boxes are read).
 [ -f "$SHAPES/anns/spoken_shapes.json" ] ||
-  $PY -m csref_training.spoken_shapes --out "$SHAPES" --train "$TRAIN" --val 300 --test 600 --workers 2
+  $PY -m csref_training.spoken_shapes --out "$SHAPES" --train "$TRAIN" --val 300 --test 600 --workers 2 \
+    --overspecify-prob "${OVERSPECIFY:-0.5}"
 [ -f "$DATA/detector/anns/spoken_shapes.json" ] ||
   $PY -m csref_training.spoken_shapes --out "$DATA/detector" --seed 1000 --train 3000 --val 200 --test 0 --workers 2
 
