@@ -197,16 +197,15 @@ def expression_kind(sentence: str) -> str:
     return "+".join(named) or "shape only"
 
 
-def chance_level(ann_path: Path, split: str) -> float | None:
-    """Mean of 1 / (objects in the image) over the split's entries; None without object lists."""
-    entries = json.loads(ann_path.read_text())[split]
+def chance_level(entries: list[dict[str, Any]]) -> float | None:
+    """Mean of 1 / (objects in the image) over a split's annotation entries; None without object lists."""
     if not entries or any("objects" not in entry for entry in entries):
         return None
     return float(np.mean([1.0 / len(entry["objects"]) for entry in entries]))
 
 
-def shape_colour_oracle(ann_path: Path, split: str) -> dict[int, float]:
-    """Per sentence id of a Spoken Shapes split: the Acc@0.5 expected of a model that grounds every
+def shape_colour_oracle(entries: list[dict[str, Any]]) -> dict[int, float]:
+    """Per sentence id of a Spoken Shapes split's annotation entries: the Acc@0.5 expected of a model that grounds every
     shape and colour word exactly and picks at random among the objects sharing those.
 
     It is what (image, command) pairs of the shortest commands can teach. Such a command names a
@@ -218,7 +217,7 @@ def shape_colour_oracle(ann_path: Path, split: str) -> dict[int, float]:
     Empty without object lists.
     """
     oracle: dict[int, float] = {}
-    for entry in json.loads(ann_path.read_text())[split]:
+    for entry in entries:
         if "objects" not in entry:
             return {}
         target = entry["objects"][entry["target_index"]]
@@ -242,21 +241,21 @@ def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     metrics = box_metrics(records, torch.device("cpu"))
     layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
                             cfg.data.audio_root, cfg.data.image_pattern)
-    oracle = shape_colour_oracle(layout.ann_path, args.split)
+    entries = json.loads(layout.ann_path.read_text())[args.split]
+    oracle = shape_colour_oracle(entries)
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_kind[expression_kind(record["sentence"])].append(record)
 
-    def summary(kind_records: list[dict[str, Any]]) -> dict[str, Any]:
-        row: dict[str, Any] = {"count": len(kind_records),
-                               "acc_50": float(np.mean([r["iou"] > 0.5 for r in kind_records]))}
-        if oracle:
-            row["shape_colour_oracle"] = float(np.mean([oracle[r["sent_id"]] for r in kind_records]))
-        return row
+    def mean_oracle(kind_records: list[dict[str, Any]]) -> float | None:
+        return float(np.mean([oracle[r["sent_id"]] for r in kind_records])) if oracle else None
 
-    result = {**metrics, "chance_acc_50": chance_level(layout.ann_path, args.split),
-              "shape_colour_oracle_acc_50": summary(records).get("shape_colour_oracle"),
-              "acc_50_by_kind": {kind: summary(kind_records) for kind, kind_records in sorted(by_kind.items())}}
+    by_kind_rows = {}
+    for kind, kind_records in sorted(by_kind.items()):
+        row = {"count": len(kind_records), "acc_50": float(np.mean([r["iou"] > 0.5 for r in kind_records]))}
+        by_kind_rows[kind] = {**row, "shape_colour_oracle": mean_oracle(kind_records)} if oracle else row
+    result = {**metrics, "chance_acc_50": chance_level(entries), "shape_colour_oracle_acc_50": mean_oracle(records),
+              "acc_50_by_kind": by_kind_rows}
     print(json.dumps(result, indent=2))
     return result
 

@@ -46,11 +46,10 @@ def load_maps(checkpoint: Path) -> tuple[Callable[[torch.Tensor], dict[int | str
     return maps, refclip_cfg.detector.image_size
 
 
-def centre_features(checkpoint: Path, data_root: Path, split: str,
-                    images: int) -> tuple[dict[int | str, np.ndarray], dict[str, list[str]]]:
-    """Feature vectors at every object's centre cell per map, and the objects' attributes."""
+def centre_features(encode: Callable[[torch.Tensor], dict[int | str, torch.Tensor]], image_size: int, data_root: Path,
+                    split: str, images: int) -> tuple[dict[int | str, np.ndarray], dict[str, list[str]]]:
+    """Feature vectors at every object's centre cell per map of `encode`, and the objects' attributes."""
     cfg = load_train_config("config/train/detector_spoken_shapes.yaml", [f"data.root={data_root}"])
-    encode, image_size = load_maps(checkpoint)
     dataset = build_detector_dataset(cfg.data, split, image_size)
     layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
                             cfg.data.audio_root, cfg.data.image_pattern)
@@ -84,8 +83,9 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train_x, train_y = centre_features(args.checkpoint, args.data_root, "train", args.train_images)
-    val_x, val_y = centre_features(args.checkpoint, args.data_root, "val", args.val_images)
+    encode, image_size = load_maps(args.checkpoint)
+    train_x, train_y = centre_features(encode, image_size, args.data_root, "train", args.train_images)
+    val_x, val_y = centre_features(encode, image_size, args.data_root, "val", args.val_images)
     print(f"{len(val_y['colour'])} val objects; accuracy of a linear probe (majority class in brackets)")
     print(f"{'map (stride)':>24}  " + "  ".join(f"{name:>14}" for name in ATTRIBUTES))
     for key in train_x:
