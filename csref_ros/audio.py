@@ -18,6 +18,16 @@ import soxr
 
 from csref_model.audio import SAMPLE_RATE, load_audio_16k
 
+try:
+    # Imported with this module (in the main thread, before the node's threads start): importing
+    # initialises PortAudio, which points the whole process's stderr at /dev/null meanwhile to hide
+    # ALSA's probing, so log lines that other threads wrote then were lost.
+    import sounddevice
+    PORTAUDIO_PROBLEM = ""
+except OSError as error:  # no PortAudio library: only the microphone and answer playback need it
+    sounddevice = None
+    PORTAUDIO_PROBLEM = f"PortAudio is not available ({error}); install it (Debian: libportaudio2)"
+
 logger = logging.getLogger(__name__)
 
 AudioCallback = Callable[[np.ndarray, float], None]
@@ -33,7 +43,18 @@ CLIPPING_FRACTION = 0.01  # report a chunk with more clipped samples than this
 
 
 class AudioSourceError(RuntimeError):
-    """A live audio source (microphone) that cannot deliver audio; the message says why and what to do."""
+    """A live audio source (microphone) or the sound output that cannot work; the message says why and what to do."""
+
+
+def play_sound(waveform: np.ndarray, sample_rate: int) -> None:
+    """Start playing `waveform` on the default output and return at once (PortAudio plays it);
+    AudioSourceError with the reason if impossible."""
+    if sounddevice is None:
+        raise AudioSourceError(PORTAUDIO_PROBLEM)
+    try:
+        sounddevice.play(waveform, sample_rate)
+    except sounddevice.PortAudioError as error:
+        raise AudioSourceError(f"cannot play on the default output ({error})") from error
 
 
 def sanitize_chunk(chunk: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -114,16 +135,14 @@ class MicrophoneSource(AudioThread):
 
     def open_stream(self):
         """Open and start the input stream; AudioSourceError with the reason if impossible."""
-        try:
-            import sounddevice
-        except OSError as error:
-            raise AudioSourceError(f"PortAudio is not available ({error}); install it (Debian: libportaudio2)") from error
+        if sounddevice is None:
+            raise AudioSourceError(PORTAUDIO_PROBLEM)
         try:
             info = sounddevice.query_devices(self.device, kind="input")
         except (ValueError, sounddevice.PortAudioError) as error:
             raise AudioSourceError(
                 f"no microphone '{self.device if self.device is not None else 'default'}': {error}; "
-                f"input devices: {self.input_device_names(sounddevice)}"
+                f"input devices: {self.input_device_names()}"
             ) from error
         rate = self.requested_rate or int(info["default_samplerate"])
         try:
@@ -149,7 +168,7 @@ class MicrophoneSource(AudioThread):
                 "microphone_opens": self.opened, "audio_file_passes": 0}
 
     @staticmethod
-    def input_device_names(sounddevice) -> str:
+    def input_device_names() -> str:
         try:
             names = [f"{index}: {d['name']}" for index, d in enumerate(sounddevice.query_devices()) if d["max_input_channels"] > 0]
         except sounddevice.PortAudioError:

@@ -70,7 +70,7 @@ from csref_model import Grounder
 from csref_model.audio import SAMPLE_RATE, resample
 from csref_model.davenet import SpeechImageRetriever, best_view
 from csref_model.im2sp import Answerer
-from csref_ros.audio import AUDIO_SOURCE_COUNTERS, MicrophoneSource, WavFileSource
+from csref_ros.audio import AUDIO_SOURCE_COUNTERS, AudioSourceError, MicrophoneSource, WavFileSource, play_sound
 from csref_ros.audio_messages import AudioMessageError, AudioStream, audio_to_mono, has_samples
 from csref_ros.counters import Counters
 from csref_ros.depth import DepthError, DepthImage, Intrinsics, RigidTransform
@@ -671,14 +671,9 @@ class GroundingNode(LifecycleNode):
 
     def play(self, waveform: np.ndarray, sample_rate: int) -> None:
         try:
-            import sounddevice  # optional: PortAudio may be missing where answers are only published
-        except OSError as error:
-            self.report_problem(f"answer_play: PortAudio is not available ({error})", kind="answer play")
-            return
-        try:
-            sounddevice.play(waveform, sample_rate)  # returns at once; PortAudio plays it
-        except sounddevice.PortAudioError as error:
-            self.report_problem(f"answer_play: cannot play on the default output ({error})", kind="answer play")
+            play_sound(waveform, sample_rate)
+        except AudioSourceError as error:
+            self.report_problem(f"answer_play: {error}", kind="answer play")
 
     def publish_voice_activity(self, active: bool) -> None:
         """The pipeline's voice_activity callback (audio thread)."""
