@@ -95,6 +95,11 @@ class SpeechEncoderConfig:
     codebook_size: int = 1024
     ema_decay: float = 0.99
     commitment_cost: float = 1.0
+    # Codebooks start as normal(0, codebook_init_std) entries, clamped at 0 with codebook_nonneg_init
+    # (the official --init-std and --nonneg-init, defaults 1 and false). The frames they quantise
+    # come out of a ReLU: an entry with negative coordinates may never be the nearest one.
+    codebook_init_std: float = 1.0
+    codebook_nonneg_init: bool = False
     # Probability that a frame is replaced by its left (and, equally, its right) neighbour.
     jitter: float = 0.12
 
@@ -136,6 +141,8 @@ class DavenetConfig:
         if bad_slots or len(set(speech.vq_layers)) != len(speech.vq_layers):
             raise ValueError(f"{source}: speech.vq_layers must be distinct slots in 1..{NUM_VQ_SLOTS}, "
                              f"got {speech.vq_layers}")
+        if speech.codebook_init_std <= 0:
+            raise ValueError(f"{source}: speech.codebook_init_std must be > 0, got {speech.codebook_init_std}")
         if not 0.0 <= speech.jitter <= 0.5:
             raise ValueError(f"{source}: speech.jitter must lie in [0, 0.5], got {speech.jitter}")
         if config.image.backbone not in IMAGE_BACKBONES:
@@ -257,10 +264,13 @@ class VectorQuantizerEMA(nn.Module):
     only pulls the encoder towards it (commitment).
     """
 
-    def __init__(self, codebook_size: int, dim: int, decay: float, commitment_cost: float, eps: float = 1e-8):
+    def __init__(self, codebook_size: int, dim: int, decay: float, commitment_cost: float, init_std: float = 1.0,
+                 nonneg_init: bool = False, eps: float = 1e-8):
         super().__init__()
         self.decay, self.commitment_cost, self.eps = decay, commitment_cost, eps
-        codebook = torch.randn(codebook_size, dim)
+        codebook = torch.randn(codebook_size, dim) * init_std
+        if nonneg_init:
+            codebook.clamp_(min=0)
         self.register_buffer("codebook", codebook)  # (K, D)
         self.register_buffer("ema_count", torch.ones(codebook_size))  # (K,)
         self.register_buffer("ema_sum", codebook.clone())  # (K, D): count x entry
@@ -359,7 +369,8 @@ class ResDavenetVQ(nn.Module):
                            widths[stage], widths[stage + 1], depth, stride=2)
             for stage, depth in enumerate(cfg.depths)])
         self.quantizers = nn.ModuleDict({
-            str(slot): VectorQuantizerEMA(cfg.codebook_size, widths[slot - 1], cfg.ema_decay, cfg.commitment_cost)
+            str(slot): VectorQuantizerEMA(cfg.codebook_size, widths[slot - 1], cfg.ema_decay, cfg.commitment_cost,
+                                          cfg.codebook_init_std, cfg.codebook_nonneg_init)
             for slot in self.vq_layers})
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

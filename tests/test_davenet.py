@@ -16,6 +16,7 @@ import torch
 from csref_model.cli.ground import read_image_rgb
 from csref_model.davenet import (
     Davenet,
+    DavenetConfig,
     LogMelConfig,
     SpeechImageRetriever,
     VectorQuantizerEMA,
@@ -61,6 +62,20 @@ def test_vq_ema_update_and_commitment_on_a_hand_made_case():
     # Straight-through: the quantised output passes the gradient to the frames unchanged.
     quantised.sum().backward()
     assert torch.equal(frames.grad, torch.ones_like(frames))
+
+
+def test_codebook_initialisation_options():
+    torch.manual_seed(0)
+    default = VectorQuantizerEMA(codebook_size=512, dim=16, decay=0.99, commitment_cost=1.0)
+    assert (default.codebook < 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert default.codebook.std().item() == pytest.approx(1.0, abs=0.03)
+    nonneg = VectorQuantizerEMA(codebook_size=512, dim=16, decay=0.99, commitment_cost=1.0, init_std=0.5,
+                                nonneg_init=True)
+    assert nonneg.codebook.min().item() == 0.0 and (nonneg.codebook == 0).float().mean().item() > 0.4
+    assert nonneg.codebook.max().item() == pytest.approx(0.5 * default.codebook.max().item(), rel=0.3)
+    assert torch.equal(nonneg.ema_sum, nonneg.codebook)  # the EMA starts from the clamped entries
+    with pytest.raises(ValueError, match="codebook_init_std must be > 0"):
+        DavenetConfig.from_dict({"speech": {"codebook_init_std": 0.0}})
 
 
 def test_triplet_loss_on_hand_made_similarities():
