@@ -30,6 +30,7 @@ from csref_model.davenet import (
 from csref_training import davenet
 from csref_training.spoken_shapes import generate
 from csref_training.spoken_shapes.generate import SynthConfig
+from csref_training.spoken_shapes.speech import render_word_sequence
 from csref_training.spoken_shapes.grammar import SceneObject, caption_words, parse_expression, referents, scene_caption
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "train" / "davenet_spoken_shapes.yaml"
@@ -157,6 +158,17 @@ def test_captions_have_exact_word_alignments_and_leave_the_rest_unchanged(captio
                        for split, entries in annotations.items()}
     for path in sorted((plain / "images").iterdir()) + sorted((plain / "audios" / "spoken_shapes").rglob("*.wav")):
         assert path.read_bytes() == (captions / path.relative_to(plain)).read_bytes()
+
+
+@pytest.mark.parametrize("voice", ["flite:slt", "festival:kal"])
+def test_captions_in_other_engines_voices_are_aligned_word_by_word(voice):
+    words = ["a", "big", "red", "circle"]
+    wave, spans = render_word_sequence(np.random.default_rng(0), words, voice, rate=170, pitch=50, snr_db=None)
+    assert len(spans) == len(words)
+    for (start, end), (next_start, _) in zip(spans, spans[1:] + [(len(wave) / 16000, None)]):
+        assert 0 < start < end < next_start
+        assert np.abs(wave[math.ceil(start * 16000):int(end * 16000)]).max() > 0.01
+        assert np.all(wave[int(end * 16000) + 1:math.floor(next_start * 16000)] == 0)
 
 
 def test_word_detection_scores_a_perfect_and_a_useless_code():

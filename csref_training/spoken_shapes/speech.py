@@ -373,10 +373,10 @@ def render_word_sequence(
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """float32 utterance at SAMPLE_RATE and each word's (start, end) in seconds.
 
-    espeak-ng prints no word timings, so each word is synthesised on its own with the same voice,
-    rate and pitch, trimmed to where it is louder than 1% of its peak, and the words are joined
-    with silent gaps drawn from `gap_s`: the alignment is exact by construction, at the price of
-    no coarticulation across word boundaries. Silence padding, level and noise as `render_speech`.
+    No engine here prints word timings, so each word is synthesised on its own (`synthesize`: any
+    engine's voice) with the same voice, rate and pitch, trimmed to where it is louder than 1% of
+    its peak, and the words are joined with silent gaps drawn from `gap_s`: the alignment is exact
+    by construction, at the price of no coarticulation across word boundaries. Silence padding, level and noise as `render_speech`.
     """
     pieces, spans = [], []
     position = int(rng.uniform(0.1, 0.5) * SAMPLE_RATE)
@@ -386,7 +386,7 @@ def render_word_sequence(
             gap = int(rng.uniform(*gap_s) * SAMPLE_RATE)
             pieces.append(np.zeros(gap, dtype=np.float32))
             position += gap
-        spoken = resample(espeak(word, voice, rate, pitch), ESPEAK_SAMPLE_RATE)
+        spoken = synthesize(word, voice, rate, pitch)
         loud = np.flatnonzero(np.abs(spoken) > 0.01 * np.abs(spoken).max())
         spoken = spoken[loud[0]:loud[-1] + 1]
         pieces.append(spoken)
