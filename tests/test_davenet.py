@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from csref_model.audio import SAMPLE_RATE
 from csref_model.cli.ground import read_image_rgb
 from csref_model.davenet import (
     Davenet,
@@ -30,8 +31,8 @@ from csref_model.davenet import (
 from csref_training import davenet
 from csref_training.spoken_shapes import generate
 from csref_training.spoken_shapes.generate import SynthConfig
-from csref_training.spoken_shapes.speech import render_word_sequence
 from csref_training.spoken_shapes.grammar import SceneObject, caption_words, parse_expression, referents, scene_caption
+from csref_training.spoken_shapes.speech import render_word_sequence
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "train" / "davenet_spoken_shapes.yaml"
 COUNTS = {"train": 8, "val": 4, "test": 4}
@@ -165,10 +166,10 @@ def test_captions_in_other_engines_voices_are_aligned_word_by_word(voice):
     words = ["a", "big", "red", "circle"]
     wave, spans = render_word_sequence(np.random.default_rng(0), words, voice, rate=170, pitch=50, snr_db=None)
     assert len(spans) == len(words)
-    for (start, end), (next_start, _) in zip(spans, spans[1:] + [(len(wave) / 16000, None)]):
+    for (start, end), (next_start, _) in zip(spans, spans[1:] + [(len(wave) / SAMPLE_RATE, None)]):
         assert 0 < start < end < next_start
-        assert np.abs(wave[math.ceil(start * 16000):int(end * 16000)]).max() > 0.01
-        assert np.all(wave[int(end * 16000) + 1:math.floor(next_start * 16000)] == 0)
+        assert np.abs(wave[math.ceil(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]).max() > 0.01
+        assert np.all(wave[int(end * SAMPLE_RATE) + 1:math.floor(next_start * SAMPLE_RATE)] == 0)
 
 
 def test_word_detection_scores_a_perfect_and_a_useless_code():

@@ -376,7 +376,8 @@ def render_word_sequence(
     No engine here prints word timings, so each word is synthesised on its own (`synthesize`: any
     engine's voice) with the same voice, rate and pitch, trimmed to where it is louder than 1% of
     its peak, and the words are joined with silent gaps drawn from `gap_s`: the alignment is exact
-    by construction, at the price of no coarticulation across word boundaries. Silence padding, level and noise as `render_speech`.
+    by construction, at the price of no coarticulation across word boundaries. Silence padding,
+    level and noise as `render_speech`.
     """
     pieces, spans = [], []
     position = int(rng.uniform(0.1, 0.5) * SAMPLE_RATE)
