@@ -66,6 +66,7 @@ from csref_model.im2sp import (
     Im2SpConfig,
     UnitVocoder,
     UnitVocoderConfig,
+    build_vocoder_from_checkpoint,
     deduplicate,
     edit_distance,
     log_mel,
@@ -568,16 +569,23 @@ def judge_speech(waves: list[np.ndarray | None], samples: list[Sample], images: 
 
 
 def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Judges the answers of `args.answer` for the split's scenes, beside the reference units
+    resynthesised and the two ceilings; with `args.vocoder` instead, only the latter three (how
+    well a unit inventory and its vocoder carry the expressions, before any decoder)."""
     cfg = load_train_config(args.config, args.overrides)
     settings = task_settings(cfg)
     if cfg.data.format != "refcoco":
         raise ValueError("evaluate judges Spoken Shapes expressions: data.format must be refcoco")
     judges = settings.judges
-    answerer = Answerer.from_directory(args.answer, beam_size=settings.beam_size)
+    answerer = Answerer.from_directory(args.answer, beam_size=settings.beam_size) if args.answer else None
+    vocoder = answerer.vocoder if answerer else build_vocoder_from_checkpoint(args.vocoder)[0]
     units = read_units(settings.units)
     if args.split not in units["splits"]:
         raise ValueError(f"{settings.units.dir}/{UNITS_FILE} has no units for split {args.split!r} "
                          f"(it has {', '.join(units['splits'])})")
+    if vocoder.cfg.num_units != units["num_units"]:
+        raise ValueError(f"the vocoder speaks {vocoder.cfg.num_units} units but {settings.units.dir}/{UNITS_FILE} "
+                         f"has {units['num_units']}: pass the vocoder trained on these units (task.units.dir)")
     samples = read_samples(cfg.data, args.split, judges.scenes)
     images = [read_rgb(s.image_path) for s in samples]
     ann = json.loads(refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path).ann_path.read_text())
@@ -595,28 +603,33 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    started = time.perf_counter()
-    generated_units = [answerer.answer_units(image, s.box_xyxy) for image, s in zip(images, samples)]
-    decode_s = time.perf_counter() - started
     references = [units["utterances"][s.key]["units"] for s in samples]
-    started = time.perf_counter()
-    generated = [answerer.vocoder.synthesise(u) if u else None for u in generated_units]
-    vocode_s = time.perf_counter() - started
-    resynthesised = [answerer.vocoder.synthesise(u) for u in references]
-    answer_voice = [load_audio_16k(units["utterances"][s.key]["audio"]) for s in samples]
-    for index, wave in enumerate(generated[:args.save_wavs]):
-        if wave is not None:
-            sf.write(out_dir / f"{index:04d}_generated.wav", wave, SAMPLE_RATE, subtype="PCM_16")
-        sf.write(out_dir / f"{index:04d}_resynthesised.wav", resynthesised[index], SAMPLE_RATE, subtype="PCM_16")
-    meant = [answerer.text_of(u) if u else None for u in generated_units]
+    resynthesised = [vocoder.synthesise(u) for u in references]
+    for index, wave in enumerate(resynthesised[:args.save_wavs]):
+        sf.write(out_dir / f"{index:04d}_resynthesised.wav", wave, SAMPLE_RATE, subtype="PCM_16")
     report: dict[str, Any] = {
-        "split": args.split, "answer": str(args.answer), "units": {k: units[k] for k in ("source", "layer", "num_units")},
-        "decode_s_per_answer": decode_s / len(samples), "vocode_s_per_answer": vocode_s / len(samples),
-        **unit_scores(generated_units, references),
-        "lexicon_text_exact": float(np.mean([m == s.key for m, s in zip(meant, samples)])),
+        "split": args.split, "answer": str(args.answer or ""), "vocoder": str(args.vocoder or ""),
+        "units": {k: units[k] for k in ("source", "layer", "num_units")},
+        "units_per_utterance": float(np.mean([len(u) for u in references])),
     }
-    conditions = {"generated": generated, "resynthesised_reference_units": resynthesised,
-                  "answer_voice_espeak": answer_voice, "dataset_recording": recordings}
+    conditions: dict[str, list[np.ndarray | None]] = {}
+    if answerer is not None:
+        started = time.perf_counter()
+        generated_units = [answerer.answer_units(image, s.box_xyxy) for image, s in zip(images, samples)]
+        decode_s = time.perf_counter() - started
+        started = time.perf_counter()
+        conditions["generated"] = [answerer.vocoder.synthesise(u) if u else None for u in generated_units]
+        vocode_s = time.perf_counter() - started
+        for index, wave in enumerate(conditions["generated"][:args.save_wavs]):
+            if wave is not None:
+                sf.write(out_dir / f"{index:04d}_generated.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+        meant = [answerer.text_of(u) if u else None for u in generated_units]
+        report.update({"decode_s_per_answer": decode_s / len(samples), "vocode_s_per_answer": vocode_s / len(samples),
+                       **unit_scores(generated_units, references),
+                       "lexicon_text_exact": float(np.mean([m == s.key for m, s in zip(meant, samples)]))})
+    conditions["resynthesised_reference_units"] = resynthesised
+    conditions["answer_voice_espeak"] = [load_audio_16k(units["utterances"][s.key]["audio"]) for s in samples]
+    conditions["dataset_recording"] = recordings
     for name, waves in conditions.items():
         report[name] = judge_speech(waves, samples, images, retrievers, grounder, recogniser)
         logger.info("%s: %s", name, report[name])
@@ -656,7 +669,10 @@ def main(argv: list[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(prog=f"python -m csref_training.im2sp {argv[0]}")
     parser.add_argument("--config", required=True, help="the Im2Sp training YAML (its data and task sections)")
     if argv[0] == "evaluate":
-        parser.add_argument("--answer", required=True, help="answer directory (the bundle command makes one)")
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--answer", help="answer directory (the bundle command makes one): judge its answers")
+        source.add_argument("--vocoder", help="a unit vocoder checkpoint: judge only the reference units "
+                                              "resynthesised (and the ceilings), to compare unit inventories")
         parser.add_argument("--split", default="test")
         parser.add_argument("--out", required=True, help="directory for report.json and example WAVs")
         parser.add_argument("--save-wavs", type=int, default=8, help="generated/resynthesised WAVs to keep")

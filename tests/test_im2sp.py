@@ -220,6 +220,14 @@ def test_units_vocoder_decoder_answer_and_judges(chain, tmp_path, capsys):
             assert 0.0 <= scores[judge] <= 1.0
     assert (tmp_path / "eval" / "0000_generated.wav").is_file()
 
+    # A unit inventory judged by its vocoder alone: the same resynthesis, no decoder.
+    units_only = im2sp.main(["evaluate", "--config", CONFIG, "--vocoder", str(tmp_path / "vocoder" / "best"),
+                             "--split", "test", "--out", str(tmp_path / "eval_units"), *common(chain)])
+    assert "generated" not in units_only and "lexicon_text_exact" not in units_only
+    assert units_only["resynthesised_reference_units"]["count"] == SPLITS["test"]
+    assert units_only["answer_voice_espeak"] == report["answer_voice_espeak"]
+    assert units_only["units_per_utterance"] == report["units_per_utterance"] > 0
+
 
 def test_bad_settings_are_named(chain, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -229,6 +237,10 @@ def test_bad_settings_are_named(chain, tmp_path, capsys):
         im2sp.main(["evaluate", "--config", CONFIG, "--answer", str(tmp_path / "none"), "--out", str(tmp_path),
                     *common(chain)])
     assert "not an answer directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        im2sp.main(["evaluate", "--config", CONFIG, "--answer", str(tmp_path / "a"), "--vocoder", str(tmp_path / "v"),
+                    "--out", str(tmp_path), *common(chain)])
+    assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(ValueError, match="model must be 'im2sp'"):
         im2sp.main(["--config", CONFIG, *common(chain), "model=tiny", f"output_dir={tmp_path / 'x'}"])
     with pytest.raises(SystemExit):
