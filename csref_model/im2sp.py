@@ -5,8 +5,9 @@ Pre-training and Multi-modal Tokens", Kim et al., ICASSP 2024) generates discret
 from an image with a GIT decoder and turns them into a waveform with a unit vocoder. Ours keeps
 that shape, scaled down, and adds the target box, so the units say the expression of one object:
 
-    image -> frozen CSPDarknet (SREC's backbone): s32 map -> G*G global tokens (+ learned positions)
-                                                  s16 map -> R*R tokens sampled inside the box
+    image -> frozen CSPDarknet (SREC's backbone): s8, s16, s32 maps
+             G*G global tokens: each s32 cell + its s16 and s8 cells averaged (+ learned positions)
+             R*R region tokens: s16 + s8 features sampled inside the box
     box   -> one token (letterboxed x1, y1, x2, y2 / S)
     prefix = [global | box | region] tokens; then BOS, units..., EOS
     GIT decoder: one transformer stack; the prefix attends to itself only, each unit token to
@@ -104,7 +105,10 @@ class Im2SpConfig:
     # Marks an Im2Sp decoder checkpoint's config.yaml.
     kind: str = IM2SP_KIND
     image_size: int = 256
-    # The frozen image encoder (SREC's CSPDarknet; weights from a checkpoint at initialisation).
+    # The frozen image encoder (SREC's CSPDarknet; weights from a checkpoint at initialisation). Its
+    # stride-32 map keeps shape and size but not colour (a linear probe of SREC's: colour 0.11,
+    # s16 0.63, s8 1.00), and an answer must say the colour when it tells the target apart, so
+    # every token carries the finer maps too.
     visual_backbone: VisualBackboneConfig = field(default_factory=VisualBackboneConfig)
     num_units: int = 100  # k of the unit inventory
     hidden_size: int = 256  # GIT-base: 768
@@ -148,11 +152,11 @@ class Im2Sp(nn.Module):
         d = cfg.hidden_size
         self.image_encoder = CSPDarknet(cfg.visual_backbone)
         self.image_encoder.requires_grad_(False)  # frozen, as Im2Sp's vision encoder
-        _, c_region, c_global = self.image_encoder.out_channels
+        c8, c16, c32 = self.image_encoder.out_channels
         grid = cfg.image_size // 32
-        self.global_proj = nn.Linear(c_global, d)
+        self.global_proj = nn.Linear(c8 + c16 + c32, d)
         self.global_pos = nn.Parameter(torch.zeros(grid * grid, d))
-        self.region_proj = nn.Linear(c_region, d)
+        self.region_proj = nn.Linear(c8 + c16, d)
         self.region_pos = nn.Parameter(torch.zeros(cfg.region_grid ** 2, d))
         self.box_proj = nn.Linear(4, d)
         self.prefix_norm = nn.LayerNorm(d)
@@ -172,16 +176,18 @@ class Im2Sp(nn.Module):
         return self
 
     @torch.no_grad()
-    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) letterboxed RGB in [0, 1] -> the s16 (B, C4, S/16, S/16) and s32 (B, C5, S/32, S/32) maps."""
-        _, s16, s32 = self.image_encoder(image)
-        return s16, s32
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) letterboxed RGB in [0, 1] -> the s8 (B, C3, S/8, S/8), s16 (B, C4, S/16, S/16)
+        and s32 (B, C5, S/32, S/32) maps."""
+        s8, s16, s32 = self.image_encoder(image)
+        return s8, s16, s32
 
-    def prefix(self, region_map: torch.Tensor, global_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """s16 (B, C4, h, w), s32 (B, C5, G, G), boxes (B, 4) x1, y1, x2, y2 in letterboxed px -> (B, P, D)."""
+    def prefix(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The maps of `encode_image` and boxes (B, 4) x1, y1, x2, y2 in letterboxed px -> (B, P, D)."""
         size = self.cfg.image_size
         batch = boxes.shape[0]
-        global_tokens = self.global_proj(global_map.flatten(2).transpose(1, 2)) + self.global_pos  # (B, G*G, D)
+        cells = torch.cat([s32, F.avg_pool2d(s16, 2), F.avg_pool2d(s8, 4)], dim=1)  # (B, C5+C4+C3, G, G)
+        global_tokens = self.global_proj(cells.flatten(2).transpose(1, 2)) + self.global_pos  # (B, G*G, D)
         unit_box = boxes / size  # (B, 4) in [0, 1]
         box_token = self.box_proj(unit_box)[:, None]  # (B, 1, D)
         # R x R sample points at the centres of an R x R split of the box, in grid_sample's [-1, 1].
@@ -189,7 +195,9 @@ class Im2Sp(nn.Module):
         xs = unit_box[:, 0:1] + steps[None] * (unit_box[:, 2:3] - unit_box[:, 0:1])  # (B, R)
         ys = unit_box[:, 1:2] + steps[None] * (unit_box[:, 3:4] - unit_box[:, 1:2])  # (B, R)
         grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1) * 2 - 1  # (B, R, R, 2)
-        sampled = F.grid_sample(region_map, grid.to(region_map.dtype), align_corners=False)  # (B, C4, R, R)
+        grid = grid.to(s16.dtype)
+        sampled = torch.cat([F.grid_sample(s16, grid, align_corners=False),
+                             F.grid_sample(s8, grid, align_corners=False)], dim=1)  # (B, C4+C3, R, R)
         region_tokens = self.region_proj(sampled.flatten(2).transpose(1, 2)) + self.region_pos  # (B, R*R, D)
         return self.prefix_norm(torch.cat([global_tokens, box_token.expand(batch, -1, -1), region_tokens], dim=1))
 
@@ -205,10 +213,10 @@ class Im2Sp(nn.Module):
         hidden = self.final_norm(hidden[:, prefix.shape[1]:])  # (B, T, D)
         return hidden @ self.token_embedding.weight.t()  # (B, T, V), head tied to the embeddings
 
-    def forward(self, region_map: torch.Tensor, global_map: torch.Tensor, boxes: torch.Tensor,
+    def forward(self, s8: torch.Tensor, s16: torch.Tensor, s32: torch.Tensor, boxes: torch.Tensor,
                 tokens: torch.Tensor) -> torch.Tensor:
         """Image maps + boxes (see `prefix`) and tokens (B, T) -> next-token logits (B, T, V)."""
-        return self.logits(self.prefix(region_map, global_map, boxes), tokens)
+        return self.logits(self.prefix(s8, s16, s32, boxes), tokens)
 
     @torch.no_grad()
     def greedy(self, prefix: torch.Tensor, max_units: int | None = None) -> list[list[int]]:
@@ -514,9 +522,9 @@ class Answerer:
         if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"box must be x1, y1, x2, y2 with x2 > x1 and y2 > y1 (original-image pixels), got {box_xyxy}")
         image, geometry = letterbox(image_rgb, self.decoder.cfg.image_size)
-        region_map, global_map = self.decoder.encode_image(image[None])
+        maps = self.decoder.encode_image(image[None])
         boxes = torch.from_numpy(geometry.box_to_input(box).astype(np.float32))[None]  # (1, 4)
-        prefix = self.decoder.prefix(region_map, global_map, boxes)
+        prefix = self.decoder.prefix(*maps, boxes)
         return self.decoder.beam_search(prefix, self.beam_size)
 
     def text_of(self, units: Sequence[int]) -> str:

@@ -87,6 +87,7 @@ logger = logging.getLogger(__name__)
 UNITS_FILE = "units.json"
 UNIT_SOURCES = ("csa_kmeans", "davenet")
 ANSWER_PAD_S = 0.1  # silence around each answer-voice utterance
+MAP_NAMES = ("s8", "s16", "s32")  # Im2Sp.encode_image's maps, in prefix order
 
 
 @dataclass
@@ -292,43 +293,55 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 class RegionUnits(Dataset):
-    """Items {"region_map", "global_map", "box" (4,) letterboxed px, "tokens", "index"}. The frozen
-    image encoder's maps are computed once here (fp16 in memory): training never runs it."""
+    """Items {"s8", "s16", "s32" maps, "box" (4,) letterboxed px, "tokens", "index"}. The frozen
+    image encoder's maps are computed once per image here (fp16 in memory; a scene's referents
+    share them): training never runs it."""
 
-    def __init__(self, samples: list[Sample], units: dict[str, Any], image_encoder: Im2Sp,
+    def __init__(self, samples: list[Sample], units: dict[str, Any], image_encoder: Im2Sp | None,
                  cache: Path | None = None, batch_size: int = 32):
         missing = [s.key for s in samples if s.key not in units["utterances"]]
         if missing:
             raise ValueError(f"{len(missing)} utterances have no units (e.g. {missing[0]!r}); rerun the units command")
         self.samples = samples
         self.tokens = [torch.tensor(units_to_tokens(units["utterances"][s.key]["units"])) for s in samples]
+        image_paths = list(dict.fromkeys(s.image_path for s in samples))
+        row_of = {path: row for row, path in enumerate(image_paths)}
+        self.image_rows = [row_of[s.image_path] for s in samples]
         if cache is not None and cache.is_file():
             cached = torch.load(cache, weights_only=True)
-            self.region_maps, self.global_maps, self.boxes = cached["region"], cached["global"], cached["boxes"]
+            if cached.get("images") != [str(path) for path in image_paths]:
+                raise ValueError(f"the feature cache {cache} holds other images (or an older layout) than this split: delete it "
+                                 "(or point task.feature_cache elsewhere)")
+            self.maps, self.boxes = cached["maps"], cached["boxes"]
             return
+        if image_encoder is None:
+            raise ValueError(f"no feature cache at {cache} and no image encoder to compute one")
         size = image_encoder.cfg.image_size
-        region, global_, boxes = [], [], []
-        for start in range(0, len(samples), batch_size):
+        geometries, maps = {}, []
+        for start in range(0, len(image_paths), batch_size):
             images = []
-            for sample in samples[start:start + batch_size]:
-                rgb = read_rgb(sample.image_path)
-                image, geometry = letterbox(rgb, size)
+            for path in image_paths[start:start + batch_size]:
+                rgb = read_rgb(path)
+                image, geometries[path] = letterbox(rgb, size)
                 images.append(image)
-                box = sample.box_xyxy or (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
-                boxes.append(torch.from_numpy(geometry.box_to_input(np.asarray(box, dtype=np.float32))).float())
-            region_map, global_map = image_encoder.encode_image(torch.stack(images))
-            region.append(region_map.half())
-            global_.append(global_map.half())
-        self.region_maps, self.global_maps, self.boxes = torch.cat(region), torch.cat(global_), torch.stack(boxes)
+            maps.append([level.half() for level in image_encoder.encode_image(torch.stack(images))])
+        self.maps = [torch.cat(level) for level in zip(*maps)]  # s8, s16, s32: (N_images, C, h, w)
+        boxes = []
+        for sample in samples:
+            geometry = geometries[sample.image_path]
+            box = sample.box_xyxy or (0.0, 0.0, float(geometry.w), float(geometry.h))
+            boxes.append(torch.from_numpy(geometry.box_to_input(np.asarray(box, dtype=np.float32))).float())
+        self.boxes = torch.stack(boxes)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"region": self.region_maps, "global": self.global_maps, "boxes": self.boxes}, cache)
+            torch.save({"images": [str(path) for path in image_paths], "maps": self.maps, "boxes": self.boxes}, cache)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"region_map": self.region_maps[index].float(), "global_map": self.global_maps[index].float(),
+        row = self.image_rows[index]
+        return {**{name: level[row].float() for name, level in zip(MAP_NAMES, self.maps)},
                 "box": self.boxes[index], "tokens": self.tokens[index], "index": index}
 
 
@@ -337,8 +350,7 @@ def collate_region_units(items: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = torch.full((len(items), longest), PAD, dtype=torch.long)
     for row, item in enumerate(items):
         tokens[row, :len(item["tokens"])] = item["tokens"]
-    return {"region_map": torch.stack([i["region_map"] for i in items]),
-            "global_map": torch.stack([i["global_map"] for i in items]),
+    return {**{name: torch.stack([i[name] for i in items]) for name in MAP_NAMES},
             "box": torch.stack([i["box"] for i in items]), "tokens": tokens,
             "index": torch.tensor([i["index"] for i in items])}
 
@@ -357,7 +369,7 @@ def evaluate_decoder(model: Im2Sp, dataset: RegionUnits, batch_size: int, greedy
     hypotheses, references = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate_region_units([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        prefix = model.prefix(batch["region_map"], batch["global_map"], batch["box"])
+        prefix = model.prefix(*(batch[name] for name in MAP_NAMES), batch["box"])
         loss, accuracy = teacher_forcing_loss(model.logits(prefix, batch["tokens"][:, :-1]), batch["tokens"])
         n = (batch["tokens"][:, 1:] != PAD).sum().item()
         losses.append(loss.item() * n)
@@ -436,8 +448,7 @@ class Im2SpTask:
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device
         tokens = batch["tokens"].to(device)
-        logits = model(batch["region_map"].to(device), batch["global_map"].to(device), batch["box"].to(device),
-                       tokens[:, :-1])
+        logits = model(*(batch[name].to(device) for name in MAP_NAMES), batch["box"].to(device), tokens[:, :-1])
         return teacher_forcing_loss(logits, tokens)[0]
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:

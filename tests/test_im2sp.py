@@ -80,14 +80,20 @@ def test_head_is_tied_prefix_sees_no_text_and_beam_one_is_greedy():
     model = small_decoder()
     assert model.cfg.vocab_size == 9 and not any(p.requires_grad for p in model.image_encoder.parameters())
     images = torch.rand(2, 3, 64, 64)
-    region_map, global_map = model.encode_image(images)
-    assert region_map.shape[-1] == 4 and global_map.shape[-1] == 2
-    prefix = model.prefix(region_map, global_map, torch.tensor([[4.0, 8.0, 30.0, 40.0], [0.0, 0.0, 64.0, 64.0]]))
+    maps = model.encode_image(images)
+    assert [m.shape[-1] for m in maps] == [8, 4, 2]
+    boxes = torch.tensor([[4.0, 8.0, 30.0, 40.0], [0.0, 0.0, 64.0, 64.0]])
+    prefix = model.prefix(*maps, boxes)
     assert prefix.shape == (2, 4 + 1 + 9, 16)
+    # The stride-8 map (colour) reaches both the global and the region tokens.
+    s8_changed = maps[0].clone()
+    s8_changed[0, :, :4, :4] += 1.0  # the top-left s32 cell of image 0, inside its box
+    changed_prefix = model.prefix(s8_changed, *maps[1:], boxes)
+    assert not torch.allclose(changed_prefix[0, 0], prefix[0, 0]) and not torch.allclose(changed_prefix[0, 5], prefix[0, 5])
+    assert torch.allclose(changed_prefix[0, 1:4], prefix[0, 1:4]) and torch.equal(changed_prefix[1], prefix[1])
     tokens = torch.tensor([[BOS, 3, 4, 5], [BOS, 6, 7, 8]])
     logits = model.logits(prefix, tokens)
-    assert torch.equal(model(region_map, global_map, torch.tensor([[4.0, 8.0, 30.0, 40.0], [0.0, 0.0, 64.0, 64.0]]),
-                             tokens), logits)
+    assert torch.equal(model(*maps, boxes, tokens), logits)
     # Causal: a token's logits do not change when later tokens do.
     changed = tokens.clone()
     changed[:, 3] = 3
@@ -163,6 +169,7 @@ def common(chain: dict[str, Path]) -> list[str]:
     return [f"data.root={chain['data']}", f"task.units.checkpoint={chain['csa']}", "task.units.num_units=8",
             f"task.units.dir={chain['root'] / 'units'}", f"task.image_checkpoint={chain['srec']}",
             f"task.judges.csa_checkpoint={chain['csa']}", f"task.judges.srec_checkpoint={chain['srec']}",
+            f"task.feature_cache={chain['root'] / 'features'}",
             "batch_size=4", "eval_batch_size=4", "epochs=1", "log_every=1"]
 
 
@@ -246,3 +253,14 @@ def test_bad_settings_are_named(chain, tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_demo_script().parse_args(["--answer", str(tmp_path / "none")])
     assert "is not an Im2Sp answer directory" in capsys.readouterr().err
+
+
+def test_feature_cache_of_other_images_is_refused(tmp_path):
+    units = {"utterances": {"the red circle": {"units": [1, 2]}}}
+    samples = [im2sp.Sample(tmp_path / "scene_1.png", (0.0, 0.0, 8.0, 8.0), "the red circle")]
+    cache = tmp_path / "train_1.pt"
+    torch.save({"images": [str(tmp_path / "scene_2.png")], "maps": [], "boxes": torch.zeros(1, 4)}, cache)
+    with pytest.raises(ValueError, match="holds other images"):
+        im2sp.RegionUnits(samples, units, None, cache)
+    with pytest.raises(ValueError, match="no feature cache"):
+        im2sp.RegionUnits(samples, units, None, tmp_path / "none.pt")
