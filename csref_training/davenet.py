@@ -24,6 +24,7 @@ against the generator's word alignments (`word_detection`).
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -76,6 +77,10 @@ class DavenetTaskConfig:
     code_window_s: float = 0.04
     # Words left out of the word-detection report (they carry no scene content).
     stop_words: list[str] = field(default_factory=lambda: ["a", "and", "the"])
+    # Also train on the split's spoken referring expressions, each paired with the scene it was said
+    # about (Spoken Shapes). Off in the paper's setup (captions only); a robot's queries are
+    # commands about one object, which captions of whole scenes do not teach to rank.
+    train_on_commands: bool = False
 
 
 def davenet_model_config(cfg: TrainConfig) -> DavenetConfig:
@@ -388,7 +393,16 @@ class DavenetTask:
         return build_davenet(self.model_cfg)
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
-        return CaptionPairs(read_caption_split(self.cfg.data, split), self.model_cfg)
+        pairs = read_caption_split(self.cfg.data, split)
+        if train and self.settings.train_on_commands:
+            if not pairs.queries:
+                raise ValueError(f"task.train_on_commands: the {split} split has no spoken referring expressions "
+                                 "(Spoken Shapes data has them; Places does not)")
+            commands = [dataclasses.replace(pairs.pairs[q.pair_index], audio_path=q.audio_path, words=None)
+                        for q in pairs.queries]
+            logger.info("%s: %d caption pairs + %d command pairs", split, len(pairs.pairs), len(commands))
+            pairs = CaptionSplit(pairs.pairs + commands, pairs.queries)
+        return CaptionPairs(pairs, self.model_cfg)
 
     def initialise(self, model: nn.Module) -> None:
         if self.settings.warm_start:

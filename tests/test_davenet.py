@@ -202,6 +202,19 @@ def test_caption_split_has_one_pair_per_image_and_every_expression_as_a_query(ca
         assert referents(query.expression, list(pair.objects), width, height) == [entry["target_index"]]
 
 
+def test_training_on_commands_adds_each_expression_paired_with_its_scene(captions):
+    cfg = davenet.load_train_config(CONFIG, [f"data.root={captions}", "task.train_on_commands=true"])
+    task = davenet.DavenetTask(cfg, davenet.davenet_model_config(cfg), None)
+    split = davenet.read_caption_split(cfg.data, "train")
+    training = task.build_dataset("train", train=True)
+    assert len(training) == len(split.pairs) + len(split.queries)
+    assert training.pairs[:len(split.pairs)] == split.pairs
+    for query, pair in zip(split.queries, training.pairs[len(split.pairs):]):
+        assert pair.audio_path == query.audio_path and pair.words is None
+        assert pair.image_path == split.pairs[query.pair_index].image_path
+    assert task.build_dataset("val", train=False).pairs == davenet.read_caption_split(cfg.data, "val").pairs
+
+
 def test_semantic_recall_of_hand_made_scenes():
     box = (0.0, 0.0, 10.0, 10.0)
     scenes = [(SceneObject("circle", "red", "big", box),), (SceneObject("star", "red", "big", box),),
