@@ -36,7 +36,8 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ from csref_training import trainer
 from csref_training.datasets import image_file_name, refcoco_layout
 from csref_training.distributed import DistInfo
 from csref_training.speech_judges import GrammarRecogniser, all_expressions, expression_of
+from csref_training.spoken_shapes.grammar import Expression, parse_expression
 from csref_training.spoken_shapes.speech import synthesize
 from csref_training.train_config import DataConfig, TrainConfig, load_train_config
 
@@ -128,7 +130,7 @@ class Im2SpTaskConfig:
     # Directory where the frozen image encoder's maps of each split are kept between runs
     # (<split>_<scenes>.pt; delete it after changing image_checkpoint); null = recompute each run.
     feature_cache: str | None = None
-    # Scenes read per split (null = all): keeps CPU runs small.
+    # Samples read per split, the first N (null = all; a scene's referents are one sample each).
     max_scenes: dict[str, int] = field(default_factory=dict)
     val_scenes: int = 200  # scenes greedily decoded at each validation
     beam_size: int = 5
@@ -579,6 +581,23 @@ def judge_speech(waves: list[np.ndarray | None], samples: list[Sample], images: 
     return scores
 
 
+def attribute_errors(meant: list[str | None], wanted: list[str]) -> dict[str, int]:
+    """How the expressions meant differ from those wanted, per attribute: "colour_missing" (not
+    said but needed), "colour_extra" (said, not needed), "colour_wrong" (another value), ...; an
+    answer that says nothing counts once as "silent"."""
+    counts: Counter[str] = Counter()
+    for said_text, wanted_text in zip(meant, wanted):
+        if said_text is None:
+            counts["silent"] += 1
+            continue
+        said, target = parse_expression(said_text), parse_expression(wanted_text)
+        for attribute in (f.name for f in fields(Expression)):
+            have, need = getattr(said, attribute), getattr(target, attribute)
+            if have != need:
+                counts[f"{attribute}_{'missing' if have is None else 'extra' if need is None else 'wrong'}"] += 1
+    return dict(counts.most_common())
+
+
 def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     """Judges the answers of `args.answer` for the split's scenes, beside the reference units
     resynthesised and the two ceilings; with `args.vocoder` instead, only the latter three (how
@@ -637,7 +656,8 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
         meant = [answerer.text_of(u) if u else None for u in generated_units]
         report.update({"decode_s_per_answer": decode_s / len(samples), "vocode_s_per_answer": vocode_s / len(samples),
                        **unit_scores(generated_units, references),
-                       "lexicon_text_exact": float(np.mean([m == s.key for m, s in zip(meant, samples)]))})
+                       "lexicon_text_exact": float(np.mean([m == s.key for m, s in zip(meant, samples)])),
+                       "attribute_errors": attribute_errors(meant, [s.key for s in samples])})
     conditions["resynthesised_reference_units"] = resynthesised
     conditions["answer_voice_espeak"] = [load_audio_16k(units["utterances"][s.key]["audio"]) for s in samples]
     conditions["dataset_recording"] = recordings

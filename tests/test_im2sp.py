@@ -226,6 +226,8 @@ def test_units_vocoder_decoder_answer_and_judges(chain, tmp_path, capsys):
                       "judge3_pocketsphinx_exact"):
             assert 0.0 <= scores[judge] <= 1.0
     assert (tmp_path / "eval" / "0000_generated.wav").is_file()
+    wrong = round((1 - report["lexicon_text_exact"]) * SPLITS["test"])
+    assert wrong <= sum(report["attribute_errors"].values()) <= 5 * wrong
 
     # A unit inventory judged by its vocoder alone: the same resynthesis, no decoder.
     units_only = im2sp.main(["evaluate", "--config", CONFIG, "--vocoder", str(tmp_path / "vocoder" / "best"),
@@ -264,3 +266,12 @@ def test_feature_cache_of_other_images_is_refused(tmp_path):
         im2sp.RegionUnits(samples, units, None, cache)
     with pytest.raises(ValueError, match="no feature cache"):
         im2sp.RegionUnits(samples, units, None, tmp_path / "none.pt")
+
+
+def test_attribute_errors_name_what_an_answer_says_wrongly():
+    meant = ["the red circle", "the circle on the left", "the big blue square", None, "the star"]
+    wanted = ["the red circle", "the red circle", "the blue square", "the star", "the small star at the top"]
+    assert im2sp.attribute_errors(meant, wanted) == {
+        "colour_missing": 1, "horizontal_extra": 1, "size_extra": 1, "silent": 1, "size_missing": 1,
+        "vertical_missing": 1}
+    assert im2sp.attribute_errors(["the green star"], ["the red star"]) == {"colour_wrong": 1}
