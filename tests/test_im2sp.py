@@ -135,6 +135,7 @@ def test_vocoder_length_regulation_and_griffin_lim():
     again = log_mel(inverted, mel_cfg)
     loud = frames.max(1) > frames.max() - 4
     assert np.corrcoef(frames[loud].ravel(), again[: len(frames)][loud].ravel())[0, 1] > 0.8
+    assert np.array_equal(griffin_lim(frames, mel_cfg), inverted)  # the same units always sound the same
 
 
 def test_grammar_covers_every_expression_and_pocketsphinx_hears_real_speech():
