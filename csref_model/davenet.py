@@ -467,23 +467,31 @@ class ImageEncoder(nn.Module):
 # The model, its similarity and its loss
 
 
-def triplet_loss(scores: torch.Tensor, margin: float) -> torch.Tensor:
+def triplet_loss(scores: torch.Tensor, margin: float, impostors: torch.Tensor | None = None) -> torch.Tensor:
     """The official loss on a (B, B) similarity matrix whose diagonal holds the matching pairs:
     in each direction (rows, then columns as anchors) a hinge against one random impostor and
     one against the semi-hard impostor (the most similar one still below the positive), each
     averaged over the anchors; the four terms summed. An anchor without a semi-hard impostor
-    contributes 0 to that term (the official code then takes max(0, ...) of zeroed scores)."""
+    contributes 0 to that term (the official code then takes max(0, ...) of zeroed scores).
+    `impostors` (B_img, B_speech) bool, optional: False where image i also matches utterance j
+    (a command that fits another scene), so that pair is never an impostor; the official code has
+    every off-diagonal pair as one."""
     batch = scores.shape[0]
     if batch < 2 or scores.shape[1] != batch:
         raise ValueError(f"triplet_loss needs a square similarity matrix of at least 2 pairs, got {tuple(scores.shape)}")
+    allowed = ~torch.eye(batch, dtype=torch.bool, device=scores.device)
+    if impostors is not None:
+        allowed = allowed & impostors
     total = scores.new_zeros(())
-    for anchored in (scores, scores.t()):
+    for anchored, usable in ((scores, allowed), (scores.t(), allowed.t())):
         positive = anchored.diag()  # (B,)
-        offset = torch.randint(1, batch, (batch,), device=scores.device)
-        impostor = (torch.arange(batch, device=scores.device) + offset) % batch  # never the anchor itself
+        has_random = usable.any(dim=1)
+        # One usable impostor per anchor, uniformly (an anchor without one picks itself and adds 0).
+        impostor = torch.multinomial((usable | ~has_random[:, None]).float(), 1).squeeze(1)  # (B,)
         random_scores = anchored[torch.arange(batch, device=scores.device), impostor]
-        total = total + (margin + random_scores - positive).clamp_min(0).mean()
-        below = anchored < positive[:, None]  # the diagonal is never below itself
+        hinge = (margin + random_scores - positive).clamp_min(0)
+        total = total + torch.where(has_random, hinge, torch.zeros_like(hinge)).mean()
+        below = (anchored < positive[:, None]) & usable  # the diagonal is never below itself
         hardest = anchored.masked_fill(~below, float("-inf")).max(dim=1).values  # (B,)
         has_impostor = below.any(dim=1)
         hinge = (margin + hardest - positive).clamp_min(0)
@@ -519,12 +527,13 @@ class Davenet(nn.Module):
         best_cell = matchmap.max(dim=2).values  # (B_img, B_sp, T)
         return (best_cell * valid[None]).sum(-1) / count[None]
 
-    def loss(self, images: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Image b with caption b -> (triplet loss + commitment, the parts as floats)."""
+    def loss(self, images: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor,
+             impostors: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Image b with caption b -> (triplet loss + commitment, the parts as floats); `impostors`
+        as in `triplet_loss`."""
         speech = self.encode_speech(features, lengths)
         scores = self.similarity(self.encode_images(images), speech)  # (B, B)
-        triplet = triplet_loss(scores.float(), self.cfg.margin)
+        triplet = triplet_loss(scores.float(), self.cfg.margin, impostors)
         return triplet + speech.commitment, {"triplet": float(triplet.detach()), "commitment": float(speech.commitment.detach())}
 
 

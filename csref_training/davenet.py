@@ -79,7 +79,9 @@ class DavenetTaskConfig:
     stop_words: list[str] = field(default_factory=lambda: ["a", "and", "the"])
     # Also train on the split's spoken referring expressions, each paired with the scene it was said
     # about (Spoken Shapes). Off in the paper's setup (captions only); a robot's queries are
-    # commands about one object, which captions of whole scenes do not teach to rank.
+    # commands about one object, which captions of whole scenes do not teach to rank. A scene the
+    # command also fits (or the same scene) is then never its impostor: the semi-hard term would
+    # otherwise push down exactly the scenes semantic retrieval should rank high.
     train_on_commands: bool = False
 
 
@@ -104,6 +106,8 @@ class CaptionPair:
     words: tuple[tuple[str, float, float], ...] | None = None
     # Every object of the scene (Spoken Shapes), for semantic retrieval.
     objects: tuple[SceneObject, ...] | None = None
+    # The referring expression spoken, when the utterance is a command rather than a caption.
+    expression: Expression | None = None
 
 
 @dataclass(frozen=True)
@@ -360,6 +364,19 @@ def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, dev
     return metrics
 
 
+def command_impostors(pairs: list[CaptionPair], image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """(B_img, B_speech) bool: may image i be an impostor of utterance j? Not when it is the same
+    scene, nor when utterance j is a command with a referent in scene i (captions fit one scene)."""
+    allowed = torch.ones(len(pairs), len(pairs), dtype=torch.bool)
+    for i, (scene, (height, width)) in enumerate(zip(pairs, image_sizes)):
+        for j, utterance in enumerate(pairs):
+            if scene.image_path == utterance.image_path or (
+                    utterance.expression is not None
+                    and referents(utterance.expression, list(scene.objects), width, height)):
+                allowed[i, j] = False
+    return allowed
+
+
 # ----------------------------------------------------------------------------------------
 # The task
 
@@ -388,6 +405,7 @@ class DavenetTask:
         self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
         self.settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
         self.collate = functools.partial(collate_pairs, floor_db=model_cfg.log_mel.floor_db)
+        self.train_pairs: list[CaptionPair] = []  # the training split's, for command impostors
 
     def build_model(self) -> nn.Module:
         return build_davenet(self.model_cfg)
@@ -398,11 +416,14 @@ class DavenetTask:
             if not pairs.queries:
                 raise ValueError(f"task.train_on_commands: the {split} split has no spoken referring expressions "
                                  "(Spoken Shapes data has them; Places does not)")
-            commands = [dataclasses.replace(pairs.pairs[q.pair_index], audio_path=q.audio_path, words=None)
-                        for q in pairs.queries]
+            commands = [dataclasses.replace(pairs.pairs[q.pair_index], audio_path=q.audio_path, words=None,
+                                            expression=q.expression) for q in pairs.queries]
             logger.info("%s: %d caption pairs + %d command pairs", split, len(pairs.pairs), len(commands))
             pairs = CaptionSplit(pairs.pairs + commands, pairs.queries)
-        return CaptionPairs(pairs, self.model_cfg)
+        dataset = CaptionPairs(pairs, self.model_cfg)
+        if train:
+            self.train_pairs = dataset.pairs
+        return dataset
 
     def initialise(self, model: nn.Module) -> None:
         if self.settings.warm_start:
@@ -410,9 +431,13 @@ class DavenetTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> torch.Tensor:
         device = self.dist_info.device
+        impostors = None
+        if self.settings.train_on_commands:
+            impostors = command_impostors([self.train_pairs[i] for i in batch["index"].tolist()],
+                                          batch["image_size"]).to(device)
         loss, _ = model.loss(batch["image"].to(device, non_blocking=True),
                              batch["features"].to(device, non_blocking=True),
-                             batch["lengths"].to(device, non_blocking=True))
+                             batch["lengths"].to(device, non_blocking=True), impostors)
         return loss
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:

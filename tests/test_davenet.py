@@ -94,6 +94,15 @@ def test_triplet_loss_on_hand_made_similarities():
     assert triplet_loss(torch.eye(4) * 5, margin=1.0).item() == 0.0
     with pytest.raises(ValueError, match="square"):
         triplet_loss(torch.zeros(1, 1), margin=1.0)
+    # Impostors masked: each anchor keeps exactly one impostor (image i <-> utterance i + 1 mod 3),
+    # so every term is fixed; the masked pairs score 9 and would cost 8 each.
+    scores = torch.tensor([[2.0, 1.5, 9.0], [9.0, 2.0, 0.5], [1.0, 9.0, 2.0]])
+    impostors = torch.tensor([[True, True, False], [False, True, True], [True, False, True]])
+    # Rows: only image 0 vs utterance 1 costs 0.5 (random and semi-hard); columns: only
+    # utterance 1 vs image 0, 0.5 twice. Four means of 0.5 / 3.
+    for _ in range(5):
+        assert triplet_loss(scores, margin=1.0, impostors=impostors).item() == pytest.approx(4 * 0.5 / 3)
+    assert triplet_loss(scores, margin=1.0, impostors=torch.zeros(3, 3, dtype=torch.bool)).item() == 0.0
 
 
 def test_log_mel_shape_frame_rate_and_range():
@@ -213,6 +222,16 @@ def test_training_on_commands_adds_each_expression_paired_with_its_scene(caption
         assert pair.audio_path == query.audio_path and pair.words is None
         assert pair.image_path == split.pairs[query.pair_index].image_path
     assert task.build_dataset("val", train=False).pairs == davenet.read_caption_split(cfg.data, "val").pairs
+    # A scene is never the impostor of a command that fits it, nor of its own utterances.
+    batch = training.pairs[:3] + training.pairs[len(split.pairs):len(split.pairs) + 3]
+    sizes = [read_image_rgb(pair.image_path).shape[:2] for pair in batch]
+    allowed = davenet.command_impostors(batch, sizes)
+    for i, (scene, (height, width)) in enumerate(zip(batch, sizes)):
+        for j, utterance in enumerate(batch):
+            fits = utterance.expression is not None and bool(
+                referents(utterance.expression, list(scene.objects), width, height))
+            assert allowed[i, j].item() == (scene.image_path != utterance.image_path and not fits)
+    assert not allowed[:3, :3].diagonal().any() and allowed[:3, :3].sum() == 6  # captions fit one scene
 
 
 def test_semantic_recall_of_hand_made_scenes():
