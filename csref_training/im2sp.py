@@ -312,8 +312,8 @@ class RegionUnits(Dataset):
         if cache is not None and cache.is_file():
             cached = torch.load(cache, weights_only=True)
             if cached.get("images") != [str(path) for path in image_paths]:
-                raise ValueError(f"the feature cache {cache} holds other images (or an older layout) than this split: delete it "
-                                 "(or point task.feature_cache elsewhere)")
+                raise ValueError(f"the feature cache {cache} holds other images (or an older layout) than this "
+                                 "split: delete it (or point task.feature_cache elsewhere)")
             self.maps, self.boxes = cached["maps"], cached["boxes"]
             return
         if image_encoder is None:
