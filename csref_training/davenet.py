@@ -178,7 +178,8 @@ def read_caption_split(data: DataConfig, split: str) -> CaptionSplit:
 
 class CaptionPairs(Dataset):
     """Items {"image": (3, S, S), "image_size": (H, W) before resizing, "features": (F, T) log-mel,
-    "index"} of (image, caption) pairs; `queries` are the split's spoken referring expressions."""
+    "index", "pair" (its CaptionPair)} of (image, caption) pairs; `queries` are the split's spoken
+    referring expressions."""
 
     def __init__(self, split: CaptionSplit, model_cfg: DavenetConfig) -> None:
         if not split.pairs:
@@ -193,7 +194,7 @@ class CaptionPairs(Dataset):
         rgb = read_image_rgb(pair.image_path)
         image = image_batch([rgb], self.model_cfg.image.image_size)[0]
         features = log_mel(torch.from_numpy(load_audio_16k(pair.audio_path)), self.model_cfg.log_mel)
-        return {"image": image, "image_size": rgb.shape[:2], "features": features, "index": index}
+        return {"image": image, "image_size": rgb.shape[:2], "features": features, "index": index, "pair": pair}
 
 
 class Utterances(Dataset):
@@ -217,7 +218,7 @@ def collate_utterances(items: list[dict[str, Any]], floor_db: float) -> dict[str
 
 def collate_pairs(items: list[dict[str, Any]], floor_db: float) -> dict[str, Any]:
     return {**collate_utterances(items, floor_db), "image": torch.stack([item["image"] for item in items]),
-            "image_size": [item["image_size"] for item in items]}
+            "image_size": [item["image_size"] for item in items], "pairs": [item["pair"] for item in items]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -405,7 +406,6 @@ class DavenetTask:
         self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
         self.settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
         self.collate = functools.partial(collate_pairs, floor_db=model_cfg.log_mel.floor_db)
-        self.train_pairs: list[CaptionPair] = []  # the training split's, for command impostors
 
     def build_model(self) -> nn.Module:
         return build_davenet(self.model_cfg)
@@ -420,10 +420,7 @@ class DavenetTask:
                                             expression=q.expression) for q in pairs.queries]
             logger.info("%s: %d caption pairs + %d command pairs", split, len(pairs.pairs), len(commands))
             pairs = CaptionSplit(pairs.pairs + commands, pairs.queries)
-        dataset = CaptionPairs(pairs, self.model_cfg)
-        if train:
-            self.train_pairs = dataset.pairs
-        return dataset
+        return CaptionPairs(pairs, self.model_cfg)
 
     def initialise(self, model: nn.Module) -> None:
         if self.settings.warm_start:
@@ -433,8 +430,7 @@ class DavenetTask:
         device = self.dist_info.device
         impostors = None
         if self.settings.train_on_commands:
-            impostors = command_impostors([self.train_pairs[i] for i in batch["index"].tolist()],
-                                          batch["image_size"]).to(device)
+            impostors = command_impostors(batch["pairs"], batch["image_size"]).to(device)
         loss, _ = model.loss(batch["image"].to(device, non_blocking=True),
                              batch["features"].to(device, non_blocking=True),
                              batch["lengths"].to(device, non_blocking=True), impostors)

@@ -648,7 +648,7 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
         generated_units = [answerer.answer_units(image, s.box_xyxy) for image, s in zip(images, samples)]
         decode_s = time.perf_counter() - started
         started = time.perf_counter()
-        conditions["generated"] = [answerer.vocoder.synthesise(u) if u else None for u in generated_units]
+        conditions["generated"] = [vocoder.synthesise(u) if u else None for u in generated_units]
         vocode_s = time.perf_counter() - started
         for index, wave in enumerate(conditions["generated"][:args.save_wavs]):
             if wave is not None:
