@@ -67,4 +67,6 @@ def barrier() -> None:
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
+        # gloo's teardown can wait forever on a peer that has already exited: leave together.
+        dist.barrier()
         dist.destroy_process_group()

@@ -176,5 +176,10 @@ def test_stalled_microphone_is_reported_and_reopened(tmp_path):
         report = run_mic_capture(write_fake_microphone(tmp_path, fifo), "--stall-timeout", "1", "--stop-when", "reopened")
     finally:
         finished.set()
+        # The device may be waiting for a reader again: be one until it has seen `finished`.
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(timeout=10)
+        os.close(reader)
+    assert not writer.is_alive(), "the fake device thread did not stop"
     assert report["opened"] >= 2, report
     assert report["errors"][0] == "no audio from microphone 'default' for 1.0 s (unplugged or blocked); reopening"
