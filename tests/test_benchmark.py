@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "csref_model", "benchmark", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=420)
 
 
 def check_timing(timing: dict) -> None:

@@ -160,7 +160,7 @@ def test_onnxruntime_base_matches_the_oracle(base_oracle, tmp_path):
 def run_export_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "csref_model", "export", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=420)
 
 
 def test_export_cli_onnx_and_user_errors(tiny, tmp_path):

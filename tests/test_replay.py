@@ -16,7 +16,7 @@ def test_a_short_replay_answers_every_command_with_a_box_and_its_point(tmp_path,
     completed = subprocess.run(
         [sys.executable, "scripts/replay_load_test.py", "--recording", str(tmp_path / "recording"), "--scenes", "6",
          "--minutes", "0.4", "--json", str(summary_path), "--domain-id", ros_env["ROS_DOMAIN_ID"]],
-        cwd=REPO, env=ros_env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=ros_env, capture_output=True, text=True, timeout=420,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
