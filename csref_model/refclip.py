@@ -55,6 +55,11 @@ class RefCLIPConfig:
     hidden_size: int = 512
     # Candidate cells per image (RefCLIP: SELECT_NUM 17).
     select_num: int = 17
+    # Our extension, off as published: add a linear projection of each candidate's box geometry
+    # to its embedding. A stride-32 conv feature barely knows where it is in the image, so
+    # without it a place word ("on the left") cannot be scored; the score's geometry term is
+    # linear, so learnt from commands that hold of the whole image it still ranks within one.
+    candidate_geometry: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +74,16 @@ class RefCLIPConfig:
             raise ValueError(f"{source}: select_num must be in [2, {grid_cells}] (the detector's stride-32 cells), "
                              f"got {config.select_num}")
         return config
+
+
+def box_geometry(boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(..., 4) x1, y1, x2, y2 in letterboxed px -> (..., 6) centre x, y, width, height and the
+    centre's distance from the middle, horizontally and vertically, as fractions of the input
+    (the letterbox is centred, so its middle is the picture's)."""
+    unit = boxes / image_size
+    cx, cy = (unit[..., 0] + unit[..., 2]) / 2, (unit[..., 1] + unit[..., 3]) / 2
+    width, height = unit[..., 2] - unit[..., 0], unit[..., 3] - unit[..., 1]
+    return torch.stack([cx, cy, width, height, (cx - 0.5).abs(), (cy - 0.5).abs()], dim=-1)
 
 
 def anchor_contrastive_loss(scores: torch.Tensor) -> torch.Tensor:
@@ -97,6 +112,7 @@ class RefCLIP(nn.Module):
                                                    upsampling="nearest")
         self.linear_vs = nn.Linear(cfg.fusion_channels, cfg.hidden_size)
         self.linear_ts = nn.Linear(cfg.speech_encoder.output_dim, cfg.hidden_size)
+        self.linear_geometry = nn.Linear(6, cfg.hidden_size) if cfg.candidate_geometry else None
         # Both encoders stay frozen: RefCLIP learns only the fusion and the two projections.
         self.detector.requires_grad_(False)
         self.speech_encoder.requires_grad_(False)
@@ -112,7 +128,10 @@ class RefCLIP(nn.Module):
         indices = cells[..., 4].topk(self.select_num, dim=1).indices  # (B, K)
         boxes = torch.gather(cells, 1, indices[..., None].expand(-1, -1, cells.shape[2]))  # (B, K, 5)
         selected = torch.gather(features, 1, indices[..., None].expand(-1, -1, features.shape[2]))  # (B, K, C)
-        return boxes, self.linear_vs(selected)
+        embeddings = self.linear_vs(selected)  # (B, K, D)
+        if self.linear_geometry is not None:
+            embeddings = embeddings + self.linear_geometry(box_geometry(boxes[..., :4], self.image_size))
+        return boxes, embeddings
 
     def encode_speech(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) normalised 16 kHz audio + mask -> (B, D) projected CSA speech vector."""

@@ -17,7 +17,7 @@ from csref_model.config import load_model_config
 from csref_model.csa import build_csa
 from csref_model.detector import DetectorConfig, build_detector
 from csref_model.grounder import Grounder
-from csref_model.refclip import anchor_contrastive_loss
+from csref_model.refclip import anchor_contrastive_loss, box_geometry
 from csref_model.srec import build_srec
 from csref_model.typed_yaml import merge
 from csref_training import import_pairs, refclip, srec
@@ -67,8 +67,17 @@ def test_loss_uses_best_anchors_and_other_images_second_best():
     torch.testing.assert_close(anchor_contrastive_loss(scores), torch.tensor((expected_0 + expected_1) / 2))
 
 
-def test_training_never_reads_a_box(setup, tmp_path):
-    first = train(setup, tmp_path / "a", "epochs=1", "data.val_split=val")
+def test_box_geometry_is_centre_size_and_distance_from_the_middle():
+    boxes = torch.tensor([[0.0, 32.0, 64.0, 64.0], [96.0, 112.0, 128.0, 128.0]])  # letterboxed px, S = 128
+    expected = torch.tensor([[0.25, 0.375, 0.5, 0.25, 0.25, 0.125], [0.875, 0.9375, 0.25, 0.125, 0.375, 0.4375]])
+    torch.testing.assert_close(box_geometry(boxes, 128), expected)
+
+
+@pytest.mark.parametrize("geometry", [False, True], ids=["as_published", "candidate_geometry"])
+def test_training_never_reads_a_box(setup, tmp_path, geometry):
+    # The candidates' own boxes (the detector's) may shape their embeddings; the referent's box never.
+    geometry_override = f"model_overrides.candidate_geometry={str(geometry).lower()}"
+    first = train(setup, tmp_path / "a", "epochs=1", "data.val_split=val", geometry_override)
     # The same run on annotations whose training boxes are all wrong gives the same weights.
     annotations = json.loads((setup["data"] / "anns" / "spoken_shapes.json").read_text())
     for entry in annotations["train"]:
@@ -76,7 +85,7 @@ def test_training_never_reads_a_box(setup, tmp_path):
         del entry["objects"], entry["target_index"]
     scrambled = tmp_path / "scrambled.json"
     scrambled.write_text(json.dumps(annotations))
-    second = train(setup, tmp_path / "b", "epochs=1", f"data.ann_path={scrambled}",
+    second = train(setup, tmp_path / "b", "epochs=1", geometry_override, f"data.ann_path={scrambled}",
                    f"data.image_dir={setup['data'] / 'images'}", f"data.audio_root={setup['data'] / 'audios' / 'spoken_shapes'}")
     assert first["global_step"] == second["global_step"] == 2
     weights_a = load_file(tmp_path / "a" / "last" / "model.safetensors")
@@ -86,6 +95,9 @@ def test_training_never_reads_a_box(setup, tmp_path):
     # ... and training moved the trainable parts: the raw weights left the EMA (~ initial) ones.
     raw = torch.load(tmp_path / "a" / "last" / TRAINER_STATE, weights_only=True)["raw_model"]
     assert not torch.equal(raw["linear_ts.weight"], weights_a["linear_ts.weight"])
+    assert ("linear_geometry.weight" in raw) == geometry
+    if geometry:
+        assert not torch.equal(raw["linear_geometry.weight"], weights_a["linear_geometry.weight"])
     assert torch.equal(raw["detector.head.obj_preds.0.weight"], weights_a["detector.head.obj_preds.0.weight"])
 
 
