@@ -6,8 +6,7 @@ from an image with a GIT decoder and turns them into a waveform with a unit voco
 that shape, scaled down, and adds the target box, so the units say the expression of one object:
 
     image -> frozen CSPDarknet (SREC's backbone): s8, s16, s32 maps
-             G*G global tokens: each s32 cell + its s16 and s8 cells pooled (+ learned positions,
-             and optionally the cell's offset from the box centre)
+             G*G global tokens: each s32 cell + its s16 and s8 cells averaged (+ learned positions)
              R*R region tokens: s16 + s8 features sampled inside the box
     box   -> one token (letterboxed x1, y1, x2, y2 / S)
     prefix = [global | box | region] tokens; then BOS, units..., EOS
@@ -118,13 +117,6 @@ class Im2SpConfig:
     ffn_size: int = 1024
     dropout: float = 0.1
     region_grid: int = 3  # R: R*R tokens sampled inside the box from the s16 map
-    # How a global token summarises its s16 and s8 cells: "avg" or "max". A linear probe of an
-    # object's colour from the token of the cell holding its centre: avg 0.918, max 0.973.
-    global_pool: str = "avg"
-    # Add to each global token an embedding of its cell centre's offset from the box centre: an
-    # answer's place word and its choice of attributes hinge on where the other objects are
-    # relative to the target, which the absolute positions leave the decoder to work out.
-    box_offsets: bool = False
     max_tokens: int = 160  # BOS + units + EOS
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,8 +127,6 @@ class Im2SpConfig:
         config = from_dict(cls, data, source)
         if config.kind != IM2SP_KIND:
             raise ValueError(f"{source}: kind must be {IM2SP_KIND!r} for an Im2Sp decoder config, got {config.kind!r}")
-        if config.global_pool not in ("avg", "max"):
-            raise ValueError(f"{source}: global_pool must be 'avg' or 'max', got {config.global_pool!r}")
         if config.image_size % 32:
             raise ValueError(f"{source}: image_size must be a multiple of 32, got {config.image_size}")
         return config
@@ -166,8 +156,6 @@ class Im2Sp(nn.Module):
         grid = cfg.image_size // 32
         self.global_proj = nn.Linear(c8 + c16 + c32, d)
         self.global_pos = nn.Parameter(torch.zeros(grid * grid, d))
-        self.global_offset = (nn.Sequential(nn.Linear(2, d), nn.GELU(), nn.Linear(d, d)) if cfg.box_offsets
-                              else None)
         self.region_proj = nn.Linear(c8 + c16, d)
         self.region_pos = nn.Parameter(torch.zeros(cfg.region_grid ** 2, d))
         self.box_proj = nn.Linear(4, d)
@@ -198,18 +186,9 @@ class Im2Sp(nn.Module):
         """The maps of `encode_image` and boxes (B, 4) x1, y1, x2, y2 in letterboxed px -> (B, P, D)."""
         size = self.cfg.image_size
         batch = boxes.shape[0]
-        pool = F.avg_pool2d if self.cfg.global_pool == "avg" else F.max_pool2d
-        cells = torch.cat([s32, pool(s16, 2), pool(s8, 4)], dim=1)  # (B, C5+C4+C3, G, G)
+        cells = torch.cat([s32, F.avg_pool2d(s16, 2), F.avg_pool2d(s8, 4)], dim=1)  # (B, C5+C4+C3, G, G)
         global_tokens = self.global_proj(cells.flatten(2).transpose(1, 2)) + self.global_pos  # (B, G*G, D)
         unit_box = boxes / size  # (B, 4) in [0, 1]
-        if self.global_offset is not None:
-            grid_size = s32.shape[-1]
-            centres = (torch.arange(grid_size, device=boxes.device, dtype=boxes.dtype) + 0.5) / grid_size  # (G,)
-            cell_y, cell_x = torch.meshgrid(centres, centres, indexing="ij")
-            cell_centres = torch.stack([cell_x.flatten(), cell_y.flatten()], dim=-1)  # (G*G, 2) x, y
-            box_centres = (unit_box[:, :2] + unit_box[:, 2:]) / 2  # (B, 2)
-            offsets = cell_centres[None] - box_centres[:, None]  # (B, G*G, 2)
-            global_tokens = global_tokens + self.global_offset(offsets.to(global_tokens.dtype))
         box_token = self.box_proj(unit_box)[:, None]  # (B, 1, D)
         # R x R sample points at the centres of an R x R split of the box, in grid_sample's [-1, 1].
         steps = (torch.arange(self.cfg.region_grid, device=boxes.device, dtype=boxes.dtype) + 0.5) / self.cfg.region_grid

@@ -69,9 +69,8 @@ def test_git_mask_prefix_bidirectional_text_causal():
     assert torch.equal(blocked, expected)
 
 
-def small_decoder(**options) -> Im2Sp:
-    cfg = Im2SpConfig(image_size=64, num_units=6, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, dropout=0.0,
-                      **options)
+def small_decoder() -> Im2Sp:
+    cfg = Im2SpConfig(image_size=64, num_units=6, hidden_size=16, num_layers=2, num_heads=2, ffn_size=32, dropout=0.0)
     cfg.visual_backbone.depth_multiple, cfg.visual_backbone.width_multiple = 0.33, 0.125
     torch.manual_seed(0)
     return Im2Sp(cfg).eval()
@@ -112,25 +111,6 @@ def test_head_is_tied_prefix_sees_no_text_and_beam_one_is_greedy():
         assert model.beam_search(prefix[row:row + 1], beam_size=1, max_units=12) == greedy[row]
     wide = model.beam_search(prefix[:1], beam_size=4, max_units=12)
     assert all(0 <= u < 6 for u in wide) and len(wide) <= 12
-
-
-def test_global_tokens_max_pool_and_box_offsets():
-    plain, offsets = small_decoder(), small_decoder(global_pool="max", box_offsets=True)
-    maps = plain.encode_image(torch.rand(1, 3, 64, 64))
-    left, right = torch.tensor([[0.0, 0.0, 16.0, 16.0]]), torch.tensor([[48.0, 0.0, 64.0, 16.0]])
-    # As before, a global token does not depend on the box; with offsets it says where the box is.
-    assert torch.equal(plain.prefix(*maps, left)[:, :4], plain.prefix(*maps, right)[:, :4])
-    assert not torch.allclose(offsets.prefix(*maps, left)[:, :4], offsets.prefix(*maps, right)[:, :4])
-    # Global token 0 pools s8 cells [:4, :4]: keep each channel's maximum there, lower the rest.
-    s8 = maps[0].clone()
-    block = s8[0, :, :4, :4]
-    peak = block.amax(dim=(1, 2))
-    block.copy_(block.amin(dim=(1, 2))[:, None, None].expand_as(block))
-    block[:, 0, 0] = peak
-    assert torch.allclose(offsets.prefix(s8, *maps[1:], left)[0, 0], offsets.prefix(*maps, left)[0, 0])
-    assert not torch.allclose(plain.prefix(s8, *maps[1:], left)[0, 0], plain.prefix(*maps, left)[0, 0])
-    with pytest.raises(ValueError, match="global_pool must be 'avg' or 'max'"):
-        Im2SpConfig.from_dict({"global_pool": "mean"})
 
 
 def test_vocoder_length_regulation_and_griffin_lim():
