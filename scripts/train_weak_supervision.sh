@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 DATA=${DATA:-data/weak}
 RUNS=${RUNS:-runs/weak}
-TRAIN=${TRAIN:-4000}
+TRAIN=${TRAIN:-8000}
 SHAPES=${SHAPES:-$DATA/shapes}
 TEST=${TEST:-$SHAPES}
 
