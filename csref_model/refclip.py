@@ -9,6 +9,7 @@ class-agnostic detector (`csref_model.detector`) in place of its COCO YOLOv3:
           -> the `select_num` (17) cells of highest objectness on the stride-32 grid
     maps  -> trainable MultiScaleFusion (backbone widths in, nearest upsampling) -> top map
           -> the selected cells' features -> linear_vs                      (B, K, D)
+             (+ linear_geometry of the cells' boxes, our `candidate_geometry` extension)
     audio -> frozen CSA speech encoder -> speech vector -> linear_ts        (B, D)
     score = raw dot product of the two (temperature 1)
 
@@ -113,7 +114,7 @@ class RefCLIP(nn.Module):
         self.linear_vs = nn.Linear(cfg.fusion_channels, cfg.hidden_size)
         self.linear_ts = nn.Linear(cfg.speech_encoder.output_dim, cfg.hidden_size)
         self.linear_geometry = nn.Linear(6, cfg.hidden_size) if cfg.candidate_geometry else None
-        # Both encoders stay frozen: RefCLIP learns only the fusion and the two projections.
+        # Both encoders stay frozen: RefCLIP learns only the fusion and the projections.
         self.detector.requires_grad_(False)
         self.speech_encoder.requires_grad_(False)
 
