@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csref_model.boxes import xyxy_to_cxcywh
 from csref_model.checkpoint import CONFIG_FILE, load_into, read_checkpoint_dir
 from csref_model.config import SpeechEncoderConfig
 from csref_model.detector import DetectorConfig, ObjectDetector
@@ -81,10 +82,8 @@ def box_geometry(boxes: torch.Tensor, image_size: int) -> torch.Tensor:
     """(..., 4) x1, y1, x2, y2 in letterboxed px -> (..., 6) centre x, y, width, height and the
     centre's distance from the middle, horizontally and vertically, as fractions of the input
     (the letterbox is centred, so its middle is the picture's)."""
-    unit = boxes / image_size
-    cx, cy = (unit[..., 0] + unit[..., 2]) / 2, (unit[..., 1] + unit[..., 3]) / 2
-    width, height = unit[..., 2] - unit[..., 0], unit[..., 3] - unit[..., 1]
-    return torch.stack([cx, cy, width, height, (cx - 0.5).abs(), (cy - 0.5).abs()], dim=-1)
+    centre_size = xyxy_to_cxcywh(boxes / image_size)  # (..., 4)
+    return torch.cat([centre_size, (centre_size[..., :2] - 0.5).abs()], dim=-1)
 
 
 def anchor_contrastive_loss(scores: torch.Tensor) -> torch.Tensor:
