@@ -303,7 +303,7 @@ def semantic_recall(scores: torch.Tensor, queries: list[ExpressionQuery], pairs:
     """(N_img, N_query) scores -> "semantic" R@1: the fraction of queries whose best image holds a
     referent of the expression (grammar.referents, place words included; the query's own scene
     counts like any other), and its chance: the mean over queries of the fraction of images that
-    hold a referent."""
+    hold a referent; both also for the queries with and without a place word."""
     # Scenes x distinct expressions: a split has far fewer expressions than queries.
     fits: dict[Expression, np.ndarray] = {}
     for query in queries:
@@ -312,9 +312,17 @@ def semantic_recall(scores: torch.Tensor, queries: list[ExpressionQuery], pairs:
                 bool(referents(query.expression, list(pair.objects), width, height))
                 for pair, (height, width) in zip(pairs, image_sizes)])  # (N_img,)
     best = scores.argmax(dim=0).tolist()  # (N_query,)
-    hits = [fits[query.expression][image] for query, image in zip(queries, best)]
-    return {"queries": len(queries), "semantic_r1": float(np.mean(hits)),
-            "chance_semantic_r1": float(np.mean([fits[query.expression].mean() for query in queries]))}
+    hits = np.array([fits[query.expression][image] for query, image in zip(queries, best)])
+    chances = np.array([fits[query.expression].mean() for query in queries])
+    report = {"queries": len(queries), "semantic_r1": float(hits.mean()), "chance_semantic_r1": float(chances.mean())}
+    # A pooled image vector keeps little of where things are: place-word queries apart show it.
+    with_place = np.array([query.expression.num_place > 0 for query in queries])
+    for name, subset in (("place", with_place), ("no_place", ~with_place)):
+        if subset.any():
+            report[f"{name}_queries"] = int(subset.sum())
+            report[f"semantic_r1_{name}"] = float(hits[subset].mean())
+            report[f"chance_semantic_r1_{name}"] = float(chances[subset].mean())
+    return report
 
 
 @torch.no_grad()

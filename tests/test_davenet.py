@@ -246,7 +246,20 @@ def test_semantic_recall_of_hand_made_scenes():
     scores = torch.tensor([[0.0, 5.0, 0.0], [1.0, 0.0, 0.0], [2.0, 1.0, 3.0]])
     report = davenet.semantic_recall(scores, queries, pairs, [(100, 100)] * 3)
     # Chance: circles in 2 of 3 scenes, red stars in 2, blue circles in 1.
-    assert report == {"queries": 3, "semantic_r1": pytest.approx(2 / 3), "chance_semantic_r1": pytest.approx(5 / 9)}
+    assert report == {"queries": 3, "semantic_r1": pytest.approx(2 / 3), "chance_semantic_r1": pytest.approx(5 / 9),
+                      "no_place_queries": 3, "semantic_r1_no_place": pytest.approx(2 / 3),
+                      "chance_semantic_r1_no_place": pytest.approx(5 / 9)}
+    # A place-word query: the left star of scene 3 is its only referent; image 2 is the best.
+    boxes = ((0.0, 0.0, 10.0, 10.0), (80.0, 0.0, 90.0, 10.0))
+    pairs.append(davenet.CaptionPair(Path("3.jpg"), Path("3.wav"), objects=tuple(
+        SceneObject("star", "red", "big", b) for b in boxes)))
+    queries.append(davenet.ExpressionQuery(Path("q3.wav"), parse_expression("the star on the left"), 3))
+    scores = torch.cat([torch.cat([scores, torch.zeros(3, 1)], dim=1), torch.tensor([[0.0, 0.0, 0.0, 1.0]])])
+    report = davenet.semantic_recall(scores, queries, pairs, [(100, 100)] * 4)
+    # The star on the left: in scene 3 (two stars, one left of the other); scenes 1 and 2 have one
+    # star each, which is also "the star on the left" there (no other star rules it out).
+    assert report["place_queries"] == 1 and report["semantic_r1_place"] == 1.0
+    assert report["chance_semantic_r1_place"] == pytest.approx(3 / 4)
 
 
 def test_retrieval_recalls_of_a_hand_made_matrix():
