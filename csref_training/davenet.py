@@ -413,6 +413,9 @@ class DavenetTask:
     def __init__(self, cfg: TrainConfig, model_cfg: DavenetConfig, dist_info: DistInfo) -> None:
         self.cfg, self.model_cfg, self.dist_info = cfg, model_cfg, dist_info
         self.settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
+        if self.settings.train_on_commands:
+            # Commands are trained for the robot's queries: keep the epoch that ranks them best.
+            self.best_metric = "semantic_r1"
         self.collate = functools.partial(collate_pairs, floor_db=model_cfg.log_mel.floor_db)
 
     def build_model(self) -> nn.Module:

@@ -214,6 +214,7 @@ def test_caption_split_has_one_pair_per_image_and_every_expression_as_a_query(ca
 def test_training_on_commands_adds_each_expression_paired_with_its_scene(captions):
     cfg = davenet.load_train_config(CONFIG, [f"data.root={captions}", "task.train_on_commands=true"])
     task = davenet.DavenetTask(cfg, davenet.davenet_model_config(cfg), None)
+    assert task.best_metric == "semantic_r1" and davenet.DavenetTask.best_metric == "r10_mean"
     split = davenet.read_caption_split(cfg.data, "train")
     training = task.build_dataset("train", train=True)
     assert len(training) == len(split.pairs) + len(split.queries)
