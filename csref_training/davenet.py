@@ -315,7 +315,7 @@ def semantic_recall(scores: torch.Tensor, queries: list[ExpressionQuery], pairs:
     hits = np.array([fits[query.expression][image] for query, image in zip(queries, best)])
     chances = np.array([fits[query.expression].mean() for query in queries])
     report = {"queries": len(queries), "semantic_r1": float(hits.mean()), "chance_semantic_r1": float(chances.mean())}
-    # A pooled image vector keeps little of where things are: place-word queries apart show it.
+    # Place words ask where an object is, the other words what it is: each kind reported apart.
     with_place = np.array([query.expression.num_place > 0 for query in queries])
     for name, subset in (("place", with_place), ("no_place", ~with_place)):
         if subset.any():

@@ -250,7 +250,7 @@ def test_semantic_recall_of_hand_made_scenes():
     assert report == {"queries": 3, "semantic_r1": pytest.approx(2 / 3), "chance_semantic_r1": pytest.approx(5 / 9),
                       "no_place_queries": 3, "semantic_r1_no_place": pytest.approx(2 / 3),
                       "chance_semantic_r1_no_place": pytest.approx(5 / 9)}
-    # A place-word query: the left star of scene 3 is its only referent; image 2 is the best.
+    # A place-word query about scene 3 (two stars side by side); its own image scores highest.
     boxes = ((0.0, 0.0, 10.0, 10.0), (80.0, 0.0, 90.0, 10.0))
     pairs.append(davenet.CaptionPair(Path("3.jpg"), Path("3.wav"), objects=tuple(
         SceneObject("star", "red", "big", b) for b in boxes)))
