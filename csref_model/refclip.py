@@ -18,7 +18,10 @@ the second-best cell of every other image ("negative anchor augmentation"); the 
 own image's best cell, so cells of the same image are never negatives. Inference: the box of the
 best-scoring cell. RefCLIP averages objectness over a cell's 3 anchors and returns the
 highest-objectness anchor's box; our detector is anchor-free (one box per cell), so both are
-that cell's box. No NMS.
+that cell's box. No NMS. The score returned with the box is ours (RefCLIP returns none): the
+chosen cell's dot product minus that of the best cell of another object (box IoU < 0.5 with the
+chosen one). It ranks pseudo-labels by how sure the choice is; the raw dot product does not
+(docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csref_model.boxes import xyxy_to_cxcywh
+from csref_model.boxes import box_iou, xyxy_to_cxcywh
 from csref_model.checkpoint import CONFIG_FILE, load_into, read_checkpoint_dir
 from csref_model.config import SpeechEncoderConfig
 from csref_model.detector import DetectorConfig, ObjectDetector
@@ -149,8 +152,8 @@ class RefCLIP(nn.Module):
 
     def forward(self, image: torch.Tensor, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_loss: bool = False) -> torch.Tensor:
-        """Image b with utterance b -> the chosen boxes (B, 5) x1, y1, x2, y2, score (input px; the
-        score is the dot product), or with return_loss the scalar RefCLIP loss of the batch."""
+        """Image b with utterance b -> the chosen boxes (B, 5) x1, y1, x2, y2, margin (input px; the
+        margin is the module docstring's score), or with return_loss the scalar RefCLIP loss of the batch."""
         if return_loss:
             _, visual = self.candidates(image)  # (B, K, D)
             speech = self.encode_speech(input_values, attention_mask)  # (B, D)
@@ -158,7 +161,11 @@ class RefCLIP(nn.Module):
         boxes, scores = self.score_candidates(image, input_values, attention_mask)  # (B, K, 5), (B, K)
         best_score, best = scores.max(dim=1)  # (B,)
         chosen = boxes[torch.arange(boxes.shape[0], device=boxes.device), best]  # (B, 5)
-        return torch.cat([chosen[:, :4], best_score[:, None]], dim=1)
+        same_object = box_iou(chosen[:, None, :4], boxes[..., :4]) >= 0.5  # (B, K), the chosen cell included
+        # Where every candidate is the chosen object, the margin is over the weakest of them.
+        rival_score = scores.masked_fill(same_object, float("-inf")).max(dim=1).values  # (B,)
+        rival_score = torch.where(torch.isfinite(rival_score), rival_score, scores.min(dim=1).values)
+        return torch.cat([chosen[:, :4], (best_score - rival_score)[:, None]], dim=1)
 
 
 def build_refclip_from_checkpoint(path: str | Path) -> tuple[RefCLIP, RefCLIPConfig]:

@@ -260,9 +260,16 @@ def evaluate_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
+def hit_rate(hits: list[bool | None]) -> float | None:
+    """The fraction of True among the labels that have a truth (None where none has)."""
+    known = [hit for hit in hits if hit is not None]
+    return float(np.mean(known)) if known else None
+
+
 def pseudo_label_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
     """Write <out>/anns/<dataset>.json: the chosen splits' boxes replaced by RefCLIP's predictions
-    (one entry per sentence, marked "pseudo" with the score), the other splits copied unchanged."""
+    (one entry per sentence, marked "pseudo" with the score), the other splits copied unchanged.
+    With --keep-fraction F < 1 only the F most confident labels of each split are written."""
     layout = refcoco_layout(cfg.data.dataset, cfg.data.root, cfg.data.ann_path, cfg.data.image_dir,
                             cfg.data.audio_root, cfg.data.image_pattern)
     annotations = json.loads(layout.ann_path.read_text())
@@ -285,17 +292,23 @@ def pseudo_label_main(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, A
                 if x2 - x1 < 1 or y2 - y1 < 1:
                     unusable += 1
                     continue
+                hit = None  # no truth for box-free pairs
                 if "bbox" in entry:
                     truth = np.array(entry["bbox"], dtype=np.float64)
                     truth[2:] += truth[:2]
-                    hits.append(float(box_iou(np.array([x1, y1, x2, y2]), truth)) > 0.5)
+                    hit = float(box_iou(np.array([x1, y1, x2, y2]), truth)) > 0.5
+                hits.append(hit)
                 # Only what a box-free user has: the image, the sentence and the prediction.
                 pseudo_entries.append({"iid": entry["iid"], "bbox": [x1, y1, x2 - x1, y2 - y1],
                                        "sent_ids": [ref["sent_id"]], "refs": [ref], "pseudo": True,
                                        "pseudo_score": record["score"]})
-        annotations[split] = pseudo_entries
-        report[split] = {"entries": len(pseudo_entries), "outside_the_image": unusable,
-                         "pseudo_label_acc_50": float(np.mean(hits)) if hits else None}
+        kept = np.argsort([-e["pseudo_score"] for e in pseudo_entries], kind="stable")
+        kept = np.sort(kept[:int(np.ceil(args.keep_fraction * len(pseudo_entries)))])
+        annotations[split] = [pseudo_entries[i] for i in kept]
+        report[split] = {"entries": len(kept), "dropped_as_least_confident": len(pseudo_entries) - len(kept),
+                         "outside_the_image": unusable,
+                         "pseudo_label_acc_50": hit_rate([hits[i] for i in kept]),
+                         "pseudo_label_acc_50_before_dropping": hit_rate(hits)}
     out_ann = Path(args.out) / "anns" / f"{cfg.data.dataset}.json"
     out_ann.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_ann.with_suffix(".json.tmp")
@@ -323,8 +336,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             help="splits whose boxes are replaced (default train,val: no truth is used for "
                                  "training or model selection); the others are copied unchanged")
         parser.add_argument("--out", required=True, type=Path, help="directory for anns/<dataset>.json")
+        parser.add_argument("--keep-fraction", type=float, default=1.0,
+                            help="write only this fraction of each split's labels, those RefCLIP is surest of "
+                                 "(highest margin); default 1.0 keeps all, as the paper (our extension)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
     args = parser.parse_intermixed_args(argv[1:])
+    if argv[0] == "pseudo-label" and not 0.0 < args.keep_fraction <= 1.0:
+        parser.error(f"--keep-fraction {args.keep_fraction}: must be in (0, 1], e.g. 0.5 keeps the surer half")
     cfg = load_train_config(args.config, args.overrides)
     return evaluate_main(args, cfg) if argv[0] == "evaluate" else pseudo_label_main(args, cfg)
 

@@ -17,7 +17,8 @@ from csref_model.config import load_model_config
 from csref_model.csa import build_csa
 from csref_model.detector import DetectorConfig, build_detector
 from csref_model.grounder import Grounder
-from csref_model.refclip import anchor_contrastive_loss, box_geometry
+from csref_model.boxes import box_iou
+from csref_model.refclip import RefCLIP, RefCLIPConfig, anchor_contrastive_loss, box_geometry
 from csref_model.srec import build_srec
 from csref_model.typed_yaml import merge
 from csref_training import import_pairs, refclip, srec
@@ -71,6 +72,27 @@ def test_box_geometry_is_centre_size_and_distance_from_the_middle():
     boxes = torch.tensor([[0.0, 32.0, 64.0, 64.0], [96.0, 112.0, 128.0, 128.0]])  # letterboxed px, S = 128
     expected = torch.tensor([[0.25, 0.375, 0.5, 0.25, 0.25, 0.125], [0.875, 0.9375, 0.25, 0.125, 0.375, 0.4375]])
     torch.testing.assert_close(box_geometry(boxes, 128), expected)
+
+
+def test_the_returned_score_is_the_margin_over_the_best_other_object():
+    detector_config = DetectorConfig(image_size=128, neck_channels=16)
+    detector_config.visual_backbone.depth_multiple, detector_config.visual_backbone.width_multiple = 0.33, 0.125
+    speech = merge(load_model_config("tiny").to_dict()["speech_encoder"], TEST_MODEL["speech_encoder"])
+    model = RefCLIP(RefCLIPConfig.from_dict({"detector": detector_config.to_dict(), "speech_encoder": speech,
+                                             "fusion_channels": 32, "hidden_size": 16, "select_num": 8})).eval()
+    torch.manual_seed(0)
+    image, audio = torch.rand(3, 3, 128, 128), torch.randn(3, 8000)
+    with torch.no_grad():
+        boxes, scores = model.score_candidates(image, audio)  # (B, K, 5), (B, K)
+        chosen = model(image, audio)  # (B, 5)
+    for b in range(3):
+        best = int(scores[b].argmax())
+        assert torch.equal(chosen[b, :4], boxes[b, best, :4])
+        rivals = [float(scores[b, k]) for k in range(scores.shape[1])
+                  if float(box_iou(boxes[b, best, :4], boxes[b, k, :4])) < 0.5]
+        rival = max(rivals) if rivals else float(scores[b].min())
+        assert float(chosen[b, 4]) == pytest.approx(float(scores[b, best]) - rival, abs=1e-5)
+        assert float(chosen[b, 4]) >= 0.0
 
 
 @pytest.mark.parametrize("geometry", [False, True], ids=["as_published", "candidate_geometry"])
@@ -153,6 +175,24 @@ def test_evaluate_reports_chance_and_kinds_then_pseudo_labels_train_srec(setup, 
         assert entry["pseudo"] is True and isinstance(entry["pseudo_score"], float)
         assert "objects" not in entry and "target_index" not in entry
     assert 0.0 <= report["train"]["pseudo_label_acc_50"] <= 1.0
+    # --keep-fraction keeps each split's surest labels, in their order, and reports what it dropped.
+    half = refclip.main(["pseudo-label", "--config", config, "--checkpoint", str(checkpoint),
+                         "--out", str(tmp_path / "pseudo_half"), "--keep-fraction", "0.5", *base])
+    pseudo_half = json.loads(Path(half["ann_path"]).read_text())
+    for split in ("train", "val"):
+        assert len(pseudo_half[split]) == math.ceil(len(pseudo[split]) / 2)
+        assert half[split]["dropped_as_least_confident"] == len(pseudo[split]) - len(pseudo_half[split])
+        assert half[split]["pseudo_label_acc_50_before_dropping"] == report[split]["pseudo_label_acc_50"]
+        kept_ids = [e["sent_ids"][0] for e in pseudo_half[split]]
+        assert kept_ids == [e["sent_ids"][0] for e in pseudo[split] if e["sent_ids"][0] in kept_ids]
+        dropped = [e["pseudo_score"] for e in pseudo[split] if e["sent_ids"][0] not in kept_ids]
+        assert min(e["pseudo_score"] for e in pseudo_half[split]) >= max(dropped, default=float("-inf"))
+    assert pseudo_half["test"] == annotations["test"]
+    with pytest.raises(SystemExit):
+        refclip.main(["pseudo-label", "--config", config, "--checkpoint", str(checkpoint),
+                      "--out", str(tmp_path / "pseudo_none"), "--keep-fraction", "0", *base])
+    err = capsys.readouterr().err
+    assert "--keep-fraction 0.0: must be in (0, 1]" in err
     # The existing SREC trainer takes the copy as it is.
     srec_result = srec.main(["--config", "config/train/srec_spoken_shapes.yaml", "model=tiny",
                              f"output_dir={tmp_path / 'srec'}", f"data.ann_path={report['ann_path']}",
