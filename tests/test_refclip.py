@@ -12,12 +12,12 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+from csref_model.boxes import box_iou
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.csa import build_csa
 from csref_model.detector import DetectorConfig, build_detector
 from csref_model.grounder import Grounder
-from csref_model.boxes import box_iou
 from csref_model.refclip import RefCLIP, RefCLIPConfig, anchor_contrastive_loss, box_geometry
 from csref_model.srec import build_srec
 from csref_model.typed_yaml import merge
@@ -30,6 +30,14 @@ from test_training import TEST_MODEL
 SPLITS = {"train": 8, "val": 4, "test": 4}
 
 
+def tiny_detector_config() -> DetectorConfig:
+    """A detector small enough for CPU tests at 128 px."""
+    config = DetectorConfig(image_size=128, neck_channels=16)
+    config.visual_backbone.depth_multiple, config.visual_backbone.width_multiple = 0.33, 0.125
+    config.head.hidden_size = 16
+    return config
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small Spoken Shapes set, a (random) CSA checkpoint and a (random) detector checkpoint:
@@ -39,9 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     csa_config = load_model_config("tiny")
     csa_config = type(csa_config).from_dict(merge(csa_config.to_dict(), {"speech_encoder": TEST_MODEL["speech_encoder"]}))
     save_checkpoint(root / "csa", build_csa(csa_config), csa_config)
-    detector_config = DetectorConfig(image_size=128, neck_channels=16)
-    detector_config.visual_backbone.depth_multiple, detector_config.visual_backbone.width_multiple = 0.33, 0.125
-    detector_config.head.hidden_size = 16
+    detector_config = tiny_detector_config()
     save_checkpoint(root / "detector", build_detector(detector_config), detector_config)
     return {"root": root, "data": root / "data", "csa": root / "csa", "detector": root / "detector"}
 
@@ -75,8 +81,7 @@ def test_box_geometry_is_centre_size_and_distance_from_the_middle():
 
 
 def test_the_returned_score_is_the_margin_over_the_best_other_object():
-    detector_config = DetectorConfig(image_size=128, neck_channels=16)
-    detector_config.visual_backbone.depth_multiple, detector_config.visual_backbone.width_multiple = 0.33, 0.125
+    detector_config = tiny_detector_config()
     speech = merge(load_model_config("tiny").to_dict()["speech_encoder"], TEST_MODEL["speech_encoder"])
     model = RefCLIP(RefCLIPConfig.from_dict({"detector": detector_config.to_dict(), "speech_encoder": speech,
                                              "fusion_channels": 32, "hidden_size": 16, "select_num": 8})).eval()

@@ -14,7 +14,7 @@ import yaml
 
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import ModelConfig, load_model_config
-from csref_model.detector import DetectorConfig, build_detector
+from csref_model.detector import build_detector
 from csref_model.mask_head import mask_to_original
 from csref_model.preprocessing import letterbox_geometry
 from csref_model.refclip import RefCLIP, RefCLIPConfig
@@ -34,6 +34,7 @@ from csref_training.referring_masks import (
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.spoken_shapes.grammar import SceneObject
 from csref_training.spoken_shapes.render import draw_object, object_label_map
+from test_refclip import tiny_detector_config
 from test_training import TEST_MODEL
 
 SPLITS = {"train": 4, "val": 2, "test": 2}
@@ -137,9 +138,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ssc")
     generate_dataset(SynthConfig(out=root / "data", seed=5, voices=("en-us+m3",), masks=True, referents_per_scene=3),
                      SPLITS)
-    detector_config = DetectorConfig(image_size=128, neck_channels=16)
-    detector_config.visual_backbone.depth_multiple, detector_config.visual_backbone.width_multiple = 0.33, 0.125
-    detector_config.head.hidden_size = 16
+    detector_config = tiny_detector_config()
     save_checkpoint(root / "detector", build_detector(detector_config), detector_config)
     speech = merge(load_model_config("tiny").to_dict()["speech_encoder"], TEST_MODEL["speech_encoder"])
     refclip_config = RefCLIPConfig.from_dict({"detector": detector_config.to_dict(), "speech_encoder": speech,
