@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from csref_model.config import load_model_config
 from csref_model.detector import (
@@ -64,13 +65,19 @@ def test_detector_learns_candidates_and_reloads_from_its_checkpoint(scenes, tmp_
     assert cells.shape == (1, (config.image_size // 32) ** 2, 5)
     top, indices = top_cells(cells, 17)
     assert torch.equal(top[0, :, 4], cells[0, indices[0], 4]) and bool((top[0, :-1, 4] >= top[0, 1:, 4]).all())
-    # Fine-tuned at a larger input from that checkpoint: with a learning rate too small to move it, the
-    # candidates it finds at the first validation come from the loaded weights (untrained: recall 0.0).
-    # It may also add the appearance head, which the checkpoint does not have.
+    # Fine-tuned at a larger input from that checkpoint, with a learning rate too small to move it: its
+    # weights stay the checkpoint's (BatchNorm statistics do move in training mode), and it finds
+    # candidates at the first validation (an untrained detector: recall 0.0). It may also add the
+    # appearance head, which the checkpoint does not have.
     larger = train(scenes, tmp_path / "larger", "epochs=1", "optim.lr=1e-12", "ema.enabled=false",
                    f"init_checkpoint={tmp_path / 'run' / 'best'}", "model_overrides.image_size=320",
                    "model_overrides.appearance_loss_weight=10")
-    assert larger["best_recall_50"] >= 0.2
+    assert larger["best_recall_50"] > 0.0
+    start, fine_tuned = (load_file(tmp_path / run / "best" / "model.safetensors") for run in ("run", "larger"))
+    assert set(fine_tuned) - set(start) == {"appearance_head.weight", "appearance_head.bias"}
+    for name, weight in start.items():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(fine_tuned[name], weight, rtol=0, atol=1e-6, msg=name)
     larger_model, larger_config = build_detector_from_checkpoint(tmp_path / "larger" / "best")
     assert larger_config.image_size == 320 and larger_model.appearance_head is not None
     # The evaluate command gives the same recall at the checkpoint's size, and measures it at any other.
