@@ -99,7 +99,7 @@ def test_depth_images_in_either_byte_order_with_padding(encoding):
         assert array.dtype == depth.dtype and array.dtype.isnative and array.shape == (HEIGHT, WIDTH)
         np.testing.assert_array_equal(array, depth)
     with pytest.raises(ImageConversionError, match="16UC1 \\(millimetres\\) or 32FC1"):
-        depth_image_array(padded_image_msg(depth.astype(np.uint16), "mono16", padding=0))
+        depth_image_array(padded_image_msg(np.zeros((HEIGHT, WIDTH), np.uint16), "mono16", padding=0))
     filled = Image()
     fill_image(filled, depth, encoding)
     np.testing.assert_array_equal(depth_image_array(filled), depth)
