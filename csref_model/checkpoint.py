@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from csref_model.config import ModelConfig
+from csref_model.speech_encoder import SpeechEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,15 @@ def load_csa_speech_encoder(model: nn.Module, path: str | Path) -> LoadReport:
     return LoadReport(loaded=[prefix + k for k in report.loaded], missing=[prefix + k for k in report.missing],
                       unexpected=sorted([prefix + k for k in report.unexpected]
                                         + [k for k in state_dict if not k.startswith(prefix)]))
+
+
+def load_speech_encoder(path: str | Path) -> SpeechEncoder:
+    """The wav2vec2 speech encoder of a CSA or SREC checkpoint directory, without layer fusion, in
+    eval mode (its hidden states for units and ABX; `SpeechEncoder.hidden_state`)."""
+    holder = nn.Module()
+    holder.speech_encoder = SpeechEncoder(read_config(path).speech_encoder, layer_fusion=False, load_pretrained=False)
+    load_csa_speech_encoder(holder, path)
+    return holder.speech_encoder.eval()
 
 
 def load_visual_backbone(backbone: nn.Module, path: str | Path) -> LoadReport:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+from csref_model.audio import SAMPLE_RATE
 from csref_model.config import WAV2VEC2_SHAPE_FIELDS, SpeechEncoderConfig, resolve_pretrained_path
+from csref_model.preprocessing import prepare_waveform, speech_batch
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +215,21 @@ class SpeechEncoder(nn.Module):
                              f"{valid_samples.tolist()}, each needs at least {min_samples} "
                              f"({min_samples / 16:.0f} ms at 16 kHz)")
         return attention_mask
+
+    @torch.no_grad()
+    def hidden_state(self, wave: np.ndarray, layer: int) -> np.ndarray:
+        """wav2vec2 hidden state `layer` of one 16 kHz utterance as (T, hidden_size) frames (0: the
+        projected convolutional features, k: transformer layer k's output): frame features for
+        discrete units (Im2Sp) and for the ABX test."""
+        num_layers = self.model.config.num_hidden_layers
+        if not 0 <= layer <= num_layers:
+            raise ValueError(f"hidden state {layer} does not exist: this speech encoder has 0..{num_layers}")
+        wave = prepare_waveform(wave, SAMPLE_RATE, trim=False, min_samples=self.minimum_samples())
+        input_values, attention_mask = speech_batch([wave])
+        device = next(self.parameters()).device
+        output = self.model(input_values=input_values.to(device), attention_mask=attention_mask.to(device),
+                            output_hidden_states=True)
+        return output.hidden_states[layer][0].float().cpu().numpy()  # (T, hidden_size)
 
     def minimum_samples(self) -> int:
         """Fewest samples that give one wav2vec2 frame (400 for the base CNN = 25 ms)."""

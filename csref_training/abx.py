@@ -22,6 +22,7 @@ Voices are espeak-ng's `heldout` list by default: no model of this repository tr
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -31,10 +32,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from csref_model.audio import SAMPLE_RATE
-from csref_model.checkpoint import CONFIG_FILE, load_csa_speech_encoder, read_config
+from csref_model.checkpoint import CONFIG_FILE, load_speech_encoder
 from csref_model.davenet import (
     DAVENET_KIND,
     NUM_VQ_SLOTS,
@@ -44,8 +43,6 @@ from csref_model.davenet import (
     frame_lengths,
     log_mel,
 )
-from csref_model.preprocessing import prepare_waveform, speech_batch
-from csref_model.speech_encoder import SpeechEncoder
 from csref_model.typed_yaml import read_yaml
 from csref_training.spoken_shapes.speech import ESPEAK_DEFAULT_RATE, HELDOUT_VOICES, synthesize
 
@@ -151,31 +148,6 @@ def davenet_frames(model: Davenet, slot: int, quantised: bool) -> Representation
     return frames
 
 
-class Wav2Vec2Frames:
-    """Hidden states of the wav2vec2 speech encoder of a CSA or SREC checkpoint directory."""
-
-    def __init__(self, checkpoint: str | Path):
-        self.holder = nn.Module()
-        self.holder.speech_encoder = SpeechEncoder(read_config(checkpoint).speech_encoder, layer_fusion=False,
-                                                   load_pretrained=False)
-        load_csa_speech_encoder(self.holder, checkpoint)
-        self.holder.eval()
-        self.num_states = self.holder.speech_encoder.model.config.num_hidden_layers + 1
-
-    def layer(self, index: int) -> Representation:
-        if not 0 <= index < self.num_states:
-            raise ValueError(f"hidden state {index} does not exist: this speech encoder has 0..{self.num_states - 1}")
-        encoder = self.holder.speech_encoder
-
-        @torch.no_grad()
-        def frames(wave: np.ndarray) -> np.ndarray:
-            wave = prepare_waveform(wave, SAMPLE_RATE, trim=False, min_samples=encoder.minimum_samples())
-            input_values, attention_mask = speech_batch([wave])
-            output = encoder.model(input_values=input_values, attention_mask=attention_mask, output_hidden_states=True)
-            return output.hidden_states[index][0].numpy()  # (T, D)
-        return frames
-
-
 def representations(checkpoint: Path | None, layers: list[int] | None) -> dict[str, Representation]:
     """Name -> representation: log-mel without a checkpoint, else the checkpoint's layers."""
     if checkpoint is None:
@@ -190,8 +162,13 @@ def representations(checkpoint: Path | None, layers: list[int] | None) -> dict[s
             if slot in model.speech_encoder.vq_layers:
                 named[f"davenet_quant{slot}"] = davenet_frames(model, slot, quantised=True)
         return named
-    encoder = Wav2Vec2Frames(checkpoint)
-    return {f"wav2vec2_state{index}": encoder.layer(index) for index in (layers or range(encoder.num_states))}
+    encoder = load_speech_encoder(checkpoint)
+    num_layers = encoder.model.config.num_hidden_layers
+    for index in layers or []:
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"hidden state {index} does not exist: the speech encoder of {checkpoint} has 0..{num_layers}")
+    return {f"wav2vec2_state{index}": functools.partial(encoder.hidden_state, layer=index)
+            for index in (layers or range(num_layers + 1))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

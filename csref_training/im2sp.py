@@ -52,8 +52,8 @@ from torch.utils.data import Dataset
 
 from csref_model.audio import SAMPLE_RATE, load_audio_16k
 from csref_model.boxes import box_iou
-from csref_model.checkpoint import load_into, read_checkpoint_dir, read_config, read_state_dict
-from csref_model.csa import CSA, load_tokenizer
+from csref_model.checkpoint import load_into, load_speech_encoder, read_config, read_state_dict
+from csref_model.csa import load_tokenizer
 from csref_model.davenet import build_davenet_from_checkpoint, speech_units
 from csref_model.grounder import Grounder
 from csref_model.im2sp import (
@@ -74,7 +74,7 @@ from csref_model.im2sp import (
     teacher_forcing_loss,
     units_to_tokens,
 )
-from csref_model.preprocessing import letterbox, prepare_waveform, speech_batch
+from csref_model.preprocessing import letterbox
 from csref_model.typed_yaml import from_dict, merge
 from csref_training import trainer
 from csref_training.datasets import image_file_name, refcoco_layout
@@ -194,30 +194,6 @@ def answer_voice_speech(text: str, units: UnitsConfig) -> np.ndarray:
     return np.concatenate([pad, speech, pad]).astype(np.float32)
 
 
-class FrameFeatures:
-    """Frame features of one utterance: a CSA speech encoder's hidden state `layer`."""
-
-    def __init__(self, checkpoint: str, layer: int):
-        config = read_config(checkpoint)
-        self.csa = CSA(config, load_pretrained=False)
-        load_into(self.csa, read_checkpoint_dir(checkpoint)[0], checkpoint)
-        self.csa.eval()
-        num_states = config.speech_encoder.architecture.num_hidden_layers + 1
-        if not 0 <= layer < num_states:
-            raise ValueError(f"task.units.layer {layer} is not a hidden state of {checkpoint} (0..{num_states - 1})")
-        self.layer = layer
-        conv_stride = config.speech_encoder.architecture.conv_stride
-        self.frame_s = float(np.prod(conv_stride)) / SAMPLE_RATE
-
-    @torch.no_grad()
-    def __call__(self, wave: np.ndarray) -> np.ndarray:
-        wave = prepare_waveform(wave, SAMPLE_RATE, trim=False, min_samples=self.csa.speech_encoder.minimum_samples())
-        input_values, attention_mask = speech_batch([wave])
-        output = self.csa.speech_encoder.model(input_values=input_values, attention_mask=attention_mask,
-                                               output_hidden_states=True)
-        return output.hidden_states[self.layer][0].numpy()  # (T, D)
-
-
 def build_units(cfg: TrainConfig) -> dict[str, Any]:
     """Renders (or finds) every utterance of the train/val/test splits, computes its units and
     writes <units.dir>/units.json; returns its content."""
@@ -250,8 +226,11 @@ def build_units(cfg: TrainConfig) -> dict[str, Any]:
         frame_s = model_cfg.log_mel.hop_s * 2 ** (units_cfg.layer - 1)
         num_units = model_cfg.speech.codebook_size
     else:
-        features = FrameFeatures(units_cfg.checkpoint, units_cfg.layer)
-        feats = {key: features(load_audio_16k(audio[key])) for key in keys}
+        encoder = load_speech_encoder(units_cfg.checkpoint)
+        if not 0 <= units_cfg.layer <= encoder.model.config.num_hidden_layers:
+            raise ValueError(f"task.units.layer {units_cfg.layer} is not a hidden state of {units_cfg.checkpoint} "
+                             f"(0..{encoder.model.config.num_hidden_layers})")
+        feats = {key: encoder.hidden_state(load_audio_16k(audio[key]), units_cfg.layer) for key in keys}
         train_frames = np.concatenate([feats[key] for key in split_keys[cfg.data.train_split]])
         rng = np.random.default_rng(cfg.seed)
         if len(train_frames) > units_cfg.kmeans_frames:
@@ -260,7 +239,7 @@ def build_units(cfg: TrainConfig) -> dict[str, Any]:
         kmeans.fit(train_frames)
         np.save(out_dir / "kmeans_centroids.npy", kmeans.cluster_centers_.astype(np.float32))
         frames = {key: kmeans.predict(feats[key]).tolist() for key in keys}
-        frame_s, num_units = features.frame_s, units_cfg.num_units
+        frame_s, num_units = float(np.prod(encoder.model.config.conv_stride)) / SAMPLE_RATE, units_cfg.num_units
     utterances = {}
     for key in keys:
         runs, durations = deduplicate(frames[key])

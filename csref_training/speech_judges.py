@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -5,7 +5,6 @@ A test program (run as a separate process): python image_counter.py --topic ... 
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
