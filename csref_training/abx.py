@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--layers", help="comma-separated ResDAVEnet-VQ slots (1-5) or wav2vec2 hidden states "
                         "(0 = the convolutional features' projection); default: all")
     parser.add_argument("--voices", default=",".join(DEFAULT_VOICES),
-                        help="comma-separated espeak-ng voices, at least two (default: six of the held-out list)")
+                        help="comma-separated voices of any engine (espeak-ng names, flite:slt, festival:kal, ...), at "
+                        "least two (default: six of espeak-ng's held-out list)")
     args = parser.parse_args(argv)
     voices = tuple(args.voices.split(","))
     if len(voices) < 2:
