@@ -216,14 +216,18 @@ class SpeechEncoder(nn.Module):
                              f"({min_samples / 16:.0f} ms at 16 kHz)")
         return attention_mask
 
+    def check_hidden_state(self, layer: int, source: str = "this speech encoder") -> None:
+        """ValueError unless `layer` names a hidden state (0..num_hidden_layers) of `source`."""
+        num_layers = self.model.config.num_hidden_layers
+        if not 0 <= layer <= num_layers:
+            raise ValueError(f"hidden state {layer} does not exist: {source} has 0..{num_layers}")
+
     @torch.no_grad()
     def hidden_state(self, wave: np.ndarray, layer: int) -> np.ndarray:
         """wav2vec2 hidden state `layer` of one 16 kHz utterance as (T, hidden_size) frames (0: the
         projected convolutional features, k: transformer layer k's output): frame features for
         discrete units (Im2Sp) and for the ABX test."""
-        num_layers = self.model.config.num_hidden_layers
-        if not 0 <= layer <= num_layers:
-            raise ValueError(f"hidden state {layer} does not exist: this speech encoder has 0..{num_layers}")
+        self.check_hidden_state(layer)
         wave = prepare_waveform(wave, SAMPLE_RATE, trim=False, min_samples=self.minimum_samples())
         input_values, attention_mask = speech_batch([wave])
         device = next(self.parameters()).device

@@ -44,7 +44,7 @@ from csref_model.davenet import (
     log_mel,
 )
 from csref_model.typed_yaml import read_yaml
-from csref_training.spoken_shapes.speech import ESPEAK_DEFAULT_RATE, HELDOUT_VOICES, synthesize
+from csref_training.spoken_shapes.speech import ESPEAK_DEFAULT_RATE, HELDOUT_VOICES, synthesize, trim_to_audible
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def speak_items(voices: tuple[str, ...], pitch: int = 50) -> dict[tuple[str, str
     items = {}
     for voice in voices:
         for word in sorted(set(itertools.chain(*MINIMAL_PAIRS.values()))):
-            wave = synthesize(word, voice, ESPEAK_DEFAULT_RATE, pitch)
-            loud = np.flatnonzero(np.abs(wave) > 0.01 * np.abs(wave).max())
-            items[word, voice] = wave[loud[0]:loud[-1] + 1]
+            items[word, voice] = trim_to_audible(synthesize(word, voice, ESPEAK_DEFAULT_RATE, pitch))
     return items
 
 
@@ -120,8 +118,8 @@ def abx_errors(features: dict[tuple[str, str], np.ndarray], voices: tuple[str, .
     return errors
 
 
-def log_mel_frames(config: LogMelConfig = LogMelConfig()) -> Representation:
-    return lambda wave: log_mel(torch.from_numpy(wave), config).T.numpy()  # (T, num_mel_bins)
+def log_mel_frames(wave: np.ndarray) -> np.ndarray:
+    return log_mel(torch.from_numpy(wave), LogMelConfig()).T.numpy()  # (T, num_mel_bins)
 
 
 def davenet_frames(model: Davenet, slot: int, quantised: bool) -> Representation:
@@ -151,7 +149,7 @@ def davenet_frames(model: Davenet, slot: int, quantised: bool) -> Representation
 def representations(checkpoint: Path | None, layers: list[int] | None) -> dict[str, Representation]:
     """Name -> representation: log-mel without a checkpoint, else the checkpoint's layers."""
     if checkpoint is None:
-        return {"log_mel": log_mel_frames()}
+        return {"log_mel": log_mel_frames}
     if read_yaml(checkpoint / CONFIG_FILE, "checkpoint config").get("kind") == DAVENET_KIND:
         model = build_davenet_from_checkpoint(checkpoint)[0]
         named = {}
@@ -163,12 +161,10 @@ def representations(checkpoint: Path | None, layers: list[int] | None) -> dict[s
                 named[f"davenet_quant{slot}"] = davenet_frames(model, slot, quantised=True)
         return named
     encoder = load_speech_encoder(checkpoint)
-    num_layers = encoder.model.config.num_hidden_layers
     for index in layers or []:
-        if not 0 <= index <= num_layers:
-            raise ValueError(f"hidden state {index} does not exist: the speech encoder of {checkpoint} has 0..{num_layers}")
+        encoder.check_hidden_state(index, f"the speech encoder of {checkpoint}")
     return {f"wav2vec2_state{index}": functools.partial(encoder.hidden_state, layer=index)
-            for index in (layers or range(num_layers + 1))}
+            for index in (layers or range(encoder.model.config.num_hidden_layers + 1))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -31,9 +31,9 @@ import soundfile as sf
 from csref_model.audio import SAMPLE_RATE, load_audio_16k
 from csref_training.augment import babble, pink_noise
 from csref_training.cli_args import number_range
+from csref_training.spoken_shapes.speech import trim_to_audible
 
 NOISES = ("babble", "pink")
-AUDIBLE_FRACTION = 0.01  # of the peak: the generator's trimming threshold
 
 
 def audible_power(wave: np.ndarray) -> float:
@@ -41,8 +41,7 @@ def audible_power(wave: np.ndarray) -> float:
     peak = float(np.abs(wave).max()) if wave.size else 0.0
     if peak == 0.0:
         return 0.0
-    loud = np.flatnonzero(np.abs(wave) > AUDIBLE_FRACTION * peak)
-    return float(np.mean(np.square(wave[loud[0]:loud[-1] + 1], dtype=np.float64)))
+    return float(np.mean(np.square(trim_to_audible(wave), dtype=np.float64)))
 
 
 def add_noise_at_snr(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:

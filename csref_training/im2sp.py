@@ -81,7 +81,7 @@ from csref_training.datasets import image_file_name, refcoco_layout
 from csref_training.distributed import DistInfo
 from csref_training.speech_judges import GrammarRecogniser, all_expressions, expression_of
 from csref_training.spoken_shapes.grammar import Expression, parse_expression
-from csref_training.spoken_shapes.speech import synthesize
+from csref_training.spoken_shapes.speech import synthesize, trim_to_audible
 from csref_training.train_config import DataConfig, TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
@@ -187,9 +187,8 @@ def read_samples(data: DataConfig, split: str, limit: int | None = None) -> list
 
 def answer_voice_speech(text: str, units: UnitsConfig) -> np.ndarray:
     """`text` in the answer voice: trimmed, ANSWER_PAD_S of silence each side, peak 0.9."""
-    speech = synthesize(text, units.voice, units.rate, units.pitch)
-    loud = np.flatnonzero(np.abs(speech) > 0.01 * np.abs(speech).max())
-    speech = speech[loud[0]:loud[-1] + 1] * (0.9 / np.abs(speech).max())
+    speech = trim_to_audible(synthesize(text, units.voice, units.rate, units.pitch))
+    speech = speech * (0.9 / np.abs(speech).max())
     pad = np.zeros(int(ANSWER_PAD_S * SAMPLE_RATE), dtype=np.float32)
     return np.concatenate([pad, speech, pad]).astype(np.float32)
 
@@ -227,9 +226,7 @@ def build_units(cfg: TrainConfig) -> dict[str, Any]:
         num_units = model_cfg.speech.codebook_size
     else:
         encoder = load_speech_encoder(units_cfg.checkpoint)
-        if not 0 <= units_cfg.layer <= encoder.model.config.num_hidden_layers:
-            raise ValueError(f"task.units.layer {units_cfg.layer} is not a hidden state of {units_cfg.checkpoint} "
-                             f"(0..{encoder.model.config.num_hidden_layers})")
+        encoder.check_hidden_state(units_cfg.layer, f"task.units.checkpoint {units_cfg.checkpoint}")
         feats = {key: encoder.hidden_state(load_audio_16k(audio[key]), units_cfg.layer) for key in keys}
         train_frames = np.concatenate([feats[key] for key in split_keys[cfg.data.train_split]])
         rng = np.random.default_rng(cfg.seed)

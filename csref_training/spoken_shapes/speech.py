@@ -339,6 +339,15 @@ def _noise(rng: np.random.Generator, n: int) -> np.ndarray:
     return white / max(float(np.sqrt(np.mean(white ** 2))), 1e-12)
 
 
+AUDIBLE_FRACTION = 0.01  # of the peak: where synthesised speech is trimmed
+
+
+def trim_to_audible(wave: np.ndarray) -> np.ndarray:
+    """`wave` from its first to its last sample louder than AUDIBLE_FRACTION of its peak."""
+    loud = np.flatnonzero(np.abs(wave) > AUDIBLE_FRACTION * np.abs(wave).max())
+    return wave[loud[0]:loud[-1] + 1]
+
+
 def render_speech(
     rng: np.random.Generator,
     text: str,
@@ -350,9 +359,7 @@ def render_speech(
     """float32 utterance at SAMPLE_RATE: `synthesize`d speech in any engine's voice, trimmed, padded
     with 0.1-0.5 s silence on each side, peak level drawn from [0.3, 0.9], optional additive
     noise at `snr_db`."""
-    speech = synthesize(text, voice, rate, pitch)
-    loud = np.flatnonzero(np.abs(speech) > 0.01 * np.abs(speech).max())
-    speech = speech[loud[0]:loud[-1] + 1]
+    speech = trim_to_audible(synthesize(text, voice, rate, pitch))
     speech *= rng.uniform(0.3, 0.9) / np.abs(speech).max()
     lead, trail = (int(rng.uniform(0.1, 0.5) * SAMPLE_RATE) for _ in range(2))
     wave = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
@@ -387,9 +394,7 @@ def render_word_sequence(
             gap = int(rng.uniform(*gap_s) * SAMPLE_RATE)
             pieces.append(np.zeros(gap, dtype=np.float32))
             position += gap
-        spoken = synthesize(word, voice, rate, pitch)
-        loud = np.flatnonzero(np.abs(spoken) > 0.01 * np.abs(spoken).max())
-        spoken = spoken[loud[0]:loud[-1] + 1]
+        spoken = trim_to_audible(synthesize(word, voice, rate, pitch))
         pieces.append(spoken)
         spans.append((position / SAMPLE_RATE, (position + len(spoken)) / SAMPLE_RATE))
         position += len(spoken)
