@@ -1,15 +1,10 @@
-"""Running real ROS 2 processes from tests: a private domain id, loopback only, our DDS profile."""
+"""Running real ROS 2 processes from tests: a private domain id (the `ros_env` fixture of
+conftest.py), loopback only, our DDS profile."""
 
 import json
-import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-
-from csref_ros.loopback import lock_domain_id, loopback_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = Path(__file__).resolve().parent / "programs"
@@ -17,19 +12,6 @@ FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_loopback.xml"
 # Domain ids up to 101 keep Fast DDS ports below the ephemeral range; 90..101 are left to
 # scripts (scripts/benchmark_node.py) so that they never meet a test.
 DOMAIN_IDS = range(1, 90)
-
-
-@pytest.fixture
-def ros_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Environment for ROS child processes on a domain id no other test run holds."""
-    candidates = list(DOMAIN_IDS)
-    random.shuffle(candidates)
-    domain_id, lock_file = lock_domain_id(candidates)
-    env = loopback_environment(domain_id, FASTDDS_PROFILE, tmp_path / "ros_log")
-    try:
-        yield env
-    finally:
-        lock_file.close()
 
 
 def start_program(name: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -9,7 +9,7 @@ import pytest
 from csref_model.boxes import box_iou
 from csref_training.spoken_shapes.generate import SynthConfig, generate_sample
 from csref_training.spoken_shapes.speech import HELDOUT_VOICES
-from ros_support import REPO_ROOT, json_lines, ros_env, start_node, start_program, stop  # noqa: F401  (ros_env is a fixture)
+from ros_support import REPO_ROOT, json_lines, start_node, start_program, stop
 
 DEMO_MODEL = REPO_ROOT / "models" / "spoken_shapes_tiny"
 # Seeds of the generator never used for training or evaluation data.

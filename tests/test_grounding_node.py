@@ -15,22 +15,13 @@ import soundfile
 import torch
 
 from csref_model.checkpoint import save_checkpoint
-from csref_model.config import load_model_config
 from csref_model.davenet import build_davenet, load_davenet_config
 from csref_model.im2sp import (ANSWER_DECODER, ANSWER_LEXICON, ANSWER_VOCODER, EOS, Im2Sp, Im2SpConfig, UnitVocoder,
                                UnitVocoderConfig)
-from csref_model.srec import build_srec
-from ros_support import json_lines, ros_env, start_node, start_program, stop  # noqa: F401  (ros_env is a fixture)
+from ros_support import json_lines, start_node, start_program, stop
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
 
 WIDTH, HEIGHT = 640, 480
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = load_model_config("tiny")
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny_random", build_srec(config, load_pretrained=False), config)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ros_support import ros_env  # noqa: F401  (a fixture)
-
 REPO = Path(__file__).resolve().parent.parent
 
 

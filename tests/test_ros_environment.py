@@ -9,7 +9,7 @@ import vision_msgs
 from rclpy.serialization import deserialize_message, serialize_message
 from vision_msgs.msg import Detection2D, ObjectHypothesisWithPose
 
-from ros_support import ros_env, start_program, stop  # noqa: F401  (ros_env is a fixture)
+from ros_support import start_program, stop
 
 # RIHS01 type hashes of the public vision_msgs 4.1.1 build (rosidl-generated *__description.c of
 # a colcon build of ros-perception/vision_msgs 4.1.1). Equal hashes = same fields, same wire format.
