@@ -18,7 +18,7 @@ from csref_training.datasets import build_csa_dataset, build_srec_dataset
 from csref_training.reproducibility import SeededItems
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.train_config import DataConfig, load_train_config
-from test_training import run_module, write_config
+from training_support import run_module, write_config
 
 F0_HZ = 150.0
 

@@ -12,7 +12,7 @@ import pytest
 from csref_model.audio import load_audio_16k
 from csref_training.corrupt import audible_power
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
-from test_training import REPO, subprocess_env
+from training_support import REPO, subprocess_env
 
 VOICES = ("en-us+m3", "en-gb+f2", "en-029")
 

@@ -11,7 +11,7 @@ import pytest
 
 from csref_training import evaluate
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
-from test_training import REPO, run_module, subprocess_env, write_config
+from training_support import REPO, run_module, subprocess_env, write_config
 
 SCRIPT = REPO / "scripts" / "cross_engine_matrix.py"
 

@@ -5,8 +5,6 @@ The demo runs on its default model, the committed models/spoken_shapes_tiny, and
 match the spoken target (tests/test_demo_model.py checks another unseen scene without make).
 """
 
-import functools
-import importlib.util
 import json
 import re
 import subprocess
@@ -19,20 +17,10 @@ import pytest
 import soundfile
 
 from csref_model.boxes import box_iou
-from ros_support import REPO_ROOT
+from ros_support import REPO_ROOT, load_demo_script
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
 
 DEMO_MODEL = REPO_ROOT / "models" / "spoken_shapes_tiny"
-
-
-@functools.cache
-def load_demo_script():
-    """scripts/demo.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("csref_demo_script", REPO_ROOT / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_demo(*variables: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ from csref_model.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from csref_model.runtime.tensorrt_backend import EngineSettings, TensorRTBackend, build_engines, profile_shapes
 from csref_model.srec import build_srec
 from csref_model.typed_yaml import merge
-from test_training import TEST_MODEL
+from training_support import TEST_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,10 +18,9 @@ from csref_model.checkpoint import save_checkpoint
 from csref_model.davenet import build_davenet, load_davenet_config
 from csref_model.im2sp import (ANSWER_DECODER, ANSWER_LEXICON, ANSWER_VOCODER, EOS, Im2Sp, Im2SpConfig, UnitVocoder,
                                UnitVocoderConfig)
-from ros_support import json_lines, start_node, start_program, stop
+from ros_support import HEIGHT, WIDTH, assert_box_inside_image, json_lines, start_node, start_program, stop
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
 
-WIDTH, HEIGHT = 640, 480
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +49,6 @@ def run_scenario(tmp_path, env, node_parameters, publisher_args, listener_args=(
     report = lines[-1] if lines and "diagnostics" in lines[-1] else {}
     assert node_code in (0, -2), f"node exited with {node_code}:\n{node_log}"
     return detections, report.get("diagnostics", {}), report, node_log
-
-
-def assert_box_inside_image(detection: dict, width: int = WIDTH, height: int = HEIGHT):
-    (cx, cy), (w, h) = detection["center"], detection["size"]
-    assert 0 <= cx - w / 2 - 1e-3 and cx + w / 2 <= width + 1e-3, detection
-    assert 0 <= cy - h / 2 - 1e-3 and cy + h / 2 <= height + 1e-3, detection
-    assert 0.0 <= detection["score"] <= 1.0
 
 
 @pytest.fixture(scope="module")

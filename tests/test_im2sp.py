@@ -39,8 +39,8 @@ from csref_training.speech_judges import GrammarRecogniser, all_expressions, exp
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.spoken_shapes.grammar import parse_expression
 from csref_training.spoken_shapes.speech import synthesize
-from test_demo import load_demo_script
-from test_training import TEST_MODEL
+from ros_support import load_demo_script
+from training_support import TEST_MODEL
 
 CONFIG = "config/train/im2sp_spoken_shapes.yaml"
 VOCODER_CONFIG = "config/train/im2sp_vocoder_spoken_shapes.yaml"

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from ros_support import json_lines, start_node, start_program, stop
+from ros_support import HEIGHT, WIDTH, assert_box_inside_image, json_lines, start_node, start_program, stop
 from speech_support import SAMPLE_RATE, espeak_16k, speech_with_pauses
-from test_grounding_node import HEIGHT, WIDTH, assert_box_inside_image
 
 CAMERA = ["--topic", "/test_camera/image", "--width", str(WIDTH), "--height", str(HEIGHT), "--rate", "10"]
 

@@ -16,7 +16,7 @@ from csref_model.boxes import box_iou
 from csref_model.checkpoint import save_checkpoint
 from csref_model.config import load_model_config
 from csref_model.csa import build_csa
-from csref_model.detector import DetectorConfig, build_detector
+from csref_model.detector import build_detector
 from csref_model.grounder import Grounder
 from csref_model.refclip import RefCLIP, RefCLIPConfig, anchor_contrastive_loss, box_geometry
 from csref_model.srec import build_srec
@@ -25,17 +25,9 @@ from csref_training import import_pairs, refclip, srec
 from csref_training.checkpointing import TRAINER_STATE
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.train_config import build_model_config, load_train_config
-from test_training import TEST_MODEL
+from training_support import TEST_MODEL, tiny_detector_config
 
 SPLITS = {"train": 8, "val": 4, "test": 4}
-
-
-def tiny_detector_config() -> DetectorConfig:
-    """A detector small enough for CPU tests at 128 px."""
-    config = DetectorConfig(image_size=128, neck_channels=16)
-    config.visual_backbone.depth_multiple, config.visual_backbone.width_multiple = 0.33, 0.125
-    config.head.hidden_size = 16
-    return config
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,7 @@ from csref_training.referring_masks import (
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
 from csref_training.spoken_shapes.grammar import SceneObject
 from csref_training.spoken_shapes.render import draw_object, object_label_map
-from test_refclip import tiny_detector_config
-from test_training import TEST_MODEL
+from training_support import TEST_MODEL, tiny_detector_config
 
 SPLITS = {"train": 4, "val": 2, "test": 2}
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from csref_model.checkpoint import save_checkpoint
@@ -25,7 +24,7 @@ from csref_model.refclip import RefCLIPConfig
 from csref_model.csa import build_csa
 from csref_model.srec import build_srec
 from csref_model.text_encoder import load_tokenizer
-from csref_model.typed_yaml import read_yaml, set_dotted
+from csref_model.typed_yaml import read_yaml
 from csref_training import evaluate
 from csref_training.checkpointing import TRAINER_STATE
 from csref_training.davenet import davenet_model_config
@@ -38,22 +37,8 @@ from csref_training.reproducibility import seed_all
 from csref_training.train_config import build_model_config, load_train_config
 from csref_training.datasets import build_csa_dataset, build_srec_dataset, collate_csa, collate_srec
 from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
+from training_support import REPO, TEST_MODEL, run_module, subprocess_env, write_config
 
-REPO = Path(__file__).resolve().parent.parent
-# Small enough for a few seconds per run on 2 CPU cores; same code paths as the tiny model.
-TEST_MODEL = {
-    "image_size": 64,
-    "speech_encoder": {
-        "architecture": {
-            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-            "conv_dim": [16, 16, 16, 16, 16, 16, 16], "num_conv_pos_embeddings": 16,
-            "num_conv_pos_embedding_groups": 2, "layerdrop": 0.0,
-        },
-    },
-    "visual_backbone": {"depth_multiple": 0.33, "width_multiple": 0.125},
-    "fusion": {"hidden_size": 32},
-    "head": {"hidden_size": 16},
-}
 SPLIT_SIZES = {"train": 16, "val": 6, "test": 5}
 
 
@@ -62,42 +47,6 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("spoken_shapes")
     generate_dataset(SynthConfig(out=root, seed=3, voices=("en-us+m3", "en-gb+f2", "en-029")), SPLIT_SIZES)
     return root
-
-
-def write_config(path: Path, data_root: Path, output_dir: Path, **overrides) -> Path:
-    config = {
-        "model": "tiny",
-        "model_overrides": TEST_MODEL,
-        "output_dir": str(output_dir),
-        "seed": 7,
-        "epochs": 2,
-        "batch_size": 4,
-        "eval_batch_size": 4,
-        "log_every": 1,
-        "optim": {"lr": 1.0e-3, "warmup_epochs": 0.5, "min_lr": 1.0e-4},
-        "ema": {"enabled": True, "alpha": 0.99},
-        "multi_scale": {"enabled": True, "sizes": [64, 96]},
-        "data": {"format": "refcoco", "dataset": "spoken_shapes", "root": str(data_root), "num_workers": 0},
-    }
-    for key, value in overrides.items():
-        set_dotted(config, key, value)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def subprocess_env() -> dict[str, str]:
-    # One thread per process: identical arithmetic in every run (exact resumption check).
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-
-
-def run_module(module: str, config: Path, *overrides: str, timeout: int = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Runs `python -m module --config config ...`; with `check`, it must exit 0."""
-    result = subprocess.run([sys.executable, "-m", module, "--config", str(config), *overrides],
-                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 # ----------------------------------------------------------------------------------------
