@@ -213,9 +213,11 @@ def log_mel_batch(waves: Sequence[np.ndarray | torch.Tensor], cfg: LogMelConfig)
 
 
 def pad_features(features: Sequence[torch.Tensor], floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(F, T_b)] -> (B, F, T_max) padded with -floor_db, and (B,) lengths. The official loader pads with
-    0 dB (the loudest value) to 2048 frames; padding with the floor makes a batch's padding look like
-    more trailing silence, so an utterance's embedding barely depends on its batch."""
+    """[(F, T_b)] -> (B, F, T_max) padded with -floor_db (trailing silence), and (B,) lengths. The
+    official loader pads every utterance with 0 dB to 2048 frames, so its context never changes.
+    Here it does: the convolutions' receptive fields reach past the last valid frame, and an
+    utterance's pooled embedding moved by 6-11 % (relative L2) between encoding it alone and in a
+    batch padded to a longer one (docs/TRAINING.md, ResDAVEnet-VQ, "Padding")."""
     lengths = torch.tensor([f.shape[1] for f in features])
     batch = torch.full((len(features), features[0].shape[0], int(lengths.max())), -floor_db)
     for index, feature in enumerate(features):
