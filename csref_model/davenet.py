@@ -214,11 +214,8 @@ def log_mel_batch(waves: Sequence[np.ndarray | torch.Tensor], cfg: LogMelConfig)
 
 def pad_features(features: Sequence[torch.Tensor], floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
     """[(F, T_b)] -> (B, F, T_max) padded with -floor_db (trailing silence), and (B,) lengths. The
-    official loader pads every utterance with 0 dB to 2048 frames, so its context never changes.
-    Here it does: the convolutions' receptive fields reach past the last valid frame, and an
-    utterance's pooled embedding moved by 6-11 % (relative L2) between encoding it alone and in a
-    batch padded to a longer one, and test R@10 was 0.533 at eval_batch_size 64, 0.494 at 1
-    (docs/TRAINING.md, ResDAVEnet-VQ, "Padding")."""
+    padding never reaches the embeddings: the speech encoder zeroes every frame past an
+    utterance's end before each convolution (`ResDavenetVQ.forward`)."""
     lengths = torch.tensor([f.shape[1] for f in features])
     batch = torch.full((len(features), features[0].shape[0], int(lengths.max())), -floor_db)
     for index, feature in enumerate(features):
@@ -342,10 +339,12 @@ class SpeechBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, (1, stride), bias=False),
                                           nn.BatchNorm2d(out_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_out, 1, T / stride)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`x` zero past each utterance's end; `valid` (B, 1, 1, T / stride) 1 on the output's valid
+        frames, so the output is zero past the end too."""
+        out = F.relu(self.bn1(self.conv1(x))) * valid  # (B, C_out, 1, T / stride)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.shortcut(x)) * valid
 
 
 @dataclass
@@ -382,14 +381,18 @@ class ResDavenetVQ(nn.Module):
         self.out_channels = widths[-1]
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, upto_slot: int = NUM_VQ_SLOTS) -> SpeechOutput:
-        """Stops after slot `upto_slot` (units of a lower layer need not run the upper stages)."""
+        """Stops after slot `upto_slot` (units of a lower layer need not run the upper stages).
+
+        Frames past each utterance's end are zeroed before every convolution, as the convolutions'
+        own zero padding does at the end of a lone utterance: in eval mode an utterance encodes the
+        same alone and in any padded batch (the official loader gets there by padding every
+        utterance to 2048 frames)."""
         x = F.relu(self.bn1(self.conv1(features.unsqueeze(1))))  # (B, W1, 1, T)
         codes, code_lengths, commitments = {}, {}, []
         current = lengths
         for slot in range(1, upto_slot + 1):
             if slot > 1:
-                x = self.stages[slot - 2](x)  # (B, W_slot, 1, ceil(T_prev / 2))
-                current = frame_lengths(current, 1)
+                x, current = self.run_stage(slot, x, current)  # (B, W_slot, 1, ceil(T_prev / 2))
             if str(slot) in self.quantizers:
                 quantised, slot_codes, commitment = self.quantizers[str(slot)](
                     x.squeeze(2), valid_mask(current, x.shape[-1]))
@@ -398,8 +401,18 @@ class ResDavenetVQ(nn.Module):
                 commitments.append(commitment)
             if self.training and self.jitter > 0 and slot in JITTER_SLOTS:
                 x = temporal_jitter(x, self.jitter)
+            x = x * valid_mask(current, x.shape[-1])[:, None, None, :].to(x.dtype)
         commitment = torch.stack(commitments).sum() if commitments else x.new_zeros(())
         return SpeechOutput(x.squeeze(2), current, codes, code_lengths, commitment)
+
+    def run_stage(self, slot: int, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stage below slot `slot` (>= 2) on (B, W, 1, T) frames that are zero past
+        `lengths` -> (its (B, W_slot, 1, ceil(T / 2)) output, zero past the end, and its lengths)."""
+        lengths = frame_lengths(lengths, 1)
+        valid = valid_mask(lengths, (x.shape[-1] + 1) // 2)[:, None, None, :].to(x.dtype)  # the first conv strides 2
+        for block in self.stages[slot - 2]:
+            x = block(x, valid)
+        return x, lengths
 
 
 # ----------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from csref_model.davenet import (
     Davenet,
     LogMelConfig,
     build_davenet_from_checkpoint,
-    frame_lengths,
     log_mel,
 )
 from csref_model.typed_yaml import read_yaml
@@ -141,7 +140,8 @@ def davenet_frames(model: Davenet, slot: int, quantised: bool) -> Representation
             below = encoder(features, lengths, upto_slot=slot - 1)
             x, lengths = below.embeddings, below.lengths
             if slot > 1:
-                x, lengths = encoder.stages[slot - 2](x.unsqueeze(2)).squeeze(2), frame_lengths(lengths, 1)
+                x, lengths = encoder.run_stage(slot, x.unsqueeze(2), lengths)
+                x = x.squeeze(2)
         return x[0, :, :int(lengths[0])].T.numpy()  # (T_slot, W)
     return frames
 

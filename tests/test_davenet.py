@@ -19,6 +19,7 @@ from csref_model.davenet import (
     Davenet,
     DavenetConfig,
     LogMelConfig,
+    SpeechEncoderConfig,
     SpeechImageRetriever,
     VectorQuantizerEMA,
     best_view,
@@ -122,6 +123,26 @@ def test_log_mel_shape_frame_rate_and_range():
     batch, lengths = pad_features([features, log_mel(tone[:8000], cfg)], cfg.floor_db)
     assert batch.shape == (2, 40, 101) and lengths.tolist() == [101, 51]
     assert torch.all(batch[1, :, 51:] == -80.0)
+
+
+def test_an_utterance_encodes_the_same_alone_and_in_a_padded_batch():
+    """Frames past an utterance's end never reach its embedding or its codes (eval mode)."""
+    torch.manual_seed(0)
+    speech = SpeechEncoderConfig(widths=[8, 16, 16, 32, 32], depths=[1, 2, 1, 1], vq_layers=[2, 3], codebook_size=16)
+    model = Davenet(DavenetConfig(speech=speech)).eval()
+    features = [torch.randn(40, frames) * 10 - 40 for frames in (301, 170, 97)]
+    batch, lengths = pad_features(features, floor_db=80.0)
+    with torch.no_grad():
+        together = model.encode_speech(batch, lengths)
+        for index, feature in enumerate(features):
+            alone = model.encode_speech(feature[None], torch.tensor([feature.shape[1]]))
+            frames = int(alone.lengths[0])
+            assert int(together.lengths[index]) == frames and alone.embeddings.shape[-1] == frames
+            torch.testing.assert_close(together.embeddings[index, :, :frames], alone.embeddings[0], rtol=1e-5, atol=1e-5)
+            assert not together.embeddings[index, :, frames:].any()
+            for slot in (2, 3):
+                codes = int(alone.code_lengths[slot][0])
+                assert torch.equal(together.codes[slot][index, :codes], alone.codes[slot][0])
 
 
 def test_scene_caption_lists_every_object_left_to_right():
