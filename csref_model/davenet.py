@@ -255,6 +255,11 @@ def valid_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
     return torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def frame_mask(lengths: torch.Tensor, num_frames: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) lengths -> (B, 1, 1, T) 1 on valid frames: multiplies (B, C, 1, T) speech frames."""
+    return valid_mask(lengths, num_frames)[:, None, None, :].to(dtype)
+
+
 class VectorQuantizerEMA(nn.Module):
     """Nearest-codebook-entry quantisation with an EMA-updated codebook.
 
@@ -401,7 +406,7 @@ class ResDavenetVQ(nn.Module):
                 commitments.append(commitment)
             if self.training and self.jitter > 0 and slot in JITTER_SLOTS:
                 x = temporal_jitter(x, self.jitter)
-            x = x * valid_mask(current, x.shape[-1])[:, None, None, :].to(x.dtype)
+            x = x * frame_mask(current, x.shape[-1], x.dtype)
         commitment = torch.stack(commitments).sum() if commitments else x.new_zeros(())
         return SpeechOutput(x.squeeze(2), current, codes, code_lengths, commitment)
 
@@ -409,7 +414,7 @@ class ResDavenetVQ(nn.Module):
         """The residual stage below slot `slot` (>= 2) on (B, W, 1, T) frames that are zero past
         `lengths` -> (its (B, W_slot, 1, ceil(T / 2)) output, zero past the end, and its lengths)."""
         lengths = frame_lengths(lengths, 1)
-        valid = valid_mask(lengths, (x.shape[-1] + 1) // 2)[:, None, None, :].to(x.dtype)  # the first conv strides 2
+        valid = frame_mask(lengths, (x.shape[-1] + 1) // 2, x.dtype)  # the first conv strides 2
         for block in self.stages[slot - 2]:
             x = block(x, valid)
         return x, lengths
