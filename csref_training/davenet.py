@@ -2,7 +2,7 @@
 speech<->image retrieval and the discrete units its VQ layers learn.
 
     python -m csref_training.davenet --config config/train/davenet_spoken_shapes.yaml [key=value ...]
-    python -m csref_training.davenet evaluate --config Y --checkpoint runs/davenet/best --split test
+    python -m csref_training.davenet evaluate --config Y --checkpoint runs/davenet/best --split test [--subset-pairs 300]
     python -m csref_training.davenet units --checkpoint runs/davenet/best audio.wav [--layer 3] [--dedup]
 
 The model is `csref_model.davenet`. Data: Spoken Shapes generated with `--captions` (each entry's
@@ -241,6 +241,21 @@ def retrieval_recalls(scores: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
+def subset_recalls(scores: torch.Tensor, size: int, draws: int = 50, seed: int = 0) -> dict[str, float]:
+    """`retrieval_recalls` averaged over `draws` random subsets of `size` pairs (the same subset of
+    images and captions), keys prefixed `subset<size>_`: R@k on N pairs is the top k/N, so a 300-pair
+    validation split and a 1000-pair test split compare only at the same size."""
+    n = scores.shape[0]
+    if not 2 <= size <= n:
+        raise ValueError(f"subset size {size} must be between 2 and the number of pairs ({n})")
+    generator = torch.Generator().manual_seed(seed)
+    totals: Counter[str] = Counter()
+    for _ in range(draws):
+        chosen = torch.randperm(n, generator=generator)[:size]
+        totals.update(retrieval_recalls(scores[chosen][:, chosen]))
+    return {f"subset{size}_{key}": value / draws for key, value in totals.items()}
+
+
 def codebook_use(codes: list[np.ndarray], codebook_size: int) -> dict[str, float]:
     """Perplexity of the code histogram (exp of its entropy) and the fraction of entries used."""
     counts = np.bincount(np.concatenate(codes), minlength=codebook_size).astype(np.float64)
@@ -327,10 +342,12 @@ def semantic_recall(scores: torch.Tensor, queries: list[ExpressionQuery], pairs:
 
 @torch.no_grad()
 def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, device: torch.device,
-                     settings: DavenetTaskConfig, num_workers: int = 0) -> dict[str, float]:
-    """Retrieval over every pair of `dataset`, semantic retrieval by its spoken referring expressions
-    (when it has them) and the units report of each active VQ layer. Every process computes it on
-    the whole split (one similarity matrix needs all pairs)."""
+                     settings: DavenetTaskConfig, num_workers: int = 0,
+                     subset_pairs: int | None = None) -> dict[str, float]:
+    """Retrieval over every pair of `dataset` (and, with `subset_pairs`, over random subsets of that
+    many pairs: `subset_recalls`), semantic retrieval by its spoken referring expressions (when it
+    has them) and the units report of each active VQ layer. Every process computes it on the whole
+    split (one similarity matrix needs all pairs)."""
     model.eval()
     floor_db = model.cfg.log_mel.floor_db
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -351,6 +368,8 @@ def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, dev
     n = len(dataset)
     metrics: dict[str, float] = {"pairs": n, **retrieval_recalls(scores),
                                  **{f"chance_r{k}": min(k, n) / n for k in RECALL_AT}}
+    if subset_pairs is not None:
+        metrics.update(subset_recalls(scores, subset_pairs))
     if dataset.queries:
         query_loader = DataLoader(Utterances([q.audio_path for q in dataset.queries], model.cfg), batch_size=batch_size,
                                   shuffle=False, num_workers=num_workers,
@@ -462,7 +481,7 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     model, model_cfg = build_davenet_from_checkpoint(args.checkpoint)
     dataset = CaptionPairs(read_caption_split(cfg.data, args.split), model_cfg)
     metrics = evaluate_davenet(model, dataset, cfg.eval_batch_size, torch.device("cpu"), settings,
-                               num_workers=cfg.data.num_workers)
+                               num_workers=cfg.data.num_workers, subset_pairs=args.subset_pairs)
     print(json.dumps(metrics, indent=2))
     return metrics
 
@@ -492,6 +511,8 @@ def main(argv: list[str] | None = None) -> Any:
     if argv[0] == "evaluate":
         parser.add_argument("--config", required=True, help="the training YAML (its data and task sections)")
         parser.add_argument("--split", default="test")
+        parser.add_argument("--subset-pairs", type=int, default=None,
+                            help="also R@k over 50 random subsets of this many pairs (e.g. the validation size)")
         parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
     else:
         parser.add_argument("audio", help="audio file (WAV/FLAC/OGG, any sample rate)")

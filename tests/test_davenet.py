@@ -292,6 +292,21 @@ def test_retrieval_recalls_of_a_hand_made_matrix():
     assert recalls["s2i_r5"] == recalls["i2s_r10"] == recalls["r10_mean"] == 1.0
 
 
+def test_subset_recalls_scale_with_the_chance_that_an_impostor_is_drawn():
+    pairs = 10
+    scores = torch.eye(pairs) + 2 * torch.roll(torch.eye(pairs), shifts=1, dims=0)  # image j+1 outranks caption j's own
+    whole = davenet.retrieval_recalls(scores)
+    assert whole["s2i_r1"] == whole["i2s_r1"] == 0.0
+    assert davenet.subset_recalls(scores, pairs, draws=3) == {f"subset{pairs}_{k}": v for k, v in whole.items()}
+    # In 4 of the 10 pairs, a caption's impostor is among the other 3 with probability 3/9.
+    recalls = davenet.subset_recalls(scores, 4, draws=2000)
+    assert recalls["subset4_s2i_r1"] == pytest.approx(1 - 3 / 9, abs=0.03)
+    assert recalls["subset4_i2s_r1"] == pytest.approx(1 - 3 / 9, abs=0.03)
+    assert recalls["subset4_s2i_r5"] == 1.0
+    with pytest.raises(ValueError, match="between 2 and the number of pairs"):
+        davenet.subset_recalls(scores, 11)
+
+
 def test_training_evaluation_warm_start_units_and_retrieval(captions, tmp_path, capsys):
     common = [f"data.root={captions}", "batch_size=4", "eval_batch_size=8", "epochs=1", "data.num_workers=0",
               "log_every=1"]
@@ -334,10 +349,11 @@ def test_training_evaluation_warm_start_units_and_retrieval(captions, tmp_path, 
     assert all(a != b for a, b in zip(deduplicated[3], deduplicated[3][1:]))
     assert [u for i, u in enumerate(units[3]) if i == 0 or u != units[3][i - 1]] == deduplicated[3]
 
-    # Test-split evaluation reports chance.
+    # Test-split evaluation reports chance, and recalls over subsets of the size asked for.
     metrics = davenet.main(["evaluate", "--config", str(CONFIG), "--checkpoint", str(tmp_path / "vq23" / "best"),
-                            "--split", "test", f"data.root={captions}", "data.num_workers=0"])
+                            "--split", "test", f"data.root={captions}", "data.num_workers=0", "--subset-pairs", "2"])
     assert metrics["pairs"] == COUNTS["test"] and metrics["chance_r10"] == 1.0
+    assert metrics["subset2_s2i_r1"] >= 0.0 and metrics["subset2_s2i_r5"] == 1.0
 
     # The robot's retrieval CLI (csref_model only), in its own process.
     cmd = [sys.executable, "-m", "csref_model", "retrieve", "--checkpoint", str(tmp_path / "vq23" / "best"),
