@@ -3,6 +3,7 @@ speech<->image retrieval and the discrete units its VQ layers learn.
 
     python -m csref_training.davenet --config config/train/davenet_spoken_shapes.yaml [key=value ...]
     python -m csref_training.davenet evaluate --config Y --checkpoint runs/davenet/best --split test [--subset-pairs 300]
+        [--max-pairs N]
     python -m csref_training.davenet units --checkpoint runs/davenet/best audio.wav [--layer 3] [--dedup]
 
 The model is `csref_model.davenet`. Data: Spoken Shapes generated with `--captions` (each entry's
@@ -174,6 +175,14 @@ def read_caption_split(data: DataConfig, split: str) -> CaptionSplit:
                              for datum in listing["data"]], [])
     raise ValueError(f"data.format {data.format!r} is not one ResDAVEnet-VQ reads: use refcoco (Spoken Shapes "
                      "with --captions) or places")
+
+
+def first_pairs(split: CaptionSplit, count: int) -> CaptionSplit:
+    """The first `count` pairs of `split` and the queries said about them: `--split train
+    --max-pairs 1000` measures how well the model fits its training pairs, at the test split's size."""
+    if count < 2:
+        raise ValueError(f"--max-pairs must be at least 2 (retrieval needs an impostor), got {count}")
+    return CaptionSplit(split.pairs[:count], [query for query in split.queries if query.pair_index < count])
 
 
 class CaptionPairs(Dataset):
@@ -479,7 +488,10 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_train_config(args.config, args.overrides)
     settings = from_dict(DavenetTaskConfig, cfg.task, "training config", section="task")
     model, model_cfg = build_davenet_from_checkpoint(args.checkpoint)
-    dataset = CaptionPairs(read_caption_split(cfg.data, args.split), model_cfg)
+    split = read_caption_split(cfg.data, args.split)
+    if args.max_pairs is not None:
+        split = first_pairs(split, args.max_pairs)
+    dataset = CaptionPairs(split, model_cfg)
     metrics = evaluate_davenet(model, dataset, cfg.eval_batch_size, torch.device("cpu"), settings,
                                num_workers=cfg.data.num_workers, subset_pairs=args.subset_pairs)
     print(json.dumps(metrics, indent=2))
@@ -513,6 +525,9 @@ def main(argv: list[str] | None = None) -> Any:
         parser.add_argument("--split", default="test")
         parser.add_argument("--subset-pairs", type=int, default=None,
                             help="also R@k over 50 random subsets of this many pairs (e.g. the validation size)")
+        parser.add_argument("--max-pairs", type=int, default=None,
+                            help="only the split's first N pairs (e.g. --split train --max-pairs 1000: the fit on "
+                                 "training pairs at the test split's size)")
         parser.add_argument("overrides", nargs="*", help="dotted overrides of the training YAML, e.g. data.root=D")
     else:
         parser.add_argument("audio", help="audio file (WAV/FLAC/OGG, any sample rate)")

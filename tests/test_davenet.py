@@ -354,6 +354,15 @@ def test_training_evaluation_warm_start_units_and_retrieval(captions, tmp_path, 
                             "--split", "test", f"data.root={captions}", "data.num_workers=0", "--subset-pairs", "2"])
     assert metrics["pairs"] == COUNTS["test"] and metrics["chance_r10"] == 1.0
     assert metrics["subset2_s2i_r1"] >= 0.0 and metrics["subset2_s2i_r5"] == 1.0
+    # The fit on the first training pairs, with only the commands said about them.
+    train = davenet.read_caption_split(davenet.load_train_config(CONFIG, [f"data.root={captions}"]).data, "train")
+    fit = davenet.main(["evaluate", "--config", str(CONFIG), "--checkpoint", str(tmp_path / "vq23" / "best"),
+                        "--split", "train", f"data.root={captions}", "data.num_workers=0", "--max-pairs", "3"])
+    assert fit["pairs"] == 3 and fit["chance_r1"] == pytest.approx(1 / 3)
+    assert fit["queries"] == sum(query.pair_index < 3 for query in train.queries) < len(train.queries)
+    with pytest.raises(SystemExit):
+        davenet.main(["evaluate", "--config", str(CONFIG), "--checkpoint", str(tmp_path / "vq23" / "best"),
+                      "--split", "train", f"data.root={captions}", "--max-pairs", "1"])
 
     # The robot's retrieval CLI (csref_model only), in its own process.
     cmd = [sys.executable, "-m", "csref_model", "retrieve", "--checkpoint", str(tmp_path / "vq23" / "best"),
