@@ -535,15 +535,24 @@ class Davenet(nn.Module):
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
         return self.speech_encoder(features, lengths)
 
+    @staticmethod
+    def pool_images(image_maps: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, D): the mean over cells, the image side of the pooled dot product."""
+        return image_maps.mean(dim=(2, 3))
+
+    @staticmethod
+    def pool_speech(speech: SpeechOutput) -> torch.Tensor:
+        """B utterances -> (B, D): the mean over each utterance's valid frames."""
+        valid = valid_mask(speech.lengths, speech.embeddings.shape[-1]).to(speech.embeddings.dtype)  # (B, T)
+        return (speech.embeddings * valid[:, None, :]).sum(-1) / valid.sum(1).clamp_min(1)[:, None]
+
     def similarity(self, image_maps: torch.Tensor, speech: SpeechOutput) -> torch.Tensor:
         """(B_img, D, H, W) maps and B_sp utterances -> (B_img, B_sp) scores."""
+        if self.cfg.similarity == "pooled_dot":
+            return self.pool_images(image_maps) @ self.pool_speech(speech).t()
+        # MISA: each frame's best image cell, averaged over the valid frames.
         valid = valid_mask(speech.lengths, speech.embeddings.shape[-1]).to(speech.embeddings.dtype)  # (B_sp, T)
         count = valid.sum(1).clamp_min(1)  # (B_sp,)
-        if self.cfg.similarity == "pooled_dot":
-            image_vectors = image_maps.mean(dim=(2, 3))  # (B_img, D)
-            speech_vectors = (speech.embeddings * valid[:, None, :]).sum(-1) / count[:, None]  # (B_sp, D)
-            return image_vectors @ speech_vectors.t()
-        # MISA: each frame's best image cell, averaged over the valid frames.
         matchmap = torch.einsum("idp,sdt->ispt", image_maps.flatten(2), speech.embeddings)  # (B_img, B_sp, HW, T)
         best_cell = matchmap.max(dim=2).values  # (B_img, B_sp, T)
         return (best_cell * valid[None]).sum(-1) / count[None]

@@ -47,6 +47,7 @@ from csref_model.cli.ground import read_image_rgb
 from csref_model.davenet import (
     Davenet,
     DavenetConfig,
+    SpeechOutput,
     build_davenet,
     build_davenet_from_checkpoint,
     image_batch,
@@ -350,6 +351,24 @@ def semantic_recall(scores: torch.Tensor, queries: list[ExpressionQuery], pairs:
 
 
 @torch.no_grad()
+def encode_pairs(model: Davenet, dataset: CaptionPairs, batch_size: int, device: torch.device,
+                 num_workers: int = 0) -> tuple[list[torch.Tensor], list[SpeechOutput], list[tuple[int, int]]]:
+    """Every pair of `dataset` in order, in eval mode: the image maps (float32, one (B, D, H, W)
+    tensor per batch), the captions' SpeechOutputs (embeddings float32) and the images' (H, W)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=functools.partial(collate_pairs, floor_db=model.cfg.log_mel.floor_db))
+    image_maps, speech_outputs, image_sizes = [], [], []
+    for batch in loader:
+        image_maps.append(model.encode_images(batch["image"].to(device)).float())
+        image_sizes += batch["image_size"]
+        speech = model.encode_speech(batch["features"].to(device), batch["lengths"].to(device))
+        speech.embeddings = speech.embeddings.float()
+        speech_outputs.append(speech)
+    return image_maps, speech_outputs, image_sizes
+
+
+@torch.no_grad()
 def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, device: torch.device,
                      settings: DavenetTaskConfig, num_workers: int = 0,
                      subset_pairs: int | None = None) -> dict[str, float]:
@@ -357,18 +376,9 @@ def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, dev
     many pairs: `subset_recalls`), semantic retrieval by its spoken referring expressions (when it
     has them) and the units report of each active VQ layer. Every process computes it on the whole
     split (one similarity matrix needs all pairs)."""
-    model.eval()
-    floor_db = model.cfg.log_mel.floor_db
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=functools.partial(collate_pairs, floor_db=floor_db))
-    image_maps, speech_outputs, image_sizes = [], [], []
+    image_maps, speech_outputs, image_sizes = encode_pairs(model, dataset, batch_size, device, num_workers)
     codes: dict[int, list[np.ndarray]] = defaultdict(list)
-    for batch in loader:
-        image_maps.append(model.encode_images(batch["image"].to(device)).float())
-        image_sizes += batch["image_size"]
-        speech = model.encode_speech(batch["features"].to(device), batch["lengths"].to(device))
-        speech.embeddings = speech.embeddings.float()
-        speech_outputs.append(speech)
+    for speech in speech_outputs:
         for slot, slot_codes in speech.codes.items():
             for row, length in zip(slot_codes.cpu().numpy(), speech.code_lengths[slot].tolist()):
                 codes[slot].append(row[:length])
@@ -382,7 +392,7 @@ def evaluate_davenet(model: Davenet, dataset: CaptionPairs, batch_size: int, dev
     if dataset.queries:
         query_loader = DataLoader(Utterances([q.audio_path for q in dataset.queries], model.cfg), batch_size=batch_size,
                                   shuffle=False, num_workers=num_workers,
-                                  collate_fn=functools.partial(collate_utterances, floor_db=floor_db))
+                                  collate_fn=functools.partial(collate_utterances, floor_db=model.cfg.log_mel.floor_db))
         query_scores = []
         for batch in query_loader:
             speech = model.encode_speech(batch["features"].to(device), batch["lengths"].to(device))
