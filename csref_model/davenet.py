@@ -492,8 +492,11 @@ def triplet_loss(scores: torch.Tensor, margin: float, impostors: torch.Tensor | 
     """The official loss on a (B, B) similarity matrix whose diagonal holds the matching pairs:
     in each direction (rows, then columns as anchors) a hinge against one random impostor and
     one against the semi-hard impostor (the most similar one still below the positive), each
-    averaged over the anchors; the four terms summed. An anchor without a semi-hard impostor
-    contributes 0 to that term (the official code then takes max(0, ...) of zeroed scores).
+    averaged over the anchors; the four terms summed. As in the official code, which zeroes the
+    scores that are not below the positive (the positive's own among them) and takes the row's
+    maximum, the semi-hard impostor scores max(0, that most similar one): a positive must reach
+    the margin whatever its impostors score, and an anchor with no impostor below it still pays
+    max(0, margin - positive).
     `impostors` (B_img, B_speech) bool, optional: False where image i also matches utterance j
     (a command that fits another scene), so that pair is never an impostor; the official code has
     every off-diagonal pair as one."""
@@ -513,10 +516,8 @@ def triplet_loss(scores: torch.Tensor, margin: float, impostors: torch.Tensor | 
         hinge = (margin + random_scores - positive).clamp_min(0)
         total = total + torch.where(has_random, hinge, torch.zeros_like(hinge)).mean()
         below = (anchored < positive[:, None]) & usable  # the diagonal is never below itself
-        hardest = anchored.masked_fill(~below, float("-inf")).max(dim=1).values  # (B,)
-        has_impostor = below.any(dim=1)
-        hinge = (margin + hardest - positive).clamp_min(0)
-        total = total + torch.where(has_impostor, hinge, torch.zeros_like(hinge)).mean()
+        hardest = anchored.masked_fill(~below, 0.0).max(dim=1).values  # (B,) the diagonal's 0 always in
+        total = total + (margin + hardest - positive).clamp_min(0).mean()
     return total
 
 

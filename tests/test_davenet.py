@@ -84,12 +84,19 @@ def test_codebook_initialisation_options():
 def test_triplet_loss_on_hand_made_similarities():
     # Two pairs: the random impostor is the other item, so every term is fixed.
     scores = torch.tensor([[3.0, 1.0], [2.5, 2.0]])
-    # Rows: random (0 + 1.5) / 2, semi-hard (0 + 0) / 2 (row 1 has nothing below its positive).
+    # Rows: random (0 + 1.5) / 2, semi-hard (0 + 0) / 2 (row 1 has nothing below its positive: 0
+    # stands in for its impostor, and 1 + 0 - 2 < 0).
     # Columns: random (0.5 + 0) / 2, semi-hard (0.5 + 0) / 2.
     assert triplet_loss(scores, margin=1.0).item() == pytest.approx(1.25)
-    # Three pairs with equal off-diagonal scores: positives 2, 0.5, 1.2 against impostors at 1.
+    # Three pairs with equal off-diagonal scores: positives 2, 0.5, 1.2 against impostors at 1. The
+    # positive 0.5 has no impostor below it and still pays margin - 0.5 in the semi-hard term, as
+    # in the official code (its zeroed scores are the impostor then).
     scores = torch.full((3, 3), 1.0) + torch.diag(torch.tensor([1.0, -0.5, 0.2]))
-    per_direction = (0 + 1.5 + 0.8) / 3 + (0 + 0 + 0.8) / 3
+    per_direction = (0 + 1.5 + 0.8) / 3 + (0 + 0.5 + 0.8) / 3
+    assert triplet_loss(scores, margin=1.0).item() == pytest.approx(2 * per_direction)
+    # Impostors below the positive but under 0 count as 0: here only the positive's own size matters.
+    scores = torch.full((3, 3), -4.0) + torch.diag(torch.tensor([4.5, 3.0, 5.0]))  # positives 0.5, -1, 1
+    per_direction = 0 + (0.5 + 2.0 + 0) / 3
     assert triplet_loss(scores, margin=1.0).item() == pytest.approx(2 * per_direction)
     # Well separated pairs cost nothing.
     assert triplet_loss(torch.eye(4) * 5, margin=1.0).item() == 0.0
