@@ -62,6 +62,7 @@ NUM_VQ_SLOTS = 5
 JITTER_SLOTS = (1, 2)
 IMAGE_BACKBONES = ("resnet50", "cspdarknet")
 SIMILARITIES = ("pooled_dot", "matchmap")
+CSPDARKNET_STRIDES = (8, 16, 32)  # csref_model.backbone.CSPDarknet's output maps, in order
 # ImageNet statistics, as the official image loader normalises.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -110,6 +111,10 @@ class ImageEncoderConfig:
     backbone: str = "resnet50"
     image_size: int = 224
     cspdarknet: VisualBackboneConfig = field(default_factory=VisualBackboneConfig)
+    # cspdarknet only: the backbone maps embedded, of its strides 8, 16 and 32 (32 always). Each has
+    # its own 1x1 embedder; the coarser embedded maps are repeated up to the finest grid and summed,
+    # so that attributes its stride-32 map does not carry (colour: docs/TRAINING.md) reach the embedding.
+    cspdarknet_strides: list[int] = field(default_factory=lambda: [32])
     # resnet50 only: a torchvision-layout ResNet-50 state dict (.pth), e.g. ImageNet weights; null = random.
     pretrained_path: str | None = None
 
@@ -149,6 +154,10 @@ class DavenetConfig:
             raise ValueError(f"{source}: image.backbone must be one of {', '.join(IMAGE_BACKBONES)}, "
                              f"got {config.image.backbone!r}")
         check_image_size(config.image.image_size, "image.image_size", source)
+        strides = config.image.cspdarknet_strides
+        if 32 not in strides or not set(strides) <= set(CSPDARKNET_STRIDES) or len(set(strides)) != len(strides):
+            raise ValueError(f"{source}: image.cspdarknet_strides must be distinct strides of {list(CSPDARKNET_STRIDES)} "
+                             f"including 32, got {strides}")
         if config.similarity not in SIMILARITIES:
             raise ValueError(f"{source}: similarity must be one of {', '.join(SIMILARITIES)}, "
                              f"got {config.similarity!r}")
@@ -468,7 +477,8 @@ class ResNet50(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """(B, 3, S, S) normalised RGB -> (B, D, S/32, S/32) embedding map."""
+    """(B, 3, S, S) normalised RGB -> (B, D, S/s, S/s) embedding map, s = 32 or the finest of
+    `cspdarknet_strides`."""
 
     def __init__(self, cfg: ImageEncoderConfig, embedding_dim: int):
         super().__init__()
@@ -476,12 +486,22 @@ class ImageEncoder(nn.Module):
         self.backbone = ResNet50() if cfg.backbone == "resnet50" else CSPDarknet(cfg.cspdarknet)
         channels = self.backbone.out_channels if cfg.backbone == "resnet50" else self.backbone.out_channels[-1]
         self.embedder = nn.Conv2d(channels, embedding_dim, 1)
+        # The stride-16 and stride-8 maps' embedders (coarse to fine), when cspdarknet_strides names them.
+        finer = sorted((stride for stride in cfg.cspdarknet_strides if stride != 32), reverse=True) \
+            if cfg.backbone == "cspdarknet" else []
+        self.finer_embedders = nn.ModuleDict({
+            str(stride): nn.Conv2d(self.backbone.out_channels[CSPDARKNET_STRIDES.index(stride)], embedding_dim, 1)
+            for stride in finer})
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         features = self.backbone(image)
-        if self.backbone_name == "cspdarknet":
-            features = features[-1]  # the stride-32 map
-        return self.embedder(features)
+        if self.backbone_name == "resnet50":
+            return self.embedder(features)
+        embedded = self.embedder(features[-1])  # (B, D, S/32, S/32)
+        for stride, embedder in self.finer_embedders.items():
+            finer = embedder(features[CSPDARKNET_STRIDES.index(int(stride))])  # (B, D, S/stride, S/stride)
+            embedded = finer + F.interpolate(embedded, size=finer.shape[-2:], mode="nearest")
+        return embedded
 
 
 # ----------------------------------------------------------------------------------------

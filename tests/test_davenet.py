@@ -152,6 +152,28 @@ def test_an_utterance_encodes_the_same_alone_and_in_a_padded_batch():
                 assert torch.equal(together.codes[slot][index, :codes], alone.codes[slot][0])
 
 
+def test_finer_cspdarknet_maps_are_embedded_and_summed_on_the_finest_grid():
+    """cspdarknet_strides [8, 16, 32]: one map on the stride-8 grid whose cell mean (the pooled
+    dot product's image vector) is the sum of the three embedded maps' means."""
+    torch.manual_seed(0)
+    config = load_davenet_config("davenet_tiny").to_dict()
+    config["image"]["cspdarknet_strides"] = [8, 16, 32]
+    model = Davenet(DavenetConfig.from_dict(config)).eval()
+    images = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        image_map = model.encode_images(images)
+        features = model.image_encoder.backbone(images)
+        encoder = model.image_encoder
+        level_means = (encoder.finer_embedders["8"](features[0]).mean(dim=(2, 3))
+                       + encoder.finer_embedders["16"](features[1]).mean(dim=(2, 3))
+                       + encoder.embedder(features[2]).mean(dim=(2, 3)))
+    assert image_map.shape == (2, 128, 20, 20)
+    torch.testing.assert_close(model.pool_images(image_map), level_means, rtol=1e-4, atol=1e-4)
+    config["image"]["cspdarknet_strides"] = [8, 16]
+    with pytest.raises(ValueError, match="cspdarknet_strides"):
+        DavenetConfig.from_dict(config)
+
+
 def test_scene_caption_lists_every_object_left_to_right():
     objects = [SceneObject("star", "blue", "small", (200, 10, 240, 50)),
                SceneObject("circle", "red", "big", (10, 10, 90, 90)),
