@@ -6,14 +6,15 @@ embeddings (the vectors of the pooled dot product):
    small ones, all objects), fitted on the first N pairs of one split and scored (R^2) on another.
    An attribute neither side carries cannot be what retrieval tells scenes apart by.
 2. Mistakes: for each caption whose best image is not its own, how far the retrieved scene's
-   attribute multisets are from the true scene's (objects in one and not the other), against
-   random pairs of scenes of the same split.
+   attribute multisets are from the true scene's (objects in one and not the other), and its
+   sizes read left to right (the captions' order), against random pairs of scenes of the split.
 
     python scripts/davenet_attribute_probe.py --checkpoint runs/davenet_ss_23/best \\
         --data-root data/spoken_shapes_captions
 """
 
 import argparse
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -66,6 +67,13 @@ def multiset_distance(a: tuple[SceneObject, ...], b: tuple[SceneObject, ...], ke
     return sum(((count_a - count_b) + (count_b - count_a)).values())
 
 
+def size_sequence_distance(a: tuple[SceneObject, ...], b: tuple[SceneObject, ...]) -> int:
+    """Positions at which the sizes read left to right (the captions' order) differ, plus the
+    difference in length."""
+    sizes_a, sizes_b = ([o.size for o in sorted(scene, key=lambda o: o.cx)] for scene in (a, b))
+    return sum(x != y for x, y in zip(sizes_a, sizes_b)) + abs(len(sizes_a) - len(sizes_b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a ResDAVEnet-VQ checkpoint directory")
@@ -99,12 +107,14 @@ def main() -> None:
     mistakes = [(index, int(best)) for index, best in enumerate(best_image) if best != index]
     rng = np.random.default_rng(0)
     random_pairs = [(i, j) for i, j in zip(range(len(scenes)), rng.integers(len(scenes), size=len(scenes))) if i != j]
+    measures = {name: functools.partial(multiset_distance, key=key) for name, key in OBJECT_KEYS.items()}
+    measures["size_sequence"] = size_sequence_distance
     distances = {}
-    for name, key in OBJECT_KEYS.items():
-        distances[name] = {kind: {"mean_distance": float(np.mean([multiset_distance(scenes[i], scenes[j], key) for i, j in pairs])),
-                                  "identical": float(np.mean([multiset_distance(scenes[i], scenes[j], key) == 0
-                                                              for i, j in pairs]))}
-                           for kind, pairs in (("top1_mistakes", mistakes), ("random_pairs", random_pairs))}
+    for name, measure in measures.items():
+        distances[name] = {}
+        for kind, pairs in (("top1_mistakes", mistakes), ("random_pairs", random_pairs)):
+            values = np.array([measure(scenes[i], scenes[j]) for i, j in pairs])
+            distances[name][kind] = {"mean_distance": float(values.mean()), "identical": float((values == 0).mean())}
     print(json.dumps({"checkpoint": str(args.checkpoint), "fit": f"{args.fit_split}[:{args.pairs}]",
                       "scored": f"{args.score_split}[:{args.pairs}]", "probe_r2_by_group": groups, "probe_r2": probes,
                       "top1_mistakes": len(mistakes), "mistake_vs_random_distance": distances}, indent=2))
