@@ -19,7 +19,8 @@ encoder turn its frames into discrete units (codes) on the way. What the officia
 * Image encoder: ResNet-50 up to its last stage and a 1x1 convolution to the speech width, giving
   a (D, H, W) map. Here it is written with our own layers, keyed like torchvision's so that a
   torchvision ResNet-50 state dict file loads (`image.pretrained_path`); `backbone: cspdarknet`
-  uses csref_model.backbone.CSPDarknet's stride-32 map instead (small, for CPU).
+  uses csref_model.backbone.CSPDarknet's stride-32 map instead (small, for CPU), and with
+  `image.cspdarknet_strides` its stride-16 and stride-8 maps too, summed on the finest grid.
 * Similarity: the dot product of the mean-pooled image map and the mean over the valid frames
   of the speech map (the official training and evaluation use only this; its matchmap code is
   never called). `similarity: matchmap` offers the matchmap's MISA score instead: for each frame
@@ -550,7 +551,7 @@ class Davenet(nn.Module):
         self.image_encoder = ImageEncoder(cfg.image, self.speech_encoder.out_channels)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D, S/32, S/32)."""
+        """(B, 3, S, S) -> (B, D, S/s, S/s), s = 32 or the finest of `image.cspdarknet_strides`."""
         return self.image_encoder(images)
 
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
