@@ -174,13 +174,36 @@ def test_finer_cspdarknet_maps_are_embedded_and_summed_on_the_finest_grid():
         DavenetConfig.from_dict(config)
 
 
-def test_scene_caption_lists_every_object_left_to_right():
-    objects = [SceneObject("star", "blue", "small", (200, 10, 240, 50)),
-               SceneObject("circle", "red", "big", (10, 10, 90, 90)),
-               SceneObject("cross", "green", "big", (300, 10, 380, 90))]
-    caption = scene_caption(objects)
-    assert caption == "a big red circle, a small blue star and a big green cross"
-    assert caption_words(caption)[:5] == ["a", "big", "red", "circle", "a"]
+SCENE = [SceneObject("star", "blue", "small", (200, 10, 240, 50)),
+         SceneObject("circle", "red", "big", (10, 10, 90, 90)),
+         SceneObject("cross", "green", "big", (300, 10, 380, 90))]
+
+
+def test_scene_caption_names_every_object_in_the_order_given():
+    caption = scene_caption(SCENE)
+    assert caption == "a small blue star, a big red circle and a big green cross"
+    assert caption_words(caption)[:5] == ["a", "small", "blue", "star", "a"]
+
+
+def test_caption_order_is_left_to_right_or_drawn_per_caption_with_the_same_voice(tmp_path):
+    left_to_right = SynthConfig(out=tmp_path / "ltr", noise_prob=0.0)
+    drawn = SynthConfig(out=tmp_path / "random", noise_prob=0.0, caption_order="random")
+    phrases = sorted(scene_caption([obj]) for obj in SCENE)
+    orders = set()
+    for index in range(6):
+        ordered = generate.generate_caption(left_to_right, "train", index, index, SCENE)
+        shuffled = generate.generate_caption(drawn, "train", index, index, SCENE)
+        assert ordered["sent"] == "a big red circle, a small blue star and a big green cross"
+        assert {k: shuffled[k] for k in ("speaker", "rate", "pitch")} == \
+            {k: ordered[k] for k in ("speaker", "rate", "pitch")}
+        words = caption_words(shuffled["sent"])
+        assert [w["word"] for w in shuffled["words"]] == words
+        spoken = [" ".join(words[i:i + 4]) for i in (0, 4, 9)]  # "and" is word 8
+        assert sorted(spoken) == phrases and words[8] == "and"
+        orders.add(tuple(spoken))
+    assert len(orders) > 1
+    with pytest.raises(ValueError, match="caption_order"):
+        generate.generate_dataset(SynthConfig(out=tmp_path / "bad", captions=True, caption_order="sorted"), COUNTS)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ speaker directory holds every sentence, the same way.
 
 With ``--captions`` each entry also has ``"caption": {"sent_id", "sent", "speaker", "rate",
 "pitch", "snr_db", "words": [{"word", "start", "end"}, ...]}``: every object of the scene, left
-to right ("a big red circle, a small blue star and a big green cross"), spoken word by word with
+to right or, with ``--caption-order random``, in an order drawn per caption ("a big red circle,
+a small blue star and a big green cross"), spoken word by word with
 its own voice so that the word times (seconds in the WAV) are exact (``speech.render_word_sequence``).
 
 Expressions name the shape, and optionally a colour, a size ("small"/"big"), a horizontal place

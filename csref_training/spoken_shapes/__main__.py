@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from csref_training.spoken_shapes.generate import SynthConfig, generate_dataset
+from csref_training.spoken_shapes.generate import CAPTION_ORDERS, SynthConfig, generate_dataset
 from csref_training.spoken_shapes.render import BACKGROUNDS
 from csref_training.spoken_shapes.scene import (
     BIG_EXTENT,
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also speak a whole-scene caption per image (\"a big red circle, a small blue star and "
                              "...\"), word by word with exact word alignments, to "
                              "audios/<dataset>_captions/<speaker>/<iid>.wav (image<->speech retrieval)")
+    parser.add_argument("--caption-order", choices=CAPTION_ORDERS, default="left-to-right",
+                        help="the order in which a caption names the objects; random (drawn per caption) "
+                             "keeps the order from telling the layout (default left-to-right)")
     parser.add_argument("--masks", action="store_true",
                         help="write every object's mask for val and test (masks/<iid>.png, pixel = object "
                              "index + 1; for evaluating referring masks)")
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         backgrounds=backgrounds,
         scene_scale=args.scene_scale,
         captions=args.captions,
+        caption_order=args.caption_order,
         masks=args.masks,
         train_masks=args.train_masks,
         referents_per_scene=args.referents_per_scene,
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "scene_scale": None if cfg.scene_scale is None else list(cfg.scene_scale),
         "tts_engines": {engine: engine_version(engine) for engine in engines},
         "captions": cfg.captions,
+        "caption_order": cfg.caption_order,
         "masks": cfg.masks,
         "train_masks": cfg.train_masks,
         "referents_per_scene": cfg.referents_per_scene,

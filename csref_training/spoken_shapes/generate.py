@@ -39,6 +39,7 @@ JPEG_QUALITY = 92
 MASK_DIR = "masks"
 MASK_SPLITS = ("val", "test")  # train too with SynthConfig.train_masks
 CAPTION_STREAM = 1  # the fourth seed word of the caption's generator
+CAPTION_ORDERS = ("left-to-right", "random")
 
 
 def caption_dataset_name(dataset_name: str) -> str:
@@ -62,6 +63,9 @@ class SynthConfig:
     scene_scale: tuple[float, float] | None = None  # None: scene.SMALL_EXTENT / BIG_EXTENT for every scene
     # Also speak a whole-scene caption per image, with word alignments (image<->speech retrieval).
     captions: bool = False
+    # The order in which a caption names the objects: "left-to-right", or "random" (drawn per
+    # caption), so that the order itself tells nothing of the layout.
+    caption_order: str = "left-to-right"
     # Every object's mask for the val and test scenes (evaluation of referring masks only; no
     # training stage reads them): <out>/masks/<iid:012d>.png, pixel = object index + 1.
     masks: bool = False
@@ -158,12 +162,16 @@ def generate_caption(cfg: SynthConfig, split: str, index: int, iid: int, objects
     """Speaks the scene's caption word by word (exact word alignments), writes it to
     audios/<dataset>_captions/<speaker>/<iid>.wav and returns its entry."""
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, CAPTION_STREAM])
-    text = scene_caption(objects)
-    words = caption_words(text)
     voice = pick_voice(cfg, rng)
     rate = int(rng.integers(cfg.rate_range[0], cfg.rate_range[1] + 1))
     pitch = int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1))
     snr_db = float(round(rng.uniform(*cfg.snr_db_range), 2)) if rng.random() < cfg.noise_prob else None
+    if cfg.caption_order == "random":
+        ordered = [objects[i] for i in rng.permutation(len(objects))]
+    else:
+        ordered = sorted(objects, key=lambda o: o.cx)
+    text = scene_caption(ordered)
+    words = caption_words(text)
     wave, spans = render_word_sequence(rng, words, voice, rate, pitch, snr_db)
     speaker = speaker_dir_name(voice)
     audio_dir = cfg.out / "audios" / caption_dataset_name(cfg.dataset_name) / speaker
@@ -206,6 +214,8 @@ def generate_dataset(cfg: SynthConfig, counts: dict[str, int], workers: int = 1,
         raise ValueError(f"overspecify_prob must be in [0, 1], got {cfg.overspecify_prob}")
     if cfg.train_masks and not cfg.masks:
         raise ValueError("train_masks needs masks (the train masks come on top of the val/test ones)")
+    if cfg.caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order must be one of {', '.join(CAPTION_ORDERS)}, got {cfg.caption_order!r}")
     for sub in ("anns", "images", *((MASK_DIR,) if cfg.masks else ())):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     jobs, next_iid = [], 0

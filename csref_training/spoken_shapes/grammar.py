@@ -214,10 +214,9 @@ def parse_expression(text: str) -> Expression:
 
 
 def scene_caption(objects: list[SceneObject]) -> str:
-    """A description of every object of a scene, left to right: "a big red circle, a small blue
-    star and a big green cross". Its words (commas are not words) are `caption_words`."""
-    ordered = sorted(objects, key=lambda o: o.cx)
-    phrases = [f"a {o.size} {o.colour} {o.shape}" for o in ordered]
+    """A description of every object of a scene, in the order given: "a big red circle, a small
+    blue star and a big green cross". Its words (commas are not words) are `caption_words`."""
+    phrases = [f"a {o.size} {o.colour} {o.shape}" for o in objects]
     if len(phrases) == 1:
         return phrases[0]
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
